@@ -1,0 +1,411 @@
+"""Typed, frozen configuration: params.yaml grouped by stage, presets, validation.
+
+A config is read from a params file (``params.yaml``, what DVC tracks) or from a named preset
+(``repro/presets/<name>.yaml``), optionally with ``section.key=value`` overrides. Every value is checked
+before any work starts; a bad value raises :class:`ConfigError`, which names the field and the fix.
+
+Example::
+
+    cfg = load_config(Path("params.yaml"), overrides=["ddo.beta=0.1"])
+    cfg.ddo.beta          # 0.1
+    section_dict(cfg, "ddo")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad configuration: names the field, what is wrong with it, and how to fix it."""
+
+    def __init__(self, problems: list[tuple[str, str, str]], source: str = "params"):
+        self.problems = problems
+        self.source = source
+        lines = [f"{source}: {f}: {p}. Fix: {fix}." for f, p, fix in problems]
+        super().__init__("\n".join(lines))
+
+
+def spec(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=None, choices=None, doc=""):
+    """A dataclass field with validation metadata (range, choices) and a one-line doc."""
+    meta = dict(gt=gt, ge=ge, lt=lt, le=le, choices=choices, doc=doc)
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections (one per stage, plus the shared sampler section).
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = spec(choices=("digits",), doc="embedded data set: 'digits' = scikit-learn's 8x8 digits")
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    kind: str = spec(choices=("digits-classifier",), doc="feature extractor of the metric")
+    width: int = spec(gt=0)
+    feature_dim: int = spec(gt=0)
+    steps: int = spec(gt=0)
+    batch: int = spec(gt=0)
+    lr: float = spec(gt=0)
+    seed: int = spec(ge=0)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    precond: str = spec(choices=("edm", "vp"))
+    model_channels: int = spec(gt=0)
+    channel_mult: tuple[int, ...] = spec()
+    num_blocks: int = spec(gt=0)
+    attn_resolutions: tuple[int, ...] = spec()
+    dropout: float = spec(ge=0, lt=1)
+    conditional: bool = spec()
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    source: str = spec(choices=("train",), doc="'train': train the base model here with the EDM loss")
+    network: NetworkConfig = spec()
+    sigma_data: float = spec(gt=0)
+    P_mean: float = spec()
+    P_std: float = spec(gt=0)
+    lr: float = spec(gt=0)
+    batch: int = spec(gt=0)
+    total_nimg: int = spec(gt=0)
+    lr_rampup_nimg: int = spec(ge=0)
+    ema_halflife_nimg: int = spec(ge=0)
+    checkpoint_every_nimg: int = spec(gt=0)
+    seed: int = spec(ge=0)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    num_steps: int = spec(ge=2)
+    sigma_min: float = spec(gt=0)
+    sigma_max: float = spec(gt=0)
+    rho: float = spec(gt=0)
+    S_churn: float = spec(ge=0)
+    S_min: float = spec(ge=0)
+    S_max: float = spec(ge=0)
+    S_noise: float = spec(gt=0)
+    batch: int = spec(gt=0)
+    label_mode: str = spec(choices=("random", "balanced"),
+                           doc="class labels of seed i: drawn from seed i's generator (EDM), or i mod classes")
+
+
+@dataclass(frozen=True)
+class DDOConfig:
+    rounds: int = spec(ge=1)
+    alpha: float = spec(gt=0)
+    beta: float = spec(gt=0)
+    lr: float = spec(gt=0)
+    batch: int = spec(gt=0, doc="pairs (real, fake) per optimizer step")
+    nimg_per_round: int = spec(gt=0, doc="real images seen per round")
+    lr_rampup_nimg: int = spec(ge=0)
+    ema_halflife_nimg: int = spec(ge=0, doc="0 = no EMA")
+    P_mean: float = spec()
+    P_std: float = spec(gt=0)
+    eval_every_nimg: int = spec(gt=0, doc="checkpoint evaluated for selection every this many images")
+    selection_samples: int = spec(gt=1)
+    selection_first_seed: int = spec(ge=0)
+    fake_first_seed: int = spec(ge=0, doc="round r's fake bank uses seeds fake_first_seed + r*1e6 + i")
+    control: bool = spec(doc="also run an MLE control: the base trained further with the EDM loss, same steps")
+    seed: int = spec(ge=0)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    n_samples: int = spec(gt=1)
+    first_seed: int = spec(ge=0)
+    repeats: int = spec(ge=1, doc="seed ranges [first_seed + k*n_samples, +n_samples), k < repeats")
+    batch: int = spec(gt=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = spec(doc="name of this setting; results go to results/<preset>/")
+    data: DataConfig = spec()
+    extractor: ExtractorConfig = spec()
+    pretrain: PretrainConfig = spec()
+    sampler: SamplerConfig = spec()
+    ddo: DDOConfig = spec()
+    sample: SampleConfig = spec()
+
+
+# Which params each stage reads (what dvc.yaml declares; a test checks the two agree).
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "data": ("data",),
+    "extractor": ("extractor",),
+    "pretrain": ("pretrain",),
+    "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
+    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control"),
+    "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
+            "ddo.selection_samples"),
+    "table": ("preset",),
+}
+
+SEED_BLOCK = 1_000_000  # round r's fake bank: seeds fake_first_seed + r * SEED_BLOCK + i
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building typed configs from plain dicts, with every problem collected.
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list) -> Any:
+    """Convert a YAML value to the annotated type, or record a problem and return None."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append((path, f"must be a mapping of {tp.__name__} fields, got {value!r}",
+                             f"write '{path}:' followed by its indented keys"))
+            return None
+        return _build(tp, value, path, problems)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            problems.append((path, f"must be a list of {_type_name(item_tp)}, got {value!r}",
+                             f"write it as [a, b, ...]"))
+            return None
+        items = [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append((path, f"must be true or false, got {value!r}", "write true or false"))
+        return None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append((path, f"must be an integer, got {value!r}", "write a whole number such as 128"))
+        return None
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '5e-5' as a string; accept it as a number
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append((path, f"must be a number, got {value!r}", "write a number such as 0.05"))
+        return None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        problems.append((path, f"must be a string, got {value!r}", "quote it"))
+        return None
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _check_range(value: Any, meta: dict, path: str, problems: list) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        problems.append((path, f"must be one of {', '.join(map(str, choices))}; got {value!r}",
+                         f"set {path} to one of {', '.join(map(str, choices))}"))
+        return
+    if isinstance(value, float) and math.isnan(value):
+        problems.append((path, "is NaN", "write a number"))
+        return
+    for key, ok, words in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                           ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+        bound = meta.get(key)
+        if bound is not None and isinstance(value, (int, float)) and not ok(value, bound):
+            problems.append((path, f"must be {words} {bound}, got {value!r}", f"set {path} {words} {bound}"))
+
+
+def _build(cls, raw: dict, prefix: str, problems: list):
+    n_before = len(problems)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            problems.append((where, "unknown key",
+                             f"remove it, or use one of: {', '.join(fields)}"))
+    values = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if f.default is not dataclasses.MISSING:
+                values[name] = f.default
+                continue
+            problems.append((path, "is missing", f"add '{name}:' under '{prefix or 'the top level'}' "
+                             f"(see `repro params --preset tiny` for a complete file)"))
+            values[name] = None
+            continue
+        value = _coerce(raw[name], hints[name], path, problems)
+        _check_range(value, f.metadata, path, problems)
+        values[name] = value
+    if len(problems) > n_before:
+        return None
+    return cls(**values)
+
+
+def _cross_checks(cfg: Config) -> list[tuple[str, str, str]]:
+    """Constraints between fields."""
+    problems = []
+    s = cfg.sampler
+    if s.sigma_max <= s.sigma_min:
+        problems.append(("sampler.sigma_max", f"must be > sampler.sigma_min ({s.sigma_min})",
+                         "raise sampler.sigma_max (EDM uses 80)"))
+    d = cfg.ddo
+    if d.eval_every_nimg > d.nimg_per_round:
+        problems.append(("ddo.eval_every_nimg", f"is larger than ddo.nimg_per_round ({d.nimg_per_round}), "
+                         "so no checkpoint of a round would be evaluated",
+                         "set ddo.eval_every_nimg <= ddo.nimg_per_round"))
+    net = cfg.pretrain.network
+    if not net.channel_mult:
+        problems.append(("pretrain.network.channel_mult", "is empty", "give at least one level, e.g. [1, 2]"))
+    # Seed ranges must not overlap: selection, final evaluation, and each round's fake bank.
+    ranges = {"ddo selection seeds": (d.selection_first_seed, d.selection_first_seed + d.selection_samples)}
+    e = cfg.sample
+    ranges["sample seeds"] = (e.first_seed, e.first_seed + e.repeats * e.n_samples)
+    fakes = (d.fake_first_seed, d.fake_first_seed + (d.rounds + 1) * SEED_BLOCK)
+    names = list(ranges)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (a0, a1), (b0, b1) = ranges[a], ranges[b]
+            if a0 < b1 and b0 < a1:
+                problems.append(("sample.first_seed", f"the {b} [{b0}, {b1}) overlap the {a} [{a0}, {a1}); "
+                                 "selection must use other seeds than the final evaluation",
+                                 "move sample.first_seed or ddo.selection_first_seed so the ranges are disjoint"))
+    for name, (a0, a1) in ranges.items():
+        if a0 < fakes[1] and fakes[0] < a1:
+            problems.append(("ddo.fake_first_seed", f"the fake-bank seeds [{fakes[0]}, {fakes[1]}) overlap the "
+                             f"{name} [{a0}, {a1})", "move ddo.fake_first_seed above the other seed ranges"))
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets, overrides, loading.
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("repro.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_dict(name: str) -> dict:
+    """The raw params tree of a preset, with ``extends:`` resolved."""
+    if name not in preset_names():
+        raise ConfigError([("--preset", f"unknown preset {name!r}",
+                            f"use one of: {', '.join(preset_names())}")], source="command line")
+    raw = yaml.safe_load(resources.files("repro.presets").joinpath(f"{name}.yaml").read_text()) or {}
+    parent = raw.pop("extends", None)
+    if parent:
+        raw = _deep_merge(preset_dict(parent), raw)
+    raw["preset"] = name
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML)."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([("--set", f"{item!r} is not of the form section.key=value",
+                                "write e.g. --set ddo.beta=0.1")], source="command line")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError([(key, f"{p!r} is not a section", "check the key against params.yaml")],
+                                  source="command line")
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def config_from_dict(raw: Any, source: str = "params") -> Config:
+    """Validate a raw params tree into a :class:`Config`; raises ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError([("(top level)", "must be a mapping of sections", "see `repro params --preset tiny`")],
+                          source)
+    problems: list = []
+    cfg = _build(Config, raw, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    problems = _cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(params: Path | None = None, preset: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load and validate: a preset if named, else the params file; then the overrides."""
+    if preset is not None:
+        raw, source = preset_dict(preset), f"preset {preset}"
+    else:
+        params = Path(params or "params.yaml")
+        if not params.is_file():
+            raise ConfigError([(str(params), "file not found",
+                                "run from the project directory, pass --params PATH, or write one with "
+                                "`repro params --preset tiny > params.yaml`")], source="command line")
+        try:
+            raw = yaml.safe_load(params.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError([(str(params), f"is not valid YAML ({e})", "fix the YAML syntax")], str(params))
+        source = str(params)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source)
+
+
+def to_dict(obj: Any) -> Any:
+    """A config (or section) as plain JSON-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def stage_dict(cfg: Config, stage: str) -> dict:
+    """Exactly the params a stage reads (dotted names select one key of a section), as nested dicts."""
+    out: dict = {}
+    for name in STAGE_PARAMS[stage]:
+        section, _, key = name.partition(".")
+        value = to_dict(getattr(cfg, section))
+        if key:
+            out.setdefault(section, {})[key] = value[key]
+        else:
+            out[section] = value
+    return out
+
+
+def config_hash(data: Any) -> str:
+    """Short, stable hash of JSON-able data (used to key run directories and tag MLflow runs)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(to_dict(data), sort_keys=False, default_flow_style=False)

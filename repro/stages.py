@@ -1,0 +1,252 @@
+"""The pipeline's stages: data -> extractor -> pretrain -> ddo -> sample -> fid -> table.
+
+Each stage reads only its params (config.STAGE_PARAMS, declared the same way in dvc.yaml), reads its inputs,
+writes its outputs atomically, and is one MLflow run. Paths are relative to the project directory (the one
+holding params.yaml), never to the current working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from repro.config import Config, config_hash, stage_dict, to_dict
+from repro.files import sha256_file, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+STAGES = ("data", "extractor", "pretrain", "ddo", "sample", "fid", "table")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, under the project directory ``root``."""
+
+    root: Path
+    preset: str
+
+    @property
+    def data(self) -> Path: return self.root / "data" / "digits.npz"
+    @property
+    def manifest(self) -> Path: return self.root / "data" / "manifest.json"
+    @property
+    def extractor(self) -> Path: return self.root / "models" / "extractor.safetensors"
+    @property
+    def reference(self) -> Path: return self.root / "models" / "reference_stats.npz"
+    @property
+    def base(self) -> Path: return self.root / "models" / "base.safetensors"
+    @property
+    def ddo(self) -> Path: return self.root / "models" / "ddo"
+    @property
+    def samples(self) -> Path: return self.root / "samples"
+    @property
+    def results(self) -> Path: return self.root / "results" / self.preset
+    @property
+    def runs(self) -> Path: return self.root / "runs"
+
+
+def _data(paths: Paths):
+    from repro.data import load_prepared
+
+    return load_prepared(paths.data, json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else None)
+
+
+def _tracked(stage: str, cfg: Config, paths: Paths, extra_hash: dict | None = None):
+    from repro.tracking import stage_run
+
+    params = stage_dict(cfg, stage)
+    return stage_run(stage, root=paths.root, preset=cfg.preset, params=params,
+                     config_hash=config_hash({**params, **(extra_hash or {})}))
+
+
+def _run_dir(stage: str, cfg: Config, inputs: dict[str, Path]) -> Path:
+    """Run directory keyed by the stage's params and the sha256 of its inputs: resume only the same work."""
+    key = config_hash({"params": stage_dict(cfg, stage), "inputs": {k: sha256_file(p) for k, p in inputs.items()}})
+    return Path(f"{stage}-{key}")
+
+
+def _require(*files: Path) -> None:
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: run the stage that makes it first (`dvc repro` runs them in order)")
+
+
+def run_stage(stage: str, cfg: Config, root: Path, progress: bool = True) -> None:
+    """Run one stage of the pipeline for ``cfg`` in the project directory ``root``."""
+    paths = Paths(Path(root).resolve(), cfg.preset)
+    t0 = time.time()
+    {"data": stage_data, "extractor": stage_extractor, "pretrain": stage_pretrain, "ddo": stage_ddo,
+     "sample": stage_sample, "fid": stage_fid, "table": stage_table}[stage](cfg, paths, progress)
+    log.info("stage %s done in %.1fs", stage, time.time() - t0)
+
+
+def stage_data(cfg: Config, paths: Paths, progress: bool) -> None:
+    from repro.data import prepare
+
+    with _tracked("data", cfg, paths) as t:
+        manifest = prepare(cfg.data, paths.data, paths.manifest)
+        t.log_params({"sha256": manifest["sha256"], "n": manifest["n"]})
+        t.log_artifact(paths.manifest)
+
+
+def stage_extractor(cfg: Config, paths: Paths, progress: bool) -> None:
+    from repro.evaluate import build_extractor
+
+    _require(paths.data)
+    data = _data(paths)
+    with _tracked("extractor", cfg, paths) as t:
+        info = build_extractor(cfg.extractor, data, paths.extractor, paths.reference, t, progress)
+        write_json(paths.extractor.with_suffix(".json"), {**info, "kind": cfg.extractor.kind,
+                                                          "sha256": sha256_file(paths.extractor)})
+
+
+def stage_pretrain(cfg: Config, paths: Paths, progress: bool) -> None:
+    from repro.train import pretrain
+
+    _require(paths.data)
+    data = _data(paths)
+    run_dir = paths.runs / _run_dir("pretrain", cfg, {"data": paths.data})
+    with _tracked("pretrain", cfg, paths) as t:
+        t.set_tags({"run_dir": run_dir})
+        info = pretrain(cfg.pretrain, data, run_dir, paths.base, t, progress)
+        t.log_metrics({"seconds": info["seconds_this_run"]})
+
+
+def stage_ddo(cfg: Config, paths: Paths, progress: bool) -> None:
+    from repro.ddo import run_rounds
+    from repro.evaluate import load_metric
+    from repro.files import read_model_meta
+
+    _require(paths.data, paths.base, paths.extractor, paths.reference)
+    data = _data(paths)
+    metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
+    inputs = {"data": paths.data, "base": paths.base, "extractor": paths.extractor, "reference": paths.reference}
+    run_dir = paths.runs / _run_dir("ddo", cfg, inputs)
+    read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
+    with _tracked("ddo", cfg, paths) as t:
+        t.set_tags({"run_dir": run_dir})
+        log.info("ddo: %d rounds%s; run directory %s", cfg.ddo.rounds, " + MLE control" if cfg.ddo.control else "",
+                 run_dir)
+        run_rounds(paths.base, data, cfg.ddo, cfg.sampler, cfg.pretrain.sigma_data, metric, run_dir, paths.ddo, t,
+                   progress)
+
+
+def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
+    """The models the final evaluation compares: base, each DDO round's best, the control's last round."""
+    models = {"base": paths.base}
+    for r in range(1, cfg.ddo.rounds + 1):
+        models[f"ddo-round{r}"] = paths.ddo / f"ddo-round{r}.safetensors"
+    if cfg.ddo.control:
+        models[f"control-round{cfg.ddo.rounds}"] = paths.ddo / f"control-round{cfg.ddo.rounds}.safetensors"
+    return models
+
+
+def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
+    from repro.evaluate import sample_models
+    from repro.files import atomic_dir
+
+    models = eval_models(cfg, paths)
+    _require(*models.values())
+    with _tracked("sample", cfg, paths) as t:
+        # Shards are made in a resumable work directory, then published atomically as samples/.
+        work = paths.runs / "samples-work"
+        sample_models(models, cfg.sample, cfg.sampler, work, t, progress)
+        with atomic_dir(paths.samples) as tmp:
+            for name in models:
+                (tmp / name).mkdir()
+                for f in sorted((work / name).glob("seeds-*.npz")):
+                    (tmp / name / f.name).write_bytes(f.read_bytes())
+
+
+def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
+    from repro.evaluate import METRIC_LABELS, eval_ranges, load_metric, shard_batches, shard_name
+    from repro.tracking import git_commit
+
+    models = eval_models(cfg, paths)
+    _require(paths.samples, paths.ddo / "rounds.json")
+    metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
+    history = json.loads((paths.ddo / "rounds.json").read_text())["history"]
+    with _tracked("fid", cfg, paths) as t:
+        entries = []
+        for name in models:
+            kind, _, r = name.partition("-round")
+            values = []
+            for lo, hi in eval_ranges(cfg.sample):
+                shard = paths.samples / name / shard_name(lo, hi)
+                _require(shard)
+                values.append(metric.distance(metric.statistics(shard_batches(shard))))
+            entry = {"name": name, "round": int(r or 0), "value": float(sum(values) / len(values)), "values": values}
+            if kind in history:
+                entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
+            if kind == "control":
+                entry["note"] = ("MLE control: the same rounds, steps, optimizer and selection as DDO, "
+                                 "with the EDM loss on real images instead of the DDO loss")
+            entries.append(entry)
+            t.log_metrics({f"{metric.name}/{name}": entry["value"]})
+            log.info("fid: %s %s = %.4f (%s)", name, metric.name, entry["value"],
+                     ", ".join(f"{v:.4f}" for v in values))
+        sampler = to_dict(cfg.sampler)
+        metrics = {
+            "preset": cfg.preset,
+            "paper": "ddo",
+            "metric": metric.name,
+            "metric_label": METRIC_LABELS.get(metric.name, metric.name),
+            "protocol": {
+                "n_samples": cfg.sample.n_samples, "seed_ranges": [list(r) for r in eval_ranges(cfg.sample)],
+                "reduce": "mean", "label_mode": cfg.sampler.label_mode, **metric.protocol(),
+                "sampler": {"name": "edm-heun", "num_steps": sampler["num_steps"],
+                            "nfe": 2 * sampler["num_steps"] - 1, "S_churn": sampler["S_churn"]},
+                "reference": f"{paths.data.relative_to(paths.root)} (all real images)",
+                "selection_seeds": [cfg.ddo.selection_first_seed,
+                                    cfg.ddo.selection_first_seed + cfg.ddo.selection_samples],
+                "full": True,
+            },
+            "run": {"command": "repro fid", "git_commit": git_commit(paths.root),
+                    "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
+            "models": entries,
+            "final": {"base": entries[0]["value"], "ddo": entries[cfg.ddo.rounds]["value"]},
+        }
+        write_json(paths.results / "metrics.json", metrics)
+        rows = ["round\tddo\tcontrol"]
+        ctrl = {x["round"]: x["best_score"] for x in history.get("control", [])}
+        sel = {x["round"]: x["best_score"] for x in history["ddo"]}
+        base_sel = history["ddo"][0]["reference_score"]
+        rows.append(f"0\t{base_sel:.6f}\t{base_sel:.6f}")
+        for r in range(1, cfg.ddo.rounds + 1):
+            rows.append(f"{r}\t{sel[r]:.6f}\t{ctrl.get(r, float('nan')):.6f}")
+        write_text(paths.results / "rounds.tsv", "\n".join(rows) + "\n")
+        _plot_rounds(t, metric.name, history, base_sel)
+
+
+def _plot_rounds(tracker, metric_name: str, history: dict, base_score: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, rs in history.items():
+        ax.plot([0] + [x["round"] for x in rs], [base_score] + [x["best_score"] for x in rs], marker="o", label=kind)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"{metric_name} (selection seeds)")
+    ax.legend()
+    fig.tight_layout()
+    tracker.log_figure(fig, "metric_per_round.png")
+    plt.close(fig)
+
+
+def stage_table(cfg: Config, paths: Paths, progress: bool) -> None:
+    from repro.tables import render_paper, render_run
+
+    _require(paths.results / "metrics.json")
+    metrics = json.loads((paths.results / "metrics.json").read_text())
+    with _tracked("table", cfg, paths) as t:
+        run_md = render_run(metrics, "md")
+        write_text(paths.results / "table.md", run_md)
+        write_text(paths.root / "results" / "ddo_tables.md", render_paper("ddo", paths.root / "results", "md"))
+        t.log_artifact(paths.results / "table.md")
+        print(run_md)
