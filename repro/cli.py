@@ -22,8 +22,10 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
+import yaml  # noqa: E402
 
-from repro.config import ConfigError, dump_yaml, load_config, preset_dict, preset_names, stage_dict  # noqa: E402
+from repro.config import (ConfigError, dump_yaml, load_config, preset_dict, preset_names, preset_text,  # noqa: E402
+                          stage_dict)  # noqa: E402
 
 log = logging.getLogger("repro")
 
@@ -86,12 +88,17 @@ _stage_command("fid", "Compute the metric of every model on the evaluation seeds
 def params_cmd(preset: str) -> None:
     """Print a complete params file for a preset (e.g. `repro params --preset tiny > params.yaml`)."""
     try:
-        raw = preset_dict(preset)
+        raw = yaml.safe_load(preset_text(preset) or "{}") or {}
         load_config(preset=preset)
     except ConfigError as e:
         _fail(str(e))
-    click.echo(f"# params for preset {preset}: written by `repro params --preset {preset}`")
-    click.echo(dump_yaml({"preset": raw.pop("preset"), **raw}), nl=False)
+    click.echo(f"# params.yaml for preset {preset}, written by `repro params --preset {preset}`.")
+    text = preset_text(preset)
+    if "extends" in raw or text is None:  # a derived preset: print the merged values
+        merged = preset_dict(preset)
+        merged.pop("preset")
+        text = dump_yaml(merged)
+    click.echo(f"preset: {preset}\n\n{text}", nl=False)
 
 
 @main.command("presets")

@@ -312,6 +312,13 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def preset_text(name: str) -> str | None:
+    """The preset's YAML file as written (with its comments), or None for an unknown name."""
+    if name not in preset_names():
+        return None
+    return resources.files("repro.presets").joinpath(f"{name}.yaml").read_text()
+
+
 def preset_dict(name: str) -> dict:
     """The raw params tree of a preset, with ``extends:`` resolved."""
     if name not in preset_names():

@@ -104,14 +104,19 @@ def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerCo
     from repro.ddo import sample_grid
     from repro.files import load_model
 
+    from repro.config import config_hash, to_dict
+
     written = {}
+    sampler_hash = config_hash(to_dict(sampler))
     for name, path in models.items():
         net, arch, _ = load_model(path)
         model_dir = out_dir / name
         for lo, hi in eval_ranges(cfg):
             shard = model_dir / shard_name(lo, hi)
-            if shard.is_file() and load_npz(shard).get("model_sha256", np.array("")).item() == sha256_file(path):
-                continue
+            if shard.is_file():  # reuse a finished shard only if it came from the same model and sampler
+                old = load_npz(shard)
+                if str(old.get("model_sha256")) == sha256_file(path) and str(old.get("sampler")) == sampler_hash:
+                    continue
             imgs, labels = [], []
             for _, x, y in generate_images(net, np.arange(lo, hi), img_shape=tuple(
                     (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])),
@@ -120,7 +125,7 @@ def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerCo
                 imgs.append(x.numpy())
                 labels.append(y.numpy() if y is not None else np.full(len(x), -1))
             save_npz(shard, images=np.concatenate(imgs), labels=np.concatenate(labels), seeds=np.arange(lo, hi),
-                     model_sha256=np.array(sha256_file(path)))
+                     model_sha256=np.array(sha256_file(path)), sampler=np.array(sampler_hash))
         grid = sample_grid(net, arch["label_dim"], (arch["img_channels"], arch["img_resolution"],
                                                     arch["img_resolution"]), sampler)
         tracker.log_image(grid, f"{name}.png")

@@ -85,7 +85,9 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
     from tqdm.auto import tqdm
 
     arch = arch_from_config(cfg, data)
-    net = build_network(arch).train()
+    with torch.random.fork_rng():  # the initial weights depend on the seed only
+        torch.manual_seed(cfg.seed)
+        net = build_network(arch).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     n_params = sum(p.numel() for p in net.parameters())
