@@ -158,7 +158,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             ema_update(ema, net, beta_ema)
         nimg, step = nimg + cfg.batch, step + 1
         bar.update(cfg.batch)
-        if step % 10 == 0:
+        if step % 10 == 0 or nimg >= cfg.nimg_per_round:
             tracker.log_metrics({"loss": loss.item(), **stats}, step=nimg)
         # 3. Evaluate a checkpoint on the selection seeds; keep the best; save the state to resume from.
         if nimg % cfg.eval_every_nimg < cfg.batch or nimg >= cfg.nimg_per_round:
