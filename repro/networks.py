@@ -780,6 +780,10 @@ def build_network(arch: Mapping[str, Any]) -> nn.Module:
                                  attn_resolutions=[4]))
     """
     arch = dict(arch)
+    if arch.get("precond") == "edm2":  # EDM2's magnitude-preserving U-Net lives in its own module
+        from repro.networks_edm2 import build_edm2
+
+        return build_edm2(arch)
     precond = arch.pop("precond", None)
     if precond not in _PRECOND_KEYS:
         raise ValueError(f"arch['precond'] must be one of {sorted(_PRECOND_KEYS)}, got {precond!r}")
@@ -800,17 +804,16 @@ def build_network(arch: Mapping[str, Any]) -> nn.Module:
 def disable_dropout(net: nn.Module) -> nn.Module:
     """Set every dropout probability in ``net`` to zero (in place) and return ``net``.
 
-    Covers the residual-block dropout of :class:`UNetBlock`, the class-label
-    dropout of :class:`SongUNet` (used for classifier-free guidance) and any
-    ``torch.nn`` dropout modules.  DDO fine-tuning runs without dropout.
+    Covers the residual-block dropout of :class:`UNetBlock` and EDM2's blocks,
+    the class-label dropout of :class:`SongUNet` (used for classifier-free
+    guidance) and any ``torch.nn`` dropout modules.  DDO fine-tuning runs without dropout.
     """
     for module in net.modules():
-        if isinstance(module, UNetBlock):
-            module.dropout = 0.0
-        elif isinstance(module, SongUNet):
-            module.label_dropout = 0.0
-        elif isinstance(module, nn.modules.dropout._DropoutNd):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for attr in ("dropout", "label_dropout"):  # our blocks keep their probabilities as plain floats
+            if isinstance(getattr(module, attr, None), (int, float)):
+                setattr(module, attr, 0.0)
     return net
 
 
