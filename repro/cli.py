@@ -37,6 +37,15 @@ def _setup_logging(quiet: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _input_errors() -> tuple:
+    """Errors that mean bad input (a missing or tampered file, a refused pickle): exit 2, no traceback."""
+    import pickle
+
+    from repro.download import DownloadError
+
+    return (FileNotFoundError, ValueError, DownloadError, pickle.UnpicklingError, KeyError)
+
+
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
@@ -48,7 +57,7 @@ def main() -> None:
     """repro: DDO and discriminator guidance, reproduced. Run `dvc repro` for the whole pipeline."""
 
 
-def _stage_command(stage: str, doc: str):
+def _stage_command(stage: str, doc: str, name: str | None = None):
     @click.option("--params", "params", type=click.Path(path_type=Path), default=None,
                   help="params file (default: ./params.yaml); outputs go beside it")
     @click.option("--preset", default=None, help="use a named preset instead of the params file (see `repro presets`)")
@@ -63,23 +72,32 @@ def _stage_command(stage: str, doc: str):
             _fail(str(e))
         root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
         if dry_run:
+            from repro.stages import describe
+
             click.echo(f"# stage {stage}, preset {cfg.preset}; outputs under {root}")
             click.echo(dump_yaml(stage_dict(cfg, stage)), nl=False)
+            plan = describe(stage, cfg, root)
+            if plan:
+                click.echo("# would do:")
+                click.echo(yaml.safe_dump({"plan": plan}, sort_keys=False, width=1000), nl=False)
             return
         from repro.stages import run_stage
 
         try:
             run_stage(stage, cfg, root, progress=not no_progress)
-        except (FileNotFoundError, ValueError) as e:
-            _fail(str(e))
+        except _input_errors() as e:
+            _fail(str(e).strip("'\""))
 
     command.__doc__ = doc
-    return main.command(stage, help=doc)(command)
+    return main.command(name or stage, help=doc)(command)
 
 
 _stage_command("data", "Prepare the embedded data set (uint8 array file + manifest with sha256).")
 _stage_command("extractor", "Train the metric's feature extractor and compute the real data's statistics.")
-_stage_command("pretrain", "Train the base model with the EDM loss (EMA weights); resumable.")
+_stage_command("pretrain", "Make the base model: train it with the EDM loss (source 'train', resumable), or fetch, "
+               "verify and convert a released checkpoint (source = a registry name).")
+_stage_command("pretrain", "Alias of `pretrain`: fetch, verify (sha256) and convert the preset's released checkpoint "
+               "(try --dry-run first).", name="pretrained")
 _stage_command("ddo", "Run the DDO self-play rounds (and the MLE control); resumable round by round.")
 _stage_command("sample", "Generate the final evaluation's images (per-seed) for every model.")
 _stage_command("fid", "Compute the metric of every model on the evaluation seeds; write results/<preset>/.")

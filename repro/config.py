@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from repro.registry import CHECKPOINTS
+
 
 class ConfigError(ValueError):
     """Bad configuration: names the field, what is wrong with it, and how to fix it."""
@@ -49,12 +51,13 @@ def spec(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=No
 # Sections (one per stage, plus the shared sampler section).
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str = spec(choices=("digits",), doc="embedded data set: 'digits' = scikit-learn's 8x8 digits")
+    dataset: str = spec(choices=("digits", "cifar10"),
+                        doc="'digits' = scikit-learn's 8x8 digits (embedded); 'cifar10': not prepared yet")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExtractorConfig:
     kind: str = spec(choices=("digits-classifier",), doc="feature extractor of the metric")
     width: int = spec(gt=0)
@@ -65,7 +68,7 @@ class ExtractorConfig:
     seed: int = spec(ge=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NetworkConfig:
     precond: str = spec(choices=("edm", "vp"))
     model_channels: int = spec(gt=0)
@@ -76,9 +79,12 @@ class NetworkConfig:
     conditional: bool = spec()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
-    source: str = spec(choices=("train",), doc="'train': train the base model here with the EDM loss")
+    source: str = spec(choices=("train", *CHECKPOINTS),
+                       doc="'train': train the base model here with the EDM loss; else a released checkpoint "
+                           "(repro/registry.py), fetched, verified and converted")
+    mirror: str = spec("", doc="base URL or local directory that replaces the checkpoint URL's location")
     network: NetworkConfig = spec()
     sigma_data: float = spec(gt=0)
     P_mean: float = spec()
@@ -92,7 +98,7 @@ class PretrainConfig:
     seed: int = spec(ge=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplerConfig:
     num_steps: int = spec(ge=2)
     sigma_min: float = spec(gt=0)
@@ -107,7 +113,7 @@ class SamplerConfig:
                            doc="class labels of seed i: drawn from seed i's generator (EDM), or i mod classes")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DDOConfig:
     rounds: int = spec(ge=1)
     alpha: float = spec(gt=0)
@@ -127,7 +133,7 @@ class DDOConfig:
     seed: int = spec(ge=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     n_samples: int = spec(gt=1)
     first_seed: int = spec(ge=0)
@@ -135,7 +141,7 @@ class SampleConfig:
     batch: int = spec(gt=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
     preset: str = spec(doc="name of this setting; results go to results/<preset>/")
     data: DataConfig = spec()
@@ -150,7 +156,7 @@ class Config:
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "data": ("data",),
     "extractor": ("extractor",),
-    "pretrain": ("pretrain",),
+    "pretrain": ("pretrain", "sampler"),
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
     "sample": ("sample", "sampler", "ddo.rounds", "ddo.control"),
     "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",

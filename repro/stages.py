@@ -40,6 +40,8 @@ class Paths:
     @property
     def base(self) -> Path: return self.root / "models" / "base.safetensors"
     @property
+    def base_grid(self) -> Path: return self.root / "models" / "base_grid.png"
+    @property
     def ddo(self) -> Path: return self.root / "models" / "ddo"
     @property
     def samples(self) -> Path: return self.root / "samples"
@@ -105,15 +107,56 @@ def stage_extractor(cfg: Config, paths: Paths, progress: bool) -> None:
 
 
 def stage_pretrain(cfg: Config, paths: Paths, progress: bool) -> None:
-    from repro.train import pretrain
+    """Train the base model here (source 'train'), or fetch + verify + convert a released checkpoint."""
+    from repro.ddo import sample_grid
+    from repro.files import load_model
 
-    _require(paths.data)
-    data = _data(paths)
-    run_dir = paths.runs / _run_dir("pretrain", cfg, {"data": paths.data})
+    if cfg.pretrain.source != "train":
+        from repro.pretrained import check
+
+        check(cfg.pretrain)
     with _tracked("pretrain", cfg, paths) as t:
-        t.set_tags({"run_dir": run_dir})
-        info = pretrain(cfg.pretrain, data, run_dir, paths.base, t, progress)
-        t.log_metrics({"seconds": info["seconds_this_run"]})
+        if cfg.pretrain.source == "train":
+            from repro.train import pretrain
+
+            _require(paths.data)
+            data = _data(paths)
+            run_dir = paths.runs / _run_dir("pretrain", cfg, {"data": paths.data})
+            t.set_tags({"run_dir": run_dir})
+            info = pretrain(cfg.pretrain, data, run_dir, paths.base, t, progress)
+            t.log_metrics({"seconds": info["seconds_this_run"]})
+        else:
+            from repro.pretrained import fetch_and_convert
+
+            summary = fetch_and_convert(cfg.pretrain, paths.root, paths.base, progress)
+            t.set_tags({"checkpoint": cfg.pretrain.source, "checkpoint_sha256": summary["sha256"]})
+        # A sample grid of the base model (seeds 0..n-1), to look at before spending compute on it.
+        net, arch, _ = load_model(paths.base)
+        shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
+        grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8)
+        save_png(paths.base_grid, grid)
+        t.log_image(grid, "base_samples.png")
+        log.info("pretrain: wrote %s and a sample grid %s", paths.base, paths.base_grid)
+
+
+def save_png(path: Path, image, scale: int = 4) -> None:
+    from PIL import Image
+
+    from repro.files import atomic_path
+
+    img = Image.fromarray(image)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def describe(stage: str, cfg: Config, root: Path) -> dict | None:
+    """Extra facts for --dry-run: what a stage would fetch or write."""
+    if stage == "pretrain" and cfg.pretrain.source != "train":
+        from repro.pretrained import plan
+
+        return plan(cfg.pretrain, root, Paths(root, cfg.preset).base)
+    return None
 
 
 def stage_ddo(cfg: Config, paths: Paths, progress: bool) -> None:
