@@ -296,6 +296,28 @@ def _np_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> np.ndarray:
     return _np_multiarray.multiarray._reconstruct(np.ndarray, shape, dtype_code)
 
 
+def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> np.ndarray:
+    """Safe version of numpy's ``_frombuffer``: how numpy pickles a contiguous array with protocol 5.
+
+    ``pickle.dump(..., protocol=5)`` (the default from Python 3.14) writes an ndarray as
+    ``numpy._core.numeric._frombuffer(<in-band bytes>, dtype, shape, order[, axis_order])``.  Only raw
+    bytes, a non-object dtype and integer shapes are accepted; the array is a copy of the bytes.
+    """
+    if not isinstance(buf, (bytes, bytearray)):
+        raise UnsafePickleError(f"numpy _frombuffer: buffer is a {type(buf).__name__}, not in-band bytes")
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafePickleError("numpy _frombuffer: dtype must be a numpy dtype without objects")
+    if (not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or order not in ("C", "F", "K")):
+        raise UnsafePickleError("numpy _frombuffer: shape must be a tuple of ints and order one of C/F/K")
+    arr = np.frombuffer(bytearray(buf), dtype=dtype)
+    if order == "K" and axis_order is not None:
+        if not isinstance(axis_order, tuple) or sorted(axis_order) != list(range(len(shape))):
+            raise UnsafePickleError("numpy _frombuffer: axis_order is not a permutation of the axes")
+        return arr.reshape(shape, order="C").transpose(axis_order)
+    return arr.reshape(shape, order=order)
+
+
 def _np_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
     if not isinstance(spec, str):
         raise UnsafePickleError("numpy dtype: only a dtype string is allowed")
@@ -351,6 +373,8 @@ ALLOWED_GLOBALS: dict[str, Any] = {
     "numpy._core.multiarray.scalar": _np_scalar,
     "numpy.core.multiarray._reconstruct": _np_reconstruct,
     "numpy._core.multiarray._reconstruct": _np_reconstruct,
+    "numpy.core.numeric._frombuffer": _np_frombuffer,  # protocol-5 ndarrays (numpy 1.x / 2.x names)
+    "numpy._core.numeric._frombuffer": _np_frombuffer,
     **{f"torch.{k}": v for k, v in _TORCH_DTYPES.items()},
     **_TORCH_CONTAINERS,
 }
