@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -188,7 +187,7 @@ def _coerce(value: Any, tp: Any, path: str, problems: list) -> Any:
         (item_tp, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             problems.append((path, f"must be a list of {_type_name(item_tp)}, got {value!r}",
-                             f"write it as [a, b, ...]"))
+                             "write it as [a, b, ...]"))
             return None
         items = [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
         return tuple(items)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from repro.classifier import (
-    DigitsClassifier,
     load_classifier,
     save_classifier,
     train_classifier,
