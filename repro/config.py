@@ -52,8 +52,8 @@ def spec(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=No
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str = spec(choices=("digits", "cifar10"),
-                        doc="'digits' = scikit-learn's 8x8 digits (embedded); 'cifar10': not prepared yet")
+    dataset: str = spec(choices=("digits", "cifar10", "imagenet64"),
+                        doc="'digits' = scikit-learn's 8x8 digits (embedded); the paper data sets: not prepared yet")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,8 +32,8 @@ class Dataset:
 
 def load_embedded(name: str) -> Dataset:
     """Load an embedded data set by name, as uint8 NCHW."""
-    if name == "cifar10":
-        raise ValueError("data.dataset cifar10: the CIFAR-10 data stage is not built yet (paper-scale data is a "
+    if name in ("cifar10", "imagenet64"):
+        raise ValueError(f"data.dataset {name}: the data stage for it is not built yet (paper-scale data is a "
                          "later issue); `repro pretrained` works without it")
     if name != "digits":
         raise ValueError(f"unknown embedded data set {name!r}; available: digits")

@@ -399,7 +399,7 @@ def test_roundtrip_through_load_model(tmp_path, monkeypatch):
     assert torch.equal(outputs(net3), outputs(net))
 
 
-# --- what does not convert (yet) -------------------------------------------------------------------------
+# --- EDM2 layout and what does not convert -------------------------------------------------------------
 
 
 class _MPConv(nn.Module):
@@ -415,7 +415,10 @@ class _Edm2Precond(nn.Module):
         self._init_args, self._init_kwargs = (), dict(img_resolution=64, img_channels=3, label_dim=1000)
 
 
-def test_edm2_layout_reads_but_does_not_convert(tmp_path):
+def test_edm2_layout_reads_and_is_checked_strictly(tmp_path):
+    """An EDM2 EasyDict reads as data; a Precond whose 'unet' is not EDM2's UNet is refused with a clear error.
+
+    (EDM2 conversion itself is tested in tests/test_edm2_pickle.py.)"""
     ema = _Edm2Precond()
     top = FakeEasyDict(encoder=PlainPersistent(scale=0.5), dataset_kwargs=FakeEasyDict(resolution=64),
                        loss_fn=PlainPersistent(P_mean=-0.4), ema=ema)
@@ -427,10 +430,14 @@ def test_edm2_layout_reads_but_does_not_convert(tmp_path):
     sd = ep.state_dict_from_record(data.ema)
     assert list(sd) == ["unet.conv.weight"] and sd["unet.conv.weight"].dtype == torch.float16
     assert torch.equal(sd["unet.conv.weight"], ema.unet.conv.weight)
-    with pytest.raises(NotImplementedError, match="EDM2 networks: not supported yet"):
+    with pytest.raises(ValueError, match="'unet' submodule is 'torch.nn.modules.container.ModuleDict'"):
         ep.arch_from_record(data.ema)
-    with pytest.raises(NotImplementedError, match="EDM2 networks: not supported yet"):
+    with pytest.raises(ValueError, match="expected EDM2's 'UNet'"):
         ep.convert_edm_pickle(path, tmp_path / "edm2.safetensors")
+    assert not (tmp_path / "edm2.safetensors").exists()
+    del data.ema.state["_modules"]["unet"]  # without it, upstream defaults give the img64-s layout
+    arch = ep.arch_from_record(data.ema)
+    assert arch["precond"] == "edm2" and arch["model_channels"] == 192 and arch["use_fp16"] is True
 
 
 def test_edmprecond_default_model_type_is_dhariwal(tmp_path, monkeypatch):
