@@ -129,8 +129,8 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
                        step=step)
     bar.close()
     final = ema if cfg.ema_halflife_nimg > 0 else net
-    info = {"nimg": nimg, "params": n_params, "seconds_this_run": round(time.time() - t0, 1),
-            "final_loss": float(np.mean(losses[-20:])) if losses else None}
-    save_model(out, final, arch, info)
+    info = {"nimg": nimg, "params": n_params, "final_loss": float(np.mean(losses[-20:])) if losses else None}
+    save_model(out, final, arch, info)  # no timings in the file: same weights, same bytes (DVC caches by hash)
+    info["seconds_this_run"] = round(time.time() - t0, 1)
     log.info("wrote base model %s (%s weights)", out, "EMA" if cfg.ema_halflife_nimg > 0 else "raw")
     return info
