@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from repro.files import atomic_path
 
 __all__ = [
     "DigitsClassifier",
@@ -286,16 +288,8 @@ def save_classifier(model: DigitsClassifier, path: str | os.PathLike, metadata: 
     meta = {"format": _FORMAT, "config": json.dumps(model.config, sort_keys=True)}
     if metadata is not None:
         meta["extra"] = json.dumps(metadata, sort_keys=True)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_classifier_metadata(path: str | os.PathLike) -> dict:

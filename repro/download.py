@@ -36,7 +36,6 @@ Example::
 from __future__ import annotations
 
 import errno
-import hashlib
 import http.client
 import json
 import logging
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from tqdm.auto import tqdm
+
+from repro.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ class _Retryable(Exception):
 
 # ---------------------------------------------------------------------------------------------------------
 # Hashing and the lock file
-
-
-def sha256_file(path: Path, chunk: int = CHUNK) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Lock:

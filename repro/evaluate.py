@@ -18,7 +18,7 @@ import torch
 from repro import fidelity
 from repro.config import ExtractorConfig, SampleConfig, SamplerConfig
 from repro.data import Dataset
-from repro.files import load_npz, save_npz, sha256_file, write_json
+from repro.files import load_npz, save_npz, sha256_file
 from repro.sampler import generate_images
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,9 @@ def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerCo
 
     A shard that already exists (same seed range, same model file) is kept, so a rerun continues.
     """
+    from repro.config import config_hash, to_dict
     from repro.ddo import sample_grid
     from repro.files import load_model
-
-    from repro.config import config_hash, to_dict
 
     written = {}
     sampler_hash = config_hash(to_dict(sampler))

@@ -30,6 +30,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -438,17 +439,10 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``mu``, ``sigma``, ``n`` (and ``meta`` as JSON) to an ``.npz``, atomically."""
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), meta=json.dumps(self.meta, sort_keys=True))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from repro.files import atomic_path
+
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), meta=json.dumps(self.meta, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":

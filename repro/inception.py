@@ -79,6 +79,7 @@ from repro.fidelity import (
     inception_state_dict_template,
     make_extractor,
 )
+from repro.files import atomic_path
 
 __all__ = [
     "SOURCE_PACKAGE",
@@ -316,9 +317,7 @@ def build_inception_weights(
     data = buf.getvalue()
     del state, buf
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
-    try:
+    with atomic_path(out) as tmp:  # renamed onto ``out`` only if the check below passes
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -332,10 +331,6 @@ def build_inception_weights(
                 f"converted Inception weights do not reproduce the TorchScript features: max abs diff "
                 f"{diff:.3g} > {tolerance:.3g} on {check_images} images; nothing written to {out}"
             )
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
     return {
         "path": str(out),
