@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from repro.protocols import PROTOCOLS
 from repro.registry import CHECKPOINTS
 
 
@@ -138,6 +139,8 @@ class SampleConfig:
     first_seed: int = spec(ge=0)
     repeats: int = spec(ge=1, doc="seed ranges [first_seed + k*n_samples, +n_samples), k < repeats")
     batch: int = spec(gt=0)
+    protocol: str = spec("custom", choices=("custom", *PROTOCOLS),
+                         doc="the paper protocol these settings must match (repro/protocols.py); 'custom' = none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +285,19 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str, str]]:
     net = cfg.pretrain.network
     if not net.channel_mult:
         problems.append(("pretrain.network.channel_mult", "is empty", "give at least one level, e.g. [1, 2]"))
+    # A named protocol fixes the evaluation: the settings must say the same.
+    if cfg.sample.protocol != "custom":
+        p = PROTOCOLS[cfg.sample.protocol]
+        want = {"sample.n_samples": (cfg.sample.n_samples, p.n_samples),
+                "sample.repeats": (cfg.sample.repeats, len(p.seed_ranges)),
+                "sample.first_seed": (cfg.sample.first_seed, p.seed_ranges[0][0]),
+                "sampler.num_steps": (cfg.sampler.num_steps, p.num_steps)}
+        if p.label_mode != "none" and cfg.pretrain.network.conditional and cfg.pretrain.source == "train":
+            want["sampler.label_mode"] = (cfg.sampler.label_mode, p.label_mode)
+        for key, (have, need) in want.items():
+            if have != need:
+                problems.append((key, f"is {have!r} but protocol {p.name} ({p.cell}) uses {need!r}",
+                                 f"set {key}: {need}, or sample.protocol: custom"))
     # Seed ranges must not overlap: selection, final evaluation, and each round's fake bank.
     ranges = {"ddo selection seeds": (d.selection_first_seed, d.selection_first_seed + d.selection_samples)}
     e = cfg.sample

@@ -156,6 +156,10 @@ def describe(stage: str, cfg: Config, root: Path) -> dict | None:
         from repro.pretrained import plan
 
         return plan(cfg.pretrain, root, Paths(root, cfg.preset).base)
+    if stage in ("sample", "fid") and cfg.sample.protocol != "custom":
+        from repro.protocols import get
+
+        return {"protocol": get(cfg.sample.protocol).to_dict()}
     return None
 
 

@@ -139,3 +139,25 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path):
                        env={**os.environ, "REPRO_TRACKING": "off"})
     assert p.returncode == 2
     assert "ddo.beta" in p.stderr and "Traceback" not in p.stderr + p.stdout
+
+
+def test_a_paper_protocol_fixes_the_evaluation_settings():
+    with pytest.raises(ConfigError) as e:
+        load_config(preset="cifar10-cond", overrides=["sample.n_samples=10000"])
+    assert "sample.n_samples" in str(e.value) and "edm-cifar10-fid50k" in str(e.value)
+    assert "sample.protocol: custom" in str(e.value)
+    with pytest.raises(ConfigError, match="sampler.num_steps"):
+        load_config(preset="imagenet64-s", overrides=["sampler.num_steps=18"])
+    cfg = load_config(preset="cifar10-cond", overrides=["sample.n_samples=10000", "sample.protocol=custom"])
+    assert cfg.sample.n_samples == 10000
+
+
+def test_fid_dry_run_prints_the_papers_protocol(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["fid", "--preset", "cifar10-cond", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    plan = yaml.safe_load(r.output)["plan"]["protocol"]
+    assert plan["n_samples"] == 50000 and plan["reduce"] == "min" and plan["nfe"] == 35
+    assert plan["seed_ranges"] == [[0, 50000], [50000, 100000], [100000, 150000]]
+    assert plan["label_mode"] == "random" and plan["reference"].endswith("cifar10-32x32.npz")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,66 @@
+"""Evaluation protocols as data: what a paper's metric cell means, so that a run can match it and say so.
+
+A protocol names the number of samples, the seed ranges and how their values are reduced (EDM reports the
+minimum over three ranges), the label mode (random per seed, or class-balanced as DDO re-balances ImageNet),
+the sampler and its NFE, the feature extractor and its weights, and the reference statistics. Presets pick the
+protocol of their table cell (``sample.protocol``); the config refuses a preset whose sample/sampler settings
+disagree with it, and every metrics file records it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    cell: str                 # which paper numbers it produces
+    n_samples: int
+    seed_ranges: tuple[tuple[int, int], ...]
+    reduce: str               # "min" or "mean" over the seed ranges
+    label_mode: str           # "random" (per-seed generator), "balanced" (seed i -> class i mod K), or "none"
+    num_steps: int            # EDM Heun steps; NFE = 2 * num_steps - 1
+    extractor: str
+    extractor_weights: str
+    reference: str
+    reference_format: str
+    source: str
+
+    @property
+    def nfe(self) -> int:
+        return 2 * self.num_steps - 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seed_ranges"] = [list(r) for r in self.seed_ranges]
+        d["nfe"] = self.nfe
+        return d
+
+
+INCEPTION = ("inception-v3-compat (Inception-v3 2015-12-05, 2048-d pool features); weights "
+             "weights-inception-2015-12-05-6726825d.pth, offline from `repro inception-weights`")
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
+    Protocol("tiny-fd-digits", "the tiny preset's own table (not a paper cell)", 1797, ((0, 1797), (1797, 3594)),
+             "mean", "balanced", 10, "digits-classifier", "models/extractor.safetensors (extractor stage)",
+             "data/digits.npz, all 1,797 real images", "repro-npz", "this package"),
+    Protocol("edm-cifar10-fid50k", "DDO Table 1 (CIFAR-10; EDM 1.79/1.97, DDO 1.30/1.38)", 50000,
+             ((0, 50000), (50000, 100000), (100000, 150000)), "min", "random", 18, "inception-v3-compat", INCEPTION,
+             "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz", "edm-npz",
+             "EDM generate.py/fid.py and README (min of 3 seed ranges); research/ddo.md section 4"),
+    Protocol("edm2-img64-fid50k", "DDO Table 2 (ImageNet-64; EDM2-S 1.60 retested, DDO 0.97)", 50000,
+             ((0, 50000),), "min", "balanced", 32, "inception-v3-compat", INCEPTION,
+             "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img64.pkl", "edm2-pkl",
+             "DDO EDM2_sample.py (class-balanced seeds) + EDM2 calculate_metrics.py; research/ddo.md section 4"),
+    Protocol("edm2-img512-fid50k", "DDO ImageNet-512 (EDM2-L 1.96 retested, DDO 1.26, +AG 1.21)", 50000,
+             ((0, 50000),), "min", "balanced", 32, "inception-v3-compat", INCEPTION,
+             "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl", "edm2-pkl",
+             "DDO EDM2_sample.py + EDM2 calculate_metrics.py; research/ddo.md section 4"),
+]}
+
+
+def get(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise KeyError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
