@@ -217,6 +217,11 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
     _require(paths.samples, paths.ddo / "rounds.json")
     metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
     history = json.loads((paths.ddo / "rounds.json").read_text())["history"]
+    reduce = "mean"  # over the seed ranges; a paper protocol says how it reduces (EDM: the minimum of three)
+    if cfg.sample.protocol != "custom":
+        from repro.protocols import get
+
+        reduce = get(cfg.sample.protocol).reduce
     with _tracked("fid", cfg, paths) as t:
         entries = []
         for name in models:
@@ -226,7 +231,7 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
                 shard = paths.samples / name / shard_name(lo, hi)
                 _require(shard)
                 values.append(metric.distance(metric.statistics(shard_batches(shard))))
-            entry = {"name": name, "round": int(r or 0), "value": float(sum(values) / len(values)), "values": values}
+            entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values}
             if kind in history:
                 entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
             if kind == "control":
@@ -244,7 +249,8 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
             "metric_label": METRIC_LABELS.get(metric.name, metric.name),
             "protocol": {
                 "n_samples": cfg.sample.n_samples, "seed_ranges": [list(r) for r in eval_ranges(cfg.sample)],
-                "reduce": "mean", "label_mode": cfg.sampler.label_mode, **metric.protocol(),
+                "name": cfg.sample.protocol, "reduce": reduce, "label_mode": cfg.sampler.label_mode,
+                **metric.protocol(),
                 "sampler": {"name": "edm-heun", "num_steps": sampler["num_steps"],
                             "nfe": 2 * sampler["num_steps"] - 1, "S_churn": sampler["S_churn"]},
                 "reference": f"{paths.data.relative_to(paths.root)} (all real images)",
@@ -267,6 +273,15 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
             rows.append(f"{r}\t{sel[r]:.6f}\t{ctrl.get(r, float('nan')):.6f}")
         write_text(paths.results / "rounds.tsv", "\n".join(rows) + "\n")
         _plot_rounds(t, metric.name, history, base_sel)
+
+
+def reduce_values(values: list[float], how: str) -> float:
+    """One number from the values of several seed ranges: their mean, or their minimum (EDM's protocol)."""
+    if how == "min":
+        return float(min(values))
+    if how == "mean":
+        return float(sum(values) / len(values))
+    raise ValueError(f"unknown reduction {how!r}: use 'mean' or 'min'")
 
 
 def _plot_rounds(tracker, metric_name: str, history: dict, base_score: float) -> None:

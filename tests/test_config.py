@@ -161,3 +161,13 @@ def test_fid_dry_run_prints_the_papers_protocol(tmp_path, monkeypatch):
     assert plan["seed_ranges"] == [[0, 50000], [50000, 100000], [100000, 150000]]
     assert plan["label_mode"] == "random" and plan["reference"].endswith("cifar10-32x32.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_seed_range_reduction_follows_the_protocol():
+    from repro.protocols import PROTOCOLS
+    from repro.stages import reduce_values
+
+    assert reduce_values([2.0, 1.0, 3.0], "min") == 1.0 and reduce_values([2.0, 1.0, 3.0], "mean") == 2.0
+    assert PROTOCOLS["edm-cifar10-fid50k"].reduce == "min" and PROTOCOLS["tiny-fd-digits"].reduce == "mean"
+    with pytest.raises(ValueError):
+        reduce_values([1.0], "median")
