@@ -11,7 +11,6 @@ StabilityVAEEncoder, StandardRGBEncoder; training/training_loop.py: EDM2Loss), a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import numpy as np
@@ -24,7 +23,7 @@ from repro import networks_edm2 as e2
 from repro import pretrained, registry
 from repro.files import load_model
 from repro.guidance import autoguidance
-from test_edm_pickle import FakeEasyDict, PlainPersistent, write_pickle
+from test_edm_pickle import FakeEasyDict, PlainPersistent, recording_init_args, write_pickle
 
 EDM2_NAMES = {e2.EDM2Precond: "Precond", e2.EDM2UNet: "UNet", e2.EDM2Block: "Block", e2.MPConv: "MPConv",
               e2.MPFourier: "MPFourier"}
@@ -49,16 +48,8 @@ class FakeVAEEncoder:
 NAMES = {**EDM2_NAMES, FakeVAEEncoder: "StabilityVAEEncoder", PlainPersistent: "EDM2Loss"}
 
 
-@contextlib.contextmanager
 def recording_edm2_init_args(monkeypatch):
-    with monkeypatch.context() as m:
-        for cls in EDM2_NAMES:
-            def init(self, *args, __orig=cls.__init__, **kwargs):
-                __orig(self, *args, **kwargs)
-                self._init_args = copy.deepcopy(args)
-                self._init_kwargs = copy.deepcopy(kwargs)
-            m.setattr(cls, "__init__", init)
-        yield
+    return recording_init_args(monkeypatch, EDM2_NAMES)
 
 
 def make_edm2(monkeypatch, seed=0, **kw):

@@ -128,10 +128,10 @@ def write_pickle(path: Path, container, names=None, module_src=FAKE_SRC, protoco
 
 
 @contextlib.contextmanager
-def recording_init_args(monkeypatch):
+def recording_init_args(monkeypatch, classes=None):
     """Record constructor args on our classes as the persistence decorator does (_init_args/_init_kwargs)."""
     with monkeypatch.context() as m:
-        for cls in UPSTREAM_NAMES:
+        for cls in UPSTREAM_NAMES if classes is None else classes:
             def init(self, *args, __orig=cls.__init__, **kwargs):
                 __orig(self, *args, **kwargs)
                 self._init_args = copy.deepcopy(args)
