@@ -64,7 +64,9 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
     @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a value (repeatable)")
     @click.option("--dry-run", is_flag=True, help="print the resolved params of this stage and exit")
     @click.option("--no-progress", is_flag=True, help="no progress bars (logs only)")
-    def command(params, preset, overrides, dry_run, no_progress):
+    @click.option("--round", "round_", type=int, default=None, hidden=stage != "ddo",
+                  help="ddo only: run just this round (the previous one must be finished); `repro ddo` then reuses it")
+    def command(params, preset, overrides, dry_run, no_progress, round_):
         _setup_logging()
         try:
             cfg = load_config(params, preset, overrides)
@@ -81,12 +83,21 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
                 click.echo("# would do:")
                 click.echo(yaml.safe_dump({"plan": plan}, sort_keys=False, width=1000), nl=False)
             return
-        from repro.stages import run_stage
+        from repro.launcher import EXIT_PREEMPTED, JobFailed, run
+        from repro.preempt import Preempted
 
         try:
-            run_stage(stage, cfg, root, progress=not no_progress)
+            if round_ is not None and stage != "ddo":
+                _fail(f"--round is an option of the ddo stage only, not of {stage}")
+            run(stage, cfg, root, progress=not no_progress, **({"round": round_} if round_ is not None else {}))
         except _input_errors() as e:
             _fail(str(e).strip("'\""))
+        except JobFailed as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except Preempted as e:
+            click.echo(f"stage {stage}: {e}", err=True)
+            sys.exit(EXIT_PREEMPTED)
 
     command.__doc__ = doc
     return main.command(name or stage, help=doc)(command)
@@ -141,6 +152,24 @@ def inception_weights_cmd(out: Path | None, check_images: int) -> None:
         _fail(str(e))
     click.echo(yaml.safe_dump({k: (str(v) if isinstance(v, Path) else v) for k, v in report.items()},
                               sort_keys=False), nl=False)
+
+
+@main.command("job-script")
+@click.argument("stage", type=click.Choice(["data", "extractor", "pretrain", "ddo", "sample", "fid"]))
+@click.option("--params", "params", type=click.Path(path_type=Path), default=None, help="params file")
+@click.option("--preset", default=None, help="named preset instead of the params file")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a value (repeatable)")
+def job_script_cmd(stage, params, preset, overrides) -> None:
+    """Print the sbatch script that `launcher.executor: slurm` submits for STAGE (resources from params.yaml's
+    launcher section; `--set launcher.stages.ddo.gpus_per_node=8` to try values). Submits nothing."""
+    try:
+        cfg = load_config(params, preset, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    from repro.launcher import submission_script
+
+    root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
+    click.echo(submission_script(cfg, stage, root), nl=False)
 
 
 @main.command("presets")

@@ -144,6 +144,49 @@ class SampleConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Resources:
+    """What one job asks SLURM for (sbatch options); any other option goes in ``extra``."""
+
+    partition: str = spec("", doc="sbatch --partition ('' = the cluster's default)")
+    account: str = spec("", doc="sbatch --account")
+    qos: str = spec("", doc="sbatch --qos")
+    nodes: int = spec(1, ge=1)
+    gpus_per_node: int = spec(0, ge=0)
+    tasks_per_node: int = spec(0, ge=0, doc="processes per node (torch.distributed ranks); 0 = one per GPU, or 1")
+    cpus_per_task: int = spec(2, ge=1)
+    mem_gb: float = spec(8.0, gt=0, doc="memory per node, GB")
+    time_min: int = spec(60, gt=0, doc="time limit in minutes; the job saves and requeues itself before it")
+    constraint: str = spec("", doc="sbatch --constraint, e.g. 'a100|h100'")
+    array_parallelism: int = spec(64, ge=1, doc="at most this many tasks of a job array run at once")
+    signal_delay_s: int = spec(120, ge=10, doc="the job is warned (SIGUSR2) this long before its time limit")
+    extra: dict = field(default_factory=dict, metadata={"doc": "other sbatch options, e.g. {exclusive: true}"})
+
+
+RESOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(Resources))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LauncherConfig:
+    """Where stages run. Not a stage param: changing it never reruns a stage (the results are the same)."""
+
+    executor: str = spec("local", choices=("local", "debug", "slurm"),
+                         doc="local: in this process; debug: through submitit, in this process (pdb on an error); "
+                             "slurm: one SLURM job per stage (sample shards as a job array), waited for")
+    container: str = spec("none", choices=("none", "apptainer", "pyxis"),
+                          doc="run the job inside the image: apptainer exec --nv, or srun --container-image (pyxis)")
+    image: str = spec("", doc="the .sif file (apptainer) or image reference (pyxis)")
+    image_digest: str = spec("", doc="the image's digest (sha256:...), recorded on every MLflow run")
+    bind: tuple[str, ...] = spec((), doc="host paths to mount in the container (src[:dst])")
+    setup: tuple[str, ...] = spec((), doc="shell lines run in the job before the stage (e.g. 'module load cuda')")
+    log_dir: str = spec("runs/slurm", doc="job scripts and logs, relative to the project directory")
+    poll_s: float = spec(5.0, gt=0, doc="seconds between job state checks")
+    max_requeue: int = spec(20, ge=0, doc="a job requeues itself after preemption at most this many times")
+    resources: Resources = field(default_factory=Resources, metadata={"doc": "every stage's job"})
+    stages: dict = field(default_factory=dict, metadata={"doc": "per stage, resources that differ, e.g. "
+                                                                 "{ddo: {gpus_per_node: 8, time_min: 1440}}"})
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     preset: str = spec(doc="name of this setting; results go to results/<preset>/")
     data: DataConfig = spec()
@@ -152,6 +195,7 @@ class Config:
     sampler: SamplerConfig = spec()
     ddo: DDOConfig = spec()
     sample: SampleConfig = spec()
+    launcher: LauncherConfig = field(default_factory=LauncherConfig, metadata={"doc": "where stages run"})
 
 
 # Which params each stage reads (what dvc.yaml declares; a test checks the two agree).
@@ -194,6 +238,12 @@ def _coerce(value: Any, tp: Any, path: str, problems: list) -> Any:
             return None
         items = [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
         return tuple(items)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            problems.append((path, f"must be a mapping of names to values, got {value!r}",
+                             f"write '{path}:' followed by indented 'name: value' lines, or {{}}"))
+            return None
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -258,6 +308,9 @@ def _build(cls, raw: dict, prefix: str, problems: list):
             if f.default is not dataclasses.MISSING:
                 values[name] = f.default
                 continue
+            if f.default_factory is not dataclasses.MISSING:
+                values[name] = f.default_factory()
+                continue
             problems.append((path, "is missing", f"add '{name}:' under '{prefix or 'the top level'}' "
                              f"(see `repro params --preset tiny` for a complete file)"))
             values[name] = None
@@ -315,7 +368,54 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str, str]]:
         if a0 < fakes[1] and fakes[0] < a1:
             problems.append(("ddo.fake_first_seed", f"the fake-bank seeds [{fakes[0]}, {fakes[1]}) overlap the "
                              f"{name} [{a0}, {a1})", "move ddo.fake_first_seed above the other seed ranges"))
+    problems += _launcher_checks(cfg.launcher)
     return problems
+
+
+def _launcher_checks(lc: LauncherConfig) -> list[tuple[str, str, str]]:
+    problems = []
+    if lc.container != "none" and not lc.image:
+        problems.append(("launcher.image", f"is empty but launcher.container is {lc.container!r}",
+                         "set launcher.image to the .sif file (apptainer) or image reference (pyxis), "
+                         "or launcher.container: none"))
+    stages = STAGE_PARAMS.keys()
+    for stage, over in lc.stages.items():
+        where = f"launcher.stages.{stage}"
+        if stage not in stages:
+            problems.append((where, "is not a stage", f"use one of: {', '.join(stages)}"))
+            continue
+        if not isinstance(over, dict):
+            problems.append((where, f"must be a mapping of resources, got {over!r}",
+                             f"write e.g. '{stage}: {{gpus_per_node: 1}}'"))
+    checked = {"launcher.resources": lc.resources}
+    for stage in lc.stages:
+        if stage in stages:
+            try:
+                checked[f"launcher.stages.{stage}"] = resources_for(lc, stage)
+            except ConfigError as e:
+                problems += e.problems
+    for where, res in checked.items():
+        if res.tasks_per_node and res.gpus_per_node and res.tasks_per_node != res.gpus_per_node:
+            problems.append((f"{where}.tasks_per_node", f"is {res.tasks_per_node} with {res.gpus_per_node} GPUs "
+                             "per node; each rank drives one GPU",
+                             "set tasks_per_node: 0 (one per GPU) or equal to gpus_per_node"))
+        for key in res.extra:
+            if key.replace("-", "_") in RESOURCE_FIELDS + ("time", "mem", "ntasks_per_node", "gres", "array"):
+                problems.append((f"{where}.extra.{key}", "duplicates a resource field",
+                                 f"set {key.replace('-', '_')} as its own field instead of in extra"))
+    return problems
+
+
+def resources_for(lc: LauncherConfig, stage: str) -> Resources:
+    """The resources of ``stage``'s job: launcher.resources, with launcher.stages.<stage> on top."""
+    over = lc.stages.get(stage) or {}
+    if not isinstance(over, dict) or not over:
+        return lc.resources
+    problems: list = []
+    res = _build(Resources, {**to_dict(lc.resources), **over}, f"launcher.stages.{stage}", problems)
+    if problems:
+        raise ConfigError(problems)
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,6 +464,8 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
+            if p not in node and parts[0] == "launcher":
+                node[p] = {}  # optional section: --set launcher.executor=slurm works without it in the file
             if not isinstance(node.get(p), dict):
                 raise ConfigError([(key, f"{p!r} is not a section", "check the key against params.yaml")],
                                   source="command line")

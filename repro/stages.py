@@ -77,12 +77,15 @@ def _require(*files: Path) -> None:
             raise FileNotFoundError(f"{f} not found: run the stage that makes it first (`dvc repro` runs them in order)")
 
 
-def run_stage(stage: str, cfg: Config, root: Path, progress: bool = True) -> None:
-    """Run one stage of the pipeline for ``cfg`` in the project directory ``root``."""
+def run_stage(stage: str, cfg: Config, root: Path, progress: bool = True, **kwargs) -> None:
+    """Run one stage of the pipeline for ``cfg`` in the project directory ``root``.
+
+    ``kwargs`` go to the stage function (``round=R`` for the ddo stage: run only round R).
+    """
     paths = Paths(Path(root).resolve(), cfg.preset)
     t0 = time.time()
     {"data": stage_data, "extractor": stage_extractor, "pretrain": stage_pretrain, "ddo": stage_ddo,
-     "sample": stage_sample, "fid": stage_fid, "table": stage_table}[stage](cfg, paths, progress)
+     "sample": stage_sample, "fid": stage_fid, "table": stage_table}[stage](cfg, paths, progress, **kwargs)
     log.info("stage %s done in %.1fs", stage, time.time() - t0)
 
 
@@ -163,23 +166,54 @@ def describe(stage: str, cfg: Config, root: Path) -> dict | None:
     return None
 
 
-def stage_ddo(cfg: Config, paths: Paths, progress: bool) -> None:
-    from repro.ddo import run_rounds
+def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> None:  # noqa: A002
+    """All DDO rounds (and the MLE control), then models/ddo; or with ``round``, only that round.
+
+    Rounds resume and are reused through their run directories, so `repro ddo --round 1`, `--round 2`, ...
+    (one SLURM job each, chained with --dependency=afterok) followed by `repro ddo` trains nothing twice.
+    """
+    from repro.ddo import KINDS, run_rounds, train_round
     from repro.evaluate import load_metric
     from repro.files import read_model_meta
 
+    if round is not None and not 1 <= round <= cfg.ddo.rounds:
+        raise ValueError(f"--round {round}: the preset has rounds 1..{cfg.ddo.rounds} (ddo.rounds)")
     _require(paths.data, paths.base, paths.extractor, paths.reference)
     data = _data(paths)
     metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
     inputs = {"data": paths.data, "base": paths.base, "extractor": paths.extractor, "reference": paths.reference}
     run_dir = paths.runs / _run_dir("ddo", cfg, inputs)
     read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
-    with _tracked("ddo", cfg, paths) as t:
-        t.set_tags({"run_dir": run_dir})
-        log.info("ddo: %d rounds%s; run directory %s", cfg.ddo.rounds, " + MLE control" if cfg.ddo.control else "",
-                 run_dir)
-        run_rounds(paths.base, data, cfg.ddo, cfg.sampler, cfg.pretrain.sigma_data, metric, run_dir, paths.ddo, t,
-                   progress)
+    if round is None:
+        with _tracked("ddo", cfg, paths) as t:
+            t.set_tags({"run_dir": run_dir})
+            log.info("ddo: %d rounds%s; run directory %s", cfg.ddo.rounds,
+                     " + MLE control" if cfg.ddo.control else "", run_dir)
+            run_rounds(paths.base, data, cfg.ddo, cfg.sampler, cfg.pretrain.sigma_data, metric, run_dir, paths.ddo,
+                       t, progress)
+        return
+    kinds = KINDS if cfg.ddo.control else ("ddo",)
+    refs = {}
+    for kind in kinds:  # check every kind's previous round before any work starts
+        if round == 1:
+            refs[kind] = (paths.base, None)
+            continue
+        prev = run_dir / f"{kind}-round{round - 1}"
+        if not (prev / "done.json").is_file():
+            raise FileNotFoundError(f"{kind} round {round - 1} is not finished ({prev}): run `repro ddo --round "
+                                    f"{round - 1}` first")
+        refs[kind] = (prev / "best.safetensors", json.loads((prev / "done.json").read_text())["best_score"])
+    with _tracked("ddo", cfg, paths, extra_hash={"round": round}) as t:
+        t.set_tags({"run_dir": run_dir, "round": round})
+        for kind in kinds:
+            ref_path, ref_score = refs[kind]
+            with t.child(f"{kind}-round{round}", params={"round": round, "kind": kind},
+                         tags={"round": round, "kind": kind}) as child:
+                res = train_round(kind, round, ref_path, data, cfg.ddo, cfg.sampler, cfg.pretrain.sigma_data, metric,
+                                  run_dir / f"{kind}-round{round}", child, progress, ref_score=ref_score)
+                child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score})
+            log.info("ddo --round %d: %s best %.4f at %d images -> %s", round, kind, res.best_score, res.best_nimg,
+                     res.best_path)
 
 
 def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
