@@ -1,0 +1,148 @@
+"""Through a real SLURM (slurmctld + slurmd + slurmdbd on MariaDB, started by slurm/local-cluster.sh).
+
+.ci/run starts the cluster before the tests; run by hand, the fixture starts it (as root) and stops what it
+started. Where SLURM cannot start (not root, no apt), these tests skip with the reason the start-up gave.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repro.config import preset_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slurm
+
+
+def _sinfo_ok() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    if _sinfo_ok():
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("SLURM is not running and starting it needs root: `sudo bash slurm/local-cluster.sh up`")
+    p = subprocess.run(["bash", str(ROOT / "slurm" / "local-cluster.sh"), "up"], capture_output=True, text=True,
+                       timeout=900)
+    if p.returncode != 0 or not _sinfo_ok():
+        pytest.skip(f"slurm/local-cluster.sh up failed: {(p.stderr or p.stdout).strip()[-500:]}")
+    yield
+    subprocess.run(["bash", str(ROOT / "slurm" / "local-cluster.sh"), "down"], capture_output=True, timeout=120)
+
+
+def _env(d: Path) -> dict:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}", "OMP_WAIT_POLICY": "PASSIVE", "DVC_NO_ANALYTICS": "1"}
+    for k in ("REPRO_TRACKING", "SLURM_JOB_ID", "REPRO_IN_JOB"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd, cwd, env, timeout=600, ok=True):
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def project(slurm, tmp_path_factory):
+    """A project directory (micro preset, the slurm/ scripts) with data, extractor and base model made locally."""
+    d = tmp_path_factory.mktemp("slurm-project")
+    shutil.copytree(ROOT / "slurm", d / "slurm")
+    (d / "params.yaml").write_text(yaml.safe_dump(preset_dict("micro"), sort_keys=False))
+    env = _env(d)
+    for stage in ("data", "extractor", "pretrain"):
+        _run(["repro", stage, "--no-progress"], d, env)
+    return d, env
+
+
+def _runs(d: Path, env: dict) -> list[dict]:
+    from repro.tracking import find_runs
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        return find_runs(d, "micro")
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _round_dirs(d: Path, name: str) -> list[Path]:
+    return sorted(d.glob(f"runs/ddo-*/{name}"))
+
+
+def _sacct(job: str, timeout: float = 90) -> dict:
+    """sacct's view of a job once every line is final (the result file can appear before the job has ended)."""
+    t0 = time.time()
+    while True:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "JobID,State,ExitCode"],
+                             capture_output=True, text=True, check=True).stdout
+        rows = {line.split("|")[0]: line.split("|")[1:] for line in out.strip().splitlines()}
+        busy = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"}
+        if rows and not any(v[0].split()[0] in busy for v in rows.values()) or time.time() - t0 > timeout:
+            return rows
+        time.sleep(1)
+
+
+def test_submitit_runs_a_ddo_round_as_a_slurm_job(project):
+    d, env = project
+    p = _run(["repro", "ddo", "--round", "1", "--no-progress", "--set", "launcher.executor=slurm",
+              "--set", "launcher.poll_s=1"], d, env)
+    assert "submitted job" in p.stderr
+    job = p.stderr.split("submitted job ")[1].split(";")[0].strip()
+    assert _sacct(job)[job][0] == "COMPLETED"
+    for kind in ("ddo", "control"):
+        (rd,) = _round_dirs(d, f"{kind}-round1")
+        assert (rd / "done.json").is_file() and (rd / "best.safetensors").is_file()
+    runs = [r for r in _runs(d, env) if r["stage"] == "ddo" and r["parent"] is None]
+    assert any(r["tags"]["slurm_job_id"] == job and r["status"] == "FINISHED" for r in runs)
+
+
+def test_sbatch_script_runs_a_ddo_round(project):
+    d, env = project
+    p = _run(["sbatch", "--parsable", "--wait", "slurm/ddo_round.sh", "--params", "params.yaml", "--round", "1",
+              "--set", "ddo.seed=7"], d, env)
+    job = p.stdout.strip().split(";")[0]
+    assert _sacct(job)[job][0] == "COMPLETED"
+    log = (d / f"repro-ddo-round-{job}.log").read_text()
+    assert "ddo --round 1: ddo best" in log
+    runs = _runs(d, env)
+    (top,) = [r for r in runs if r["stage"] == "ddo" and r["parent"] is None and r["tags"]["slurm_job_id"] == job]
+    assert top["status"] == "FINISHED"
+    children = [r for r in runs if r["parent"] == top["run_id"]]
+    assert sorted(c["name"] for c in children) == ["control-round1", "ddo-round1"]
+
+
+def test_sbatch_script_refuses_bad_arguments(project):
+    d, env = project
+    p = _run(["bash", "slurm/ddo_round.sh", "--preset", "micro", "--rounds", "2"], d, env, ok=False)
+    assert p.returncode == 2 and "unknown argument '--rounds'" in p.stderr
+
+
+def test_a_crashing_job_fails_the_stage_with_its_log_tail(project):
+    """The job dies without a result (its batch script exits 3 before the stage starts): the command must fail,
+    not hang (this is what SLURM accounting is for), and say why."""
+    d, env = project
+    t0 = time.time()
+    p = _run(["repro", "data", "--set", "launcher.executor=slurm", "--set", "launcher.poll_s=1",
+              "--set", "launcher.setup=[echo about to crash, exit 3]"], d, env, timeout=300, ok=False)
+    assert p.returncode == 1, p.stderr
+    assert "failed (state FAILED)" in p.stderr and "about to crash" in p.stderr
+    assert time.time() - t0 < 240
