@@ -141,6 +141,8 @@ class SampleConfig:
     batch: int = spec(gt=0)
     protocol: str = spec("custom", choices=("custom", *PROTOCOLS),
                          doc="the paper protocol these settings must match (repro/protocols.py); 'custom' = none")
+    shard_size: int = spec(1000, gt=0, doc="seeds per shard file (the unit of resumable, parallel sampling); "
+                                           "the images do not depend on it")
 
 
 @dataclass(frozen=True, kw_only=True)

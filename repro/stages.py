@@ -194,23 +194,25 @@ def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
 
 def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
     from repro.evaluate import sample_models
-    from repro.files import atomic_dir
+    from repro.files import atomic_dir, link_or_copy
 
     models = eval_models(cfg, paths)
     _require(*models.values())
     with _tracked("sample", cfg, paths) as t:
-        # Shards are made in a resumable work directory, then published atomically as samples/.
+        # Shards are made in a resumable work directory, then published atomically as samples/ (exactly the
+        # shards of this plan: shards of another shard size or seed range left in the work directory are not).
         work = paths.runs / "samples-work"
-        sample_models(models, cfg.sample, cfg.sampler, work, t, progress)
+        written = sample_models(models, cfg.sample, cfg.sampler, work, t, progress)
         with atomic_dir(paths.samples) as tmp:
-            for name in models:
+            for name, files in written.items():
                 (tmp / name).mkdir()
-                for f in sorted((work / name).glob("seeds-*.npz")):
-                    (tmp / name / f.name).write_bytes(f.read_bytes())
+                for f in map(Path, files):
+                    link_or_copy(f, tmp / name / f.name)
 
 
 def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
-    from repro.evaluate import METRIC_LABELS, eval_ranges, load_metric, shard_batches, shard_name
+    from repro.evaluate import (METRIC_LABELS, eval_ranges, load_metric, model_sha256, plan_shards, range_batches,
+                                range_shards)
     from repro.tracking import git_commit
 
     models = eval_models(cfg, paths)
@@ -222,15 +224,16 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
         from repro.protocols import get
 
         reduce = get(cfg.sample.protocol).reduce
+    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.samples)
     with _tracked("fid", cfg, paths) as t:
         entries = []
         for name in models:
             kind, _, r = name.partition("-round")
             values = []
             for lo, hi in eval_ranges(cfg.sample):
-                shard = paths.samples / name / shard_name(lo, hi)
-                _require(shard)
-                values.append(metric.distance(metric.statistics(shard_batches(shard))))
+                # The range's shards streamed through the extractor: one set of statistics, no PNGs.
+                batches = range_batches(range_shards(shards, name, lo, hi), model_sha=model_sha256(models[name]))
+                values.append(metric.distance(metric.statistics(batches)))
             entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values}
             if kind in history:
                 entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
