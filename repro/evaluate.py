@@ -482,3 +482,32 @@ def feature_metrics(gen: np.ndarray, ref: np.ndarray, kid: bool, prc: bool, kid_
         r = fidelity.precision_recall(gen, ref, k=3)
         out[f"precision{suffix}"], out[f"recall{suffix}"] = r["precision"], r["recall"]
     return out
+
+
+def export_samples(shards: list[Shard], out: Path, fmt: str = "npz") -> int:
+    """Write a seed range's shards for other tools: one ``.npz`` with ``arr_0`` (uint8 NHWC, the layout of the
+    ADM evaluator and DG's fid_npzs.py) and ``labels``, or a folder of ``<seed>.png`` (as EDM's generate.py).
+    Returns the number of images."""
+    from PIL import Image
+
+    from repro.files import atomic_dir, atomic_path
+
+    for s in shards:
+        if not s.out.is_file():
+            raise FileNotFoundError(f"{s.out} not found: run the sample stage (`repro sample`) first")
+    parts = [load_npz(s.out) for s in shards]
+    for s, d in zip(shards, parts):
+        if len(d["seeds"]) != s.hi - s.lo or int(d["seeds"][0]) != s.lo:
+            raise ValueError(f"{s.out}: does not hold seeds [{s.lo}, {s.hi}); rerun `repro sample`")
+    images = np.concatenate([d["images"] for d in parts]).transpose(0, 2, 3, 1)
+    seeds = np.concatenate([d["seeds"] for d in parts])
+    if fmt == "npz":
+        with atomic_path(Path(out), suffix=".npz") as tmp:
+            np.savez(tmp, arr_0=images, labels=np.concatenate([d["labels"] for d in parts]), seeds=seeds)
+    elif fmt == "png":
+        with atomic_dir(Path(out)) as tmp:
+            for seed, img in zip(seeds, images):
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{int(seed):06d}.png")
+    else:
+        raise ValueError(f"unknown export format {fmt!r}: use npz or png")
+    return len(images)

@@ -163,3 +163,21 @@ def test_ranks_split_the_shards(model, tmp_path, monkeypatch):
         sample_models({"base": model}, cfg, SAMPLER, tmp_path / f"rank{r}", NoTracker(), progress=False)
         made[r] = sorted(p.name for p in (tmp_path / f"rank{r}" / "base").iterdir())
     assert made == {0: ["seeds-000000005-000000012.npz"], 1: ["seeds-000000012-000000019.npz"]}
+
+
+def test_export_as_one_npz_or_pngs(model, tmp_path):
+    from PIL import Image
+
+    cfg = _cfg(7, n=10, repeats=1)
+    shards = plan_shards({"base": model}, cfg, SAMPLER, tmp_path / "s")
+    for s in shards:
+        run_shard(s, SAMPLER, 5)
+    seeds, imgs = _images_by_seed(shards)
+    assert evaluate.export_samples(shards, tmp_path / "all.npz", "npz") == 10
+    with np.load(tmp_path / "all.npz") as z:
+        assert np.array_equal(z["arr_0"], imgs.transpose(0, 2, 3, 1)) and np.array_equal(z["seeds"], seeds)
+    evaluate.export_samples(shards, tmp_path / "png", "png")
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{s:06d}.png" for s in range(5, 15)]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000007.png")), imgs[2, 0])
+    with pytest.raises(ValueError, match="format"):
+        evaluate.export_samples(shards, tmp_path / "x", "jpg")
