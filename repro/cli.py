@@ -172,6 +172,38 @@ def job_script_cmd(stage, params, preset, overrides) -> None:
     click.echo(submission_script(cfg, stage, root), nl=False)
 
 
+@main.command("export-samples")
+@click.option("--model", default="base", show_default=True, help="which model's samples (base, ddo-round1, ...)")
+@click.option("--range", "which", default=0, show_default=True, help="which seed range (0 = the first)")
+@click.option("--format", "fmt", type=click.Choice(["npz", "png"]), default="npz", show_default=True,
+              help="npz: one file with arr_0 (uint8 NHWC) and labels; png: a folder of <seed>.png")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--params", "params", type=click.Path(path_type=Path), default=None, help="params file")
+@click.option("--preset", default=None, help="named preset instead of the params file")
+def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
+    """Write one seed range of the sample stage's shards as one npz or as PNGs, for other evaluation tools."""
+    _setup_logging()
+    try:
+        cfg = load_config(params, preset, ())
+    except ConfigError as e:
+        _fail(str(e))
+    from repro.evaluate import eval_ranges, export_samples, plan_shards, range_shards
+    from repro.stages import Paths, eval_models
+
+    root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
+    paths = Paths(root, cfg.preset)
+    models = eval_models(cfg, paths)
+    ranges = eval_ranges(cfg.sample)
+    if model not in models or not 0 <= which < len(ranges):
+        _fail(f"--model must be one of {', '.join(models)} and --range in 0..{len(ranges) - 1}")
+    shards = range_shards(plan_shards(models, cfg.sample, cfg.sampler, paths.samples), model, *ranges[which])
+    try:
+        n = export_samples(shards, out, fmt)
+    except _input_errors() as e:
+        _fail(str(e).strip("'\""))
+    click.echo(f"wrote {n} images of {model}, seeds [{ranges[which][0]}, {ranges[which][1]}), to {out}")
+
+
 @main.command("presets")
 def presets_cmd() -> None:
     """List the presets."""

@@ -59,7 +59,17 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractorConfig:
-    kind: str = spec(choices=("digits-classifier",), doc="feature extractor of the metric")
+    kind: str = spec(choices=("digits-classifier", "inception"),
+                     doc="feature extractor of the metric: the digits classifier trained here (FD-digits, not FID), "
+                         "or Inception-v3 2015-12-05, 2048-d pool features (FID)")
+    weights: str = spec("", doc="Inception weights, torch-fidelity's layout (kind inception, or metrics.extra "
+                                "inception); built offline by `repro inception-weights --out PATH`; ~ expands, "
+                                "relative paths are under the project directory")
+    weights_sha256: str = spec("", doc="expected sha256 of extractor.weights; empty: pinned in checkpoints.lock.json "
+                                       "on first use, later uses must match")
+    reference: str = spec("", doc="kind inception: the paper's reference statistics, a URL or path (EDM npz, EDM2 "
+                                  "pkl, OpenAI npz); empty: computed from the data set")
+    reference_sha256: str = spec("", doc="expected sha256 of extractor.reference; empty: pinned on first download")
     width: int = spec(gt=0)
     feature_dim: int = spec(gt=0)
     steps: int = spec(gt=0)
@@ -141,6 +151,21 @@ class SampleConfig:
     batch: int = spec(gt=0)
     protocol: str = spec("custom", choices=("custom", *PROTOCOLS),
                          doc="the paper protocol these settings must match (repro/protocols.py); 'custom' = none")
+    shard_size: int = spec(1000, gt=0, doc="seeds per shard file (the unit of resumable, parallel sampling); "
+                                           "the images do not depend on it")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    extra: tuple[str, ...] = spec((), doc="more feature spaces for the final evaluation: [inception] adds Inception "
+                                         "FID (weights: extractor.weights; reference: the data set's images)")
+    kid: bool = spec(False, doc="also KID in the metric's feature space (needs the reference images: the data set)")
+    prc: bool = spec(False, doc="also precision/recall, k = 3, in the metric's feature space (same)")
+    kid_subsets: int = spec(100, gt=0)
+    kid_subset_size: int = spec(1000, gt=1, doc="lowered to the smaller set's size when that is smaller")
+
+
+EXTRA_METRICS = ("inception",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,6 +220,7 @@ class Config:
     sampler: SamplerConfig = spec()
     ddo: DDOConfig = spec()
     sample: SampleConfig = spec()
+    metrics: MetricsConfig = spec(MetricsConfig(), doc="optional metrics of the final evaluation (fid stage)")
     launcher: LauncherConfig = field(default_factory=LauncherConfig, metadata={"doc": "where stages run"})
 
 
@@ -206,7 +232,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
     "sample": ("sample", "sampler", "ddo.rounds", "ddo.control"),
     "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
-            "ddo.selection_samples"),
+            "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256"),
     "table": ("preset",),
 }
 
@@ -338,6 +364,22 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str, str]]:
     net = cfg.pretrain.network
     if not net.channel_mult:
         problems.append(("pretrain.network.channel_mult", "is empty", "give at least one level, e.g. [1, 2]"))
+    x, m = cfg.extractor, cfg.metrics
+    for i, name in enumerate(m.extra):
+        if name not in EXTRA_METRICS or name == x.kind:
+            problems.append((f"metrics.extra[{i}]", f"{name!r} is not an extra feature space here",
+                             f"use one of {', '.join(e for e in EXTRA_METRICS if e != x.kind) or 'none'}"))
+    if (x.kind == "inception" or "inception" in m.extra) and not x.weights:
+        problems.append(("extractor.weights", "is empty, but Inception features are asked for",
+                         "build the weights offline with `repro inception-weights --out PATH` and set "
+                         "extractor.weights: PATH"))
+    if x.reference and x.kind != "inception":
+        problems.append(("extractor.reference", f"is set, but extractor.kind is {x.kind}",
+                         "set extractor.kind: inception, or extractor.reference: ''"))
+    if (m.kid or m.prc) and x.reference:
+        problems.append(("metrics.kid" if m.kid else "metrics.prc", "needs the reference images, but "
+                         "extractor.reference is a file of published statistics (mu and sigma only)",
+                         "set metrics.kid/prc: false, or extractor.reference: '' (reference from the data set)"))
     # A named protocol fixes the evaluation: the settings must say the same.
     if cfg.sample.protocol != "custom":
         p = PROTOCOLS[cfg.sample.protocol]
@@ -347,6 +389,11 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str, str]]:
                 "sampler.num_steps": (cfg.sampler.num_steps, p.num_steps)}
         if p.label_mode != "none" and cfg.pretrain.network.conditional and cfg.pretrain.source == "train":
             want["sampler.label_mode"] = (cfg.sampler.label_mode, p.label_mode)
+        if p.extractor == "inception-v3-compat":
+            want["extractor.kind"] = (x.kind, "inception")
+            name = p.reference.rsplit("/", 1)[-1]
+            if x.reference.rsplit("/", 1)[-1] != name:  # a mirror or local copy keeps the file name
+                want["extractor.reference"] = (x.reference, p.reference)
         for key, (have, need) in want.items():
             if have != need:
                 problems.append((key, f"is {have!r} but protocol {p.name} ({p.cell}) uses {need!r}",

@@ -66,6 +66,17 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link to ``src`` at ``dest`` (no copy of the bytes), or a copy where links are not possible.
+
+    Safe for files written only through atomic_path: a rewrite of ``src`` makes a new file and leaves ``dest``.
+    """
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -99,12 +99,15 @@ def stage_data(cfg: Config, paths: Paths, progress: bool) -> None:
 
 
 def stage_extractor(cfg: Config, paths: Paths, progress: bool) -> None:
-    from repro.evaluate import build_extractor
+    from repro.evaluate import build_extractor, inception_weights
 
-    _require(paths.data)
-    data = _data(paths)
+    if cfg.extractor.kind == "inception":
+        inception_weights(cfg.extractor, paths.root)  # a missing or changed weights file: an error before any run
+    if cfg.extractor.kind != "inception" or not cfg.extractor.reference:
+        _require(paths.data)  # Inception against a paper's reference file needs no data
+    data = _data(paths) if paths.data.is_file() else None
     with _tracked("extractor", cfg, paths) as t:
-        info = build_extractor(cfg.extractor, data, paths.extractor, paths.reference, t, progress)
+        info = build_extractor(cfg.extractor, data, paths.extractor, paths.reference, t, progress, root=paths.root)
         write_json(paths.extractor.with_suffix(".json"), {**info, "kind": cfg.extractor.kind,
                                                           "sha256": sha256_file(paths.extractor)})
 
@@ -228,23 +231,26 @@ def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
 
 def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
     from repro.evaluate import sample_models
-    from repro.files import atomic_dir
+    from repro.files import atomic_dir, link_or_copy
 
     models = eval_models(cfg, paths)
     _require(*models.values())
     with _tracked("sample", cfg, paths) as t:
-        # Shards are made in a resumable work directory, then published atomically as samples/.
+        # Shards are made in a resumable work directory, then published atomically as samples/ (exactly the
+        # shards of this plan: shards of another shard size or seed range left in the work directory are not).
         work = paths.runs / "samples-work"
-        sample_models(models, cfg.sample, cfg.sampler, work, t, progress)
+        written = sample_models(models, cfg.sample, cfg.sampler, work, t, progress)
         with atomic_dir(paths.samples) as tmp:
-            for name in models:
+            for name, files in written.items():
                 (tmp / name).mkdir()
-                for f in sorted((work / name).glob("seeds-*.npz")):
-                    (tmp / name / f.name).write_bytes(f.read_bytes())
+                for f in map(Path, files):
+                    link_or_copy(f, tmp / name / f.name)
 
 
 def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
-    from repro.evaluate import METRIC_LABELS, eval_ranges, load_metric, shard_batches, shard_name
+    from repro.evaluate import (METRIC_LABELS, eval_ranges, evaluate_range, extra_metrics, feature_metrics,
+                                load_metric, model_sha256, plan_shards, range_batches, range_shards,
+                                reference_features)
     from repro.tracking import git_commit
 
     models = eval_models(cfg, paths)
@@ -256,16 +262,37 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
         from repro.protocols import get
 
         reduce = get(cfg.sample.protocol).reduce
+    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.samples)
+    m = cfg.metrics
+    data = _data(paths) if paths.data.is_file() else None
+    extras = extra_metrics(m.extra, cfg.extractor, paths.root, data.images if data else None,
+                           sha256_file(paths.data) if data else "", paths.runs, progress) if m.extra else []
+    keep = m.kid or m.prc
+    if keep and data is None:
+        raise FileNotFoundError(f"metrics.kid/prc compare with the real images: {paths.data} not found; run `repro data`")
+    ref_feats = reference_features(metric, data.images) if keep else None
+    suffix = "" if metric.name == "fid" else "_" + metric.name.removeprefix("fd_")
     with _tracked("fid", cfg, paths) as t:
         entries = []
         for name in models:
             kind, _, r = name.partition("-round")
-            values = []
+            values, more = [], {}
             for lo, hi in eval_ranges(cfg.sample):
-                shard = paths.samples / name / shard_name(lo, hi)
-                _require(shard)
-                values.append(metric.distance(metric.statistics(shard_batches(shard))))
+                # The range's shards streamed through the extractors: one set of statistics each, no PNGs.
+                batches = range_batches(range_shards(shards, name, lo, hi), model_sha=model_sha256(models[name]))
+                stats, feats = evaluate_range([metric, *extras], batches, keep)
+                values.append(metric.distance(stats[0]))
+                for x, st in zip(extras, stats[1:]):
+                    more.setdefault(x.name, []).append(x.distance(st))
+                if keep:
+                    for k, v in feature_metrics(feats, ref_feats, m.kid, m.prc, m.kid_subsets, m.kid_subset_size,
+                                                suffix).items():
+                        more.setdefault(k, []).append(v)
             entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values}
+            if more:  # other metrics: the protocol's reduction for distances, the mean for KID and precision/recall
+                entry["extra"] = {k: {"value": reduce_values(v, reduce if k == "fid" else "mean"), "values": v}
+                                  for k, v in more.items()}
+                t.log_metrics({f"{k}/{name}": e["value"] for k, e in entry["extra"].items()})
             if kind in history:
                 entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
             if kind == "control":
@@ -287,7 +314,8 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
                 **metric.protocol(),
                 "sampler": {"name": "edm-heun", "num_steps": sampler["num_steps"],
                             "nfe": 2 * sampler["num_steps"] - 1, "S_churn": sampler["S_churn"]},
-                "reference": f"{paths.data.relative_to(paths.root)} (all real images)",
+                "reference": (cfg.extractor.reference if cfg.extractor.reference
+                              else f"{paths.data.relative_to(paths.root)} (all real images)"),
                 "selection_seeds": [cfg.ddo.selection_first_seed,
                                     cfg.ddo.selection_first_seed + cfg.ddo.selection_samples],
                 "full": True,
@@ -295,6 +323,11 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
             "run": {"command": "repro fid", "git_commit": git_commit(paths.root),
                     "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
             "models": entries,
+            **({"extra_metrics": {x.name: {"label": METRIC_LABELS.get(x.name, x.name), **x.protocol(),
+                                           "reference": "the data set's images"} for x in extras}} if extras else {}),
+            **({"feature_metrics": {"space": metric.name, "kid_subsets": m.kid_subsets, "kid_subset_size":
+                                    m.kid_subset_size, "prc_k": 3, "reference": "the data set's images"}}
+               if keep else {}),
             "final": {"base": entries[0]["value"], "ddo": entries[cfg.ddo.rounds]["value"]},
         }
         write_json(paths.results / "metrics.json", metrics)

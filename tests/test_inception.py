@@ -24,7 +24,6 @@ from repro.inception import (
     DEFAULT_TOLERANCE,
     SOURCE_PACKAGE,
     SOURCE_VERSION,
-    build_inception_weights,
     convert_state_dict,
     torchscript_path,
 )
@@ -38,10 +37,8 @@ assert TOL == DEFAULT_TOLERANCE
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("inception") / "inception-2015-12-05-fidhelper.pth"
-    info = build_inception_weights(out, check_images=4, seed=0)
-    return out, info
+def built(inception_weights):  # built once per session (tests/conftest.py): check_images=4, seed=0
+    return inception_weights
 
 
 @pytest.fixture(scope="module")

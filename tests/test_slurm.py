@@ -4,7 +4,6 @@
 started. Where SLURM cannot start (not root, no apt), these tests skip with the reason the start-up gave.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -146,3 +145,32 @@ def test_a_crashing_job_fails_the_stage_with_its_log_tail(project):
     assert p.returncode == 1, p.stderr
     assert "failed (state FAILED)" in p.stderr and "about to crash" in p.stderr
     assert time.time() - t0 < 240
+
+
+def test_sample_shards_go_out_as_a_job_array(project):
+    d, env = project
+    _run(["repro", "ddo", "--no-progress"], d, env)  # the models to sample (round 1 is reused from above)
+    sets = ["--set", "launcher.executor=slurm", "--set", "launcher.poll_s=1", "--set", "sample.shard_size=96",
+            "--set", "launcher.resources.cpus_per_task=1"]
+    p = _run(["repro", "sample", "--no-progress", *sets], d, env)
+    assert "8 shards as job array" in p.stderr, p.stderr[-2000:]
+    array = p.stderr.split("shards as job array ")[1].split()[0]
+    rows = _sacct(array)
+    assert len(rows) == 8 and all(v[0] == "COMPLETED" for v in rows.values()), rows
+    published = sorted(x.relative_to(d / "samples").as_posix() for x in (d / "samples").rglob("*.npz"))
+    assert len(published) == 8 and published[0] == "base/seeds-000000000-000000096.npz"
+    # per-seed images: a shard made in an array task equals the same seeds made here
+    import numpy as np
+
+    from repro.config import load_config
+    from repro.evaluate import Shard, run_shard
+
+    cfg = load_config(d / "params.yaml")
+    here = run_shard(Shard("base", d / "models/base.safetensors", 96, 192, d / "check.npz"), cfg.sampler,
+                     cfg.sample.batch, device="cpu")
+    a = np.load(here)["images"]
+    b = np.load(d / "samples/base/seeds-000000096-000000192.npz")["images"]
+    assert a.shape == (96, 1, 8, 8) and np.array_equal(a, b)
+    # a second run finds every shard finished and submits nothing
+    p = _run(["repro", "sample", "--no-progress", *sets], d, env)
+    assert "job array" not in p.stderr
