@@ -247,6 +247,24 @@ def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
                     link_or_copy(f, tmp / name / f.name)
 
 
+def sample_shards(cfg: Config, root: Path, missing_only: bool = True) -> list:
+    """The sample stage's shards (not yet finished ones by default): what the launcher sends out as a job array."""
+    from repro.evaluate import plan_shards, shard_done
+
+    paths = Paths(Path(root).resolve(), cfg.preset)
+    models = eval_models(cfg, paths)
+    _require(*models.values())
+    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.runs / "samples-work")
+    return [s for s in shards if not (missing_only and shard_done(s, cfg.sampler))]
+
+
+def run_sample_shard(cfg: Config, root: Path, shard) -> Path:
+    """One shard of the sample stage (one task of its job array)."""
+    from repro.evaluate import run_shard
+
+    return run_shard(shard, cfg.sampler, cfg.sample.batch, progress=False)
+
+
 def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
     from repro.evaluate import (METRIC_LABELS, eval_ranges, evaluate_range, extra_metrics, feature_metrics,
                                 load_metric, model_sha256, plan_shards, range_batches, range_shards,
