@@ -120,10 +120,15 @@ def wrap_ddp(net: torch.nn.Module) -> torch.nn.Module:
     """
     if not dist.is_initialized():
         return net
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # 1x1 convolutions get gradients whose strides differ from DDP's buckets only along size-1 dimensions:
+    # the same memory layout, so the warning about it is noise.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [torch.cuda.current_device()] if _comm_device() == "cuda" else None
-    return DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def all_gather_object(obj) -> list:

@@ -87,7 +87,8 @@ def run_stage(stage: str, cfg: Config, root: Path, progress: bool = True) -> Non
 
     paths = Paths(Path(root).resolve(), cfg.preset)
     t0 = time.time()
-    distributed.init_from_env()
+    if distributed.init_from_env() and not distributed.is_main():
+        logging.getLogger("repro").setLevel(logging.WARNING)  # rank 0 tells the progress, for all ranks
     try:
         {"data": stage_data, "extractor": stage_extractor, "pretrain": stage_pretrain, "ddo": stage_ddo,
          "sample": stage_sample, "fid": stage_fid, "table": stage_table}[stage](cfg, paths, progress)
