@@ -43,8 +43,10 @@ def small_data():
 
 
 def worker(out: Path) -> None:
-    """One rank (or the single process): pretrain briefly, then a DDO round and an MLE-control round."""
-    from repro import distributed
+    """One rank (or the single process): pretrain briefly (stopped once and resumed), then a DDO round and an
+    MLE-control round."""
+    from repro import distributed, preempt
+    from repro import train as train_mod
     from repro.config import load_config
     from repro.ddo import train_round
     from repro.evaluate import load_metric
@@ -57,6 +59,22 @@ def worker(out: Path) -> None:
     sampler = replace(cfg.sampler, batch=32)
     metric = load_metric(cfg.extractor.kind, shared / "extractor.safetensors", shared / "reference.npz")
     pcfg = replace(cfg.pretrain, batch=64, total_nimg=512, checkpoint_every_nimg=256)
+    # The last rank alone gets a stop request during step 3: every rank must stop after step 3; then resume.
+    steps, rampup_lr = [], train_mod.rampup_lr
+
+    def hooked(*a):
+        steps.append(1)
+        if len(steps) == 3 and distributed.rank() == distributed.world_size() - 1:
+            preempt.request()
+        return rampup_lr(*a)
+
+    train_mod.rampup_lr = hooked
+    try:
+        pretrain(pcfg, data, out / "pretrain", out / "pretrain.safetensors", NullTracker(), progress=False)
+    except preempt.Preempted as e:
+        (out / f"stopped-rank{distributed.rank()}.txt").write_text(str(e))
+    train_mod.rampup_lr = rampup_lr
+    preempt.reset()
     pretrain(pcfg, data, out / "pretrain", out / "pretrain.safetensors", NullTracker(), progress=False)
     dcfg = replace(cfg.ddo, batch=32, nimg_per_round=128, eval_every_nimg=64, selection_samples=70, lr=5e-4)
     result = {}
@@ -111,6 +129,12 @@ def test_fake_bank_and_reference_score_are_bitwise_those_of_one_process(runs):
     r1, r2 = (json.loads((runs / x / "result.json").read_text()) for x in ("one", "two"))
     # the metric's statistics are gathered in one process's batch order: the same number, exactly
     assert r1["ddo"]["ref_score"] == r2["ddo"]["ref_score"] == r1["control"]["ref_score"]
+
+
+def test_a_stop_seen_by_one_rank_stops_every_rank_at_the_same_step(runs):
+    msgs = [(runs / "two" / f"stopped-rank{r}.txt").read_text() for r in (0, 1)]
+    assert msgs[0] == msgs[1] and "at 192 images" in msgs[0]  # after step 3 of 64 images, on both ranks
+    assert "at 192 images" in (runs / "one" / "stopped-rank0.txt").read_text()
 
 
 @pytest.mark.parametrize("what", ["pretrain.safetensors", "ddo/best.safetensors", "control/best.safetensors"])
