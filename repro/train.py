@@ -112,10 +112,11 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
         nimg, step, losses = int(s["nimg"]), int(s["step"]), list(s.get("losses", []))
         log.info("resuming pretraining from %s at %d images", state_path, nimg)
 
-    def save() -> None:  # the whole state at this step boundary (rank 0 writes it)
+    def save() -> None:  # the whole state at this step boundary (every rank calls it, rank 0 writes it)
+        recent = distributed.all_mean(losses) if losses else []  # the global batches' losses
         if distributed.is_main():
             save_state(state_path, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), nimg=nimg,
-                       step=step, losses=losses[-20:])
+                       step=step, losses=recent)
 
     log.info("pretraining %s (%d params) for %d images, batch %d on %d process(es); checkpoints in %s",
              arch["precond"], n_params, cfg.total_nimg, cfg.batch, distributed.world_size(), run_dir)

@@ -201,6 +201,28 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(monkey
         distributed.batch_slice(30, "ddo.batch")
 
 
+def test_sampling_parts_are_whole_batches_of_one_process():
+    from repro.config import load_config
+    from repro.sampler import generate_images
+
+    sampler = load_config(preset="micro").sampler
+    seeds = np.arange(100, 170)  # 5 batches of 16, the last one short
+
+    def denoise(x, sigma, labels):
+        return torch.tanh(x) * (1 + labels.argmax(1)[:, None, None, None] / 10)
+
+    def run(part):
+        return [(s, x) for s, x, _ in generate_images(denoise, seeds, img_shape=(1, 4, 4), label_dim=10,
+                                                      sampler=sampler, batch=16, part=part)]
+
+    whole = run((0, 1))
+    parts = [run((r, 3)) for r in range(3)]
+    assert [len(p) for p in parts] == [2, 2, 1]
+    # rank r made batches r, r + 3, ...: dealt back in that order, the same seeds and the same bytes
+    merged = [parts[k % 3][k // 3] for k in range(5)]
+    assert all(np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, merged))
+
+
 def test_gather_chunks_restores_the_order_of_one_process(monkeypatch):
     from repro import distributed
 
