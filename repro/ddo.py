@@ -13,7 +13,13 @@ the EDM loss on real images replaces the DDO loss (the fake half of each pair is
 images, so each step sees as many images). It is the fair baseline: "the base trained further".
 
 Every round resumes where it stopped: its run directory holds the fake bank, the training state at the last
-evaluation, the best checkpoint, and a ``done.json`` once the round is finished.
+evaluation (or at the step where a preemption signal stopped it, see repro.preempt), the best checkpoint, and a
+``done.json`` once the round is finished.
+
+Several processes (repro.distributed): the fake bank and the selection scores are split over the ranks by
+whole sampling batches and gathered, so they are bitwise those of one process; each step's global batch is
+drawn whole on every rank, each rank trains on its contiguous slice and DDP averages the gradients, so the
+weights equal one process's up to the order of float sums. Only rank 0 writes files and logs.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from repro import distributed, preempt
 from repro.config import SEED_BLOCK, DDOConfig, SamplerConfig
 from repro.data import Dataset
 from repro.files import load_model, load_npz, save_model, save_npz, write_json
@@ -62,12 +69,16 @@ def selection_seeds(cfg: DDOConfig) -> np.ndarray:
 
 
 def make_fake_bank(ref: torch.nn.Module, data: Dataset, label_dim: int, seeds: np.ndarray, sampler: SamplerConfig,
-                   progress: bool) -> np.ndarray:
-    """Generate one fake per real image, with the real image's label (the 1:1 pairing)."""
+                   progress: bool, device="cpu") -> np.ndarray:
+    """Generate one fake per real image, with the real image's label (the 1:1 pairing).
+
+    With several processes each rank generates its share of the batches and every rank gets the whole bank.
+    """
     labels = data.labels if label_dim else None
     batches = generate_images(ref, seeds, img_shape=data.shape, label_dim=label_dim, sampler=sampler, labels=labels,
-                              progress=progress, desc="fake bank")
-    return np.concatenate([imgs.numpy() for _, imgs, _ in batches])
+                              progress=progress and distributed.is_main(), desc="fake bank", device=device,
+                              part=(distributed.rank(), distributed.world_size()))
+    return np.concatenate(distributed.gather_chunks([imgs.numpy() for _, imgs, _ in batches]))
 
 
 def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig,
@@ -87,13 +98,15 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
                            d["seconds"])
 
     t0 = time.time()
-    ref, arch, _ = load_model(ref_path)
+    mine = distributed.batch_slice(cfg.batch, "ddo.batch")  # this rank's part of each step's batch
+    device = distributed.device()
+    ref, arch, _ = load_model(ref_path, device)
     disable_dropout(ref)
     ref.requires_grad_(False)
     label_dim = arch["label_dim"]
     n = len(data.images)
 
-    # 1. The fake bank of this round, from the reference (DDO only).
+    # 1. The fake bank of this round, from the reference (DDO only); saved as soon as it is complete.
     fakes = None
     if kind == "ddo":
         bank = run_dir / "fakes.npz"
@@ -101,13 +114,16 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             fakes = load_npz(bank)["images"]
         else:
             log.info("ddo round %d: generating %d fakes from the reference into %s", round_, n, bank)
-            fakes = make_fake_bank(ref, data, label_dim, fake_seeds(cfg, round_, n), sampler, progress)
-            save_npz(bank, images=fakes, seeds=fake_seeds(cfg, round_, n))
+            fakes = make_fake_bank(ref, data, label_dim, fake_seeds(cfg, round_, n), sampler, progress, device)
+            if distributed.is_main():
+                save_npz(bank, images=fakes, seeds=fake_seeds(cfg, round_, n))
         tracker.log_image(image_grid(fakes[:128]), f"fakes_round{round_}.png")
+        preempt.check(lambda: None, f"in {kind} round {round_} after the fake bank")  # nothing else to save yet
 
     # 2. theta starts from the reference; fresh optimizer; dropout off; fp32.
     net = copy.deepcopy(ref).train().requires_grad_(True)
     disable_dropout(net)
+    train_net = distributed.wrap_ddp(net)  # several processes: averaged gradients
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_nimg > 0 else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     nimg, step, evals = 0, 0, []
@@ -121,34 +137,46 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
         evals = json.loads(s["evals"])
         best = json.loads(s["best"])
         log.info("%s round %d: resuming from %s at %d images", kind, round_, state_path, nimg)
+
+    def save() -> None:  # the whole state at this step boundary (rank 0 writes it)
+        if distributed.is_main():
+            save_state(state_path, net=net.state_dict(), opt=opt.state_dict(), nimg=nimg, step=step,
+                       evals=json.dumps(evals), best=json.dumps(best),
+                       **({"ema": ema.state_dict()} if ema is not None else {}))
+
     if ref_score is None:
         ref_score = metric.score(ref, selection_seeds(cfg), label_dim, data.shape, sampler)
 
     beta_ema = ema_beta(cfg.batch, cfg.ema_halflife_nimg)
     kind_id = KINDS.index(kind)
     bar = tqdm(total=cfg.nimg_per_round, initial=nimg, desc=f"{kind} round {round_}", unit="img",
-               disable=not progress)
+               disable=not progress or not distributed.is_main())
     while nimg < cfg.nimg_per_round:
-        # 2a. Draws depend on (seed, kind, round, step) only: resumable and reproducible.
+        preempt.check(save, f"in {kind} round {round_} at {nimg} images")
+        # 2a. Draws depend on (seed, kind, round, step) only: resumable and reproducible. Every rank draws the
+        #     whole batch, then takes its slice.
         g = step_generator(cfg.seed, kind_id, round_, step)
         idx = torch.randint(n, [cfg.batch], generator=g)
-        x_real = from_uint8(data.images[idx.numpy()])
-        y_real = one_hot(torch.as_tensor(data.labels[idx.numpy()]), label_dim)
         if kind == "ddo":
-            x_fake = from_uint8(fakes[idx.numpy()])  # fake i is paired with real i: same label
-            sigma, eps = draw_sigma_noise(x_real.shape, cfg.P_mean, cfg.P_std, generator=g)
-            loss, stats = ddo_diffusion_loss(net, ref, x_real, y_real, x_fake, y_real, sigma, eps, alpha=cfg.alpha,
-                                             beta=cfg.beta, sigma_data=sigma_data)
+            sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
+            i = idx[mine].numpy()
+            x_real, x_fake = from_uint8(data.images[i]).to(device), from_uint8(fakes[i]).to(device)
+            y_real = one_hot(torch.as_tensor(data.labels[i]), label_dim)  # fake i is paired with real i: same label
+            y_real = y_real.to(device) if y_real is not None else None
+            loss, stats = ddo_diffusion_loss(train_net, ref, x_real, y_real, x_fake, y_real, sigma[mine].to(device),
+                                             eps[mine].to(device), alpha=cfg.alpha, beta=cfg.beta,
+                                             sigma_data=sigma_data)
         else:
             idx2 = torch.randint(n, [cfg.batch], generator=g)
-            x2, y2 = from_uint8(data.images[idx2.numpy()]), one_hot(torch.as_tensor(data.labels[idx2.numpy()]),
-                                                                      label_dim)
-            x = torch.cat([x_real, x2])
-            y = torch.cat([y_real, y2]) if y_real is not None else None
-            sigma, eps = draw_sigma_noise(x.shape, cfg.P_mean, cfg.P_std, generator=g)
-            loss = edm_loss(net, x, y, sigma, eps, sigma_data).mean()
+            sigma, eps = draw_sigma_noise((2 * cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
+            mine2 = distributed.batch_slice(2 * cfg.batch, "ddo.batch")
+            i = torch.cat([idx, idx2])[mine2].numpy()
+            x = from_uint8(data.images[i]).to(device)
+            y = one_hot(torch.as_tensor(data.labels[i]), label_dim)
+            y = y.to(device) if y is not None else None
+            loss = edm_loss(train_net, x, y, sigma[mine2].to(device), eps[mine2].to(device), sigma_data).mean()
             stats = {}
-        # 2b. Adam step with warm-up, EMA.
+        # 2b. Adam step with warm-up (the loss is this rank's mean; DDP averages the gradients), EMA.
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
@@ -159,7 +187,8 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
         nimg, step = nimg + cfg.batch, step + 1
         bar.update(cfg.batch)
         if step % 10 == 0 or nimg >= cfg.nimg_per_round:
-            tracker.log_metrics({"loss": loss.item(), **stats}, step=nimg)
+            names = ["loss", *stats]
+            tracker.log_metrics(dict(zip(names, distributed.all_mean([loss.item(), *stats.values()]))), step=nimg)
         # 3. Evaluate a checkpoint on the selection seeds; keep the best; save the state to resume from.
         if nimg % cfg.eval_every_nimg < cfg.batch or nimg >= cfg.nimg_per_round:
             model = ema if ema is not None else net
@@ -170,16 +199,17 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             bar.set_postfix(score=f"{score:.3f}", best=f"{min(best['score'], score):.3f}")
             if score < best["score"]:
                 best = {"score": score, "nimg": nimg}
-                save_model(best_path, model, arch, {"kind": kind, "round": round_, "nimg": nimg, "score": score})
-            save_state(state_path, net=net.state_dict(), opt=opt.state_dict(), nimg=nimg, step=step,
-                       evals=json.dumps(evals), best=json.dumps(best),
-                       **({"ema": ema.state_dict()} if ema is not None else {}))
+                if distributed.is_main():
+                    save_model(best_path, model, arch, {"kind": kind, "round": round_, "nimg": nimg, "score": score})
+            save()
     bar.close()
     seconds = round(time.time() - t0, 1)
     result = RoundResult(kind, round_, best_path, best["score"], best["nimg"], ref_score, evals, seconds)
-    write_json(done_path, {"best_score": best["score"], "best_nimg": best["nimg"], "ref_score": ref_score,
-                           "evals": evals, "seconds": seconds})
-    state_path.unlink(missing_ok=True)  # the best checkpoint and done.json are all a finished round needs
+    if distributed.is_main():
+        write_json(done_path, {"best_score": best["score"], "best_nimg": best["nimg"], "ref_score": ref_score,
+                               "evals": evals, "seconds": seconds})
+        state_path.unlink(missing_ok=True)  # the best checkpoint and done.json are all a finished round needs
+    distributed.barrier()  # the other ranks read best_path next
     log.info("%s round %d: best selection score %.4f at %d images (reference %.4f), %.0fs", kind, round_,
              best["score"], best["nimg"], ref_score, seconds)
     return result
@@ -201,24 +231,27 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
                 res = train_round(kind, r, ref_path, data, cfg, sampler, sigma_data, metric,
                                   run_dir / f"{kind}-round{r}", child, progress, ref_score=ref_score)
                 child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score})
-                best, arch, _ = load_model(res.best_path)
-                grid = sample_grid(best, arch["label_dim"], data.shape, sampler)
-                child.log_image(grid, f"{kind}_round{r}_samples.png")
+                if distributed.is_main():  # a picture for MLflow: rank 0's job
+                    best, arch, _ = load_model(res.best_path)
+                    grid = sample_grid(best, arch["label_dim"], data.shape, sampler)
+                    child.log_image(grid, f"{kind}_round{r}_samples.png")
             results[kind].append(res)
             ref_path, ref_score = res.best_path, res.best_score
         history[kind] = [{"round": x.round, "best_score": x.best_score, "best_nimg": x.best_nimg,
                           "reference_score": x.ref_score, "evals": x.evals, "seconds": x.seconds}
                          for x in results[kind]]
-    # Outputs (atomically as one directory): each round's best, and the selection history.
-    with atomic_dir(out_dir) as tmp:
-        for kind, rs in results.items():
-            for x in rs:
-                (tmp / f"{kind}-round{x.round}.safetensors").write_bytes(x.best_path.read_bytes())
-        write_json(tmp / "rounds.json", {"selection_metric": metric.name, "selection_seeds":
-                                         [int(cfg.selection_first_seed), int(cfg.selection_first_seed
-                                                                             + cfg.selection_samples)],
-                                         "history": history})
+    # Outputs (atomically as one directory, by rank 0): each round's best, and the selection history.
+    if distributed.is_main():
+        with atomic_dir(out_dir) as tmp:
+            for kind, rs in results.items():
+                for x in rs:
+                    (tmp / f"{kind}-round{x.round}.safetensors").write_bytes(x.best_path.read_bytes())
+            write_json(tmp / "rounds.json", {"selection_metric": metric.name, "selection_seeds":
+                                             [int(cfg.selection_first_seed), int(cfg.selection_first_seed
+                                                                                 + cfg.selection_samples)],
+                                             "history": history})
     tracker.log_metrics({f"{k}_final_selection_score": v[-1]["best_score"] for k, v in history.items()})
+    distributed.barrier()
     return history
 
 

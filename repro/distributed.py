@@ -5,7 +5,10 @@ SLURM task per GPU (the launcher). The environment says which: torchrun sets RAN
 MASTER_ADDR/MASTER_PORT; under srun we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and take the first host of
 the job as the master. The backend is NCCL when the process has a GPU, gloo on CPU.
 
-Only rank 0 writes files and talks to MLflow; every rank computes.
+Only rank 0 writes files and talks to MLflow; every rank computes. Training splits each step's global batch
+(drawn whole, as by one process) into contiguous per-rank slices and averages the gradients (DDP); sampling
+splits the seeds by whole batches (:func:`gather_chunks`), so every image is made in the same batch as in one
+process and the gathered results are bitwise those of one process.
 """
 
 from __future__ import annotations
@@ -87,11 +90,94 @@ def barrier() -> None:
         dist.barrier()
 
 
+def device() -> torch.device:
+    """Where this process computes: its GPU (chosen by :func:`init_from_env`) if it has one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _comm_device() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def batch_slice(batch: int, field: str) -> slice:
+    """This rank's contiguous part of a global batch of ``batch`` items; the batch must split evenly.
+
+    ``field`` names the config field for the error message (e.g. 'ddo.batch').
+    """
+    world = world_size()
+    if batch % world:
+        from repro.config import ConfigError
+
+        raise ConfigError([(field, f"{batch} does not split evenly over {world} processes",
+                            f"use a multiple of {world}, or run with a number of processes that divides {batch}")])
+    n = batch // world
+    return slice(rank() * n, (rank() + 1) * n)
+
+
+def wrap_ddp(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` for training: inside DistributedDataParallel (which averages gradients over the ranks and, when it
+    is built, copies rank 0's weights to every rank) when there are several processes; ``net`` itself otherwise.
+    """
+    if not dist.is_initialized():
+        return net
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # 1x1 convolutions get gradients whose strides differ from DDP's buckets only along size-1 dimensions:
+    # the same memory layout, so the warning about it is noise.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ids = [torch.cuda.current_device()] if _comm_device() == "cuda" else None
+    return DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (e.g. a score, so that every rank takes the same decisions)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_chunks(local: list) -> list:
+    """All chunks in their global order, on every rank, from each rank's chunks ``k = rank, rank + W, ...``.
+
+    The inverse of dealing chunks round-robin (``chunks[rank::world]``): results made per chunk on the ranks
+    come back in the order one process would have made them.
+    """
+    parts = all_gather_object(local)
+    total = sum(len(p) for p in parts)
+    return [parts[k % len(parts)][k // len(parts)] for k in range(total)]
+
+
+def all_mean(values: list[float]) -> list[float]:
+    """The mean over ranks of each value (e.g. per-rank losses, to log the global batch's loss)."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return (t / world_size()).tolist()
+
+
+def all_max(value: int) -> int:
+    """The largest ``value`` over the ranks, on every rank."""
+    if not dist.is_initialized():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool | int) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a preemption signal seen by one of them)."""
-    if not dist.is_initialized():
-        return bool(flag)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_max(int(bool(flag))))

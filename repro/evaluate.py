@@ -63,10 +63,24 @@ class Metric:
         return fidelity.frechet_distance(stats.mu, stats.sigma, self.reference.mu, self.reference.sigma)
 
     def score(self, net, seeds: np.ndarray, label_dim: int, img_shape, sampler: SamplerConfig) -> float:
-        """Generate the seeds' images with ``net`` and return their distance to the reference."""
-        batches = (imgs for _, imgs, _ in generate_images(net, seeds, img_shape=img_shape, label_dim=label_dim,
-                                                          sampler=sampler))
-        return self.distance(self.statistics(batches))
+        """Generate the seeds' images with ``net`` (on its device) and return their distance to the reference.
+
+        With several processes every rank must call it: each generates and embeds its share of the batches,
+        the features come back to every rank in one process's batch order, so the statistics (and the score,
+        which rank 0 then sends to all) are bitwise those of one process.
+        """
+        from repro import distributed
+
+        part = (distributed.rank(), distributed.world_size())
+        device = next(net.parameters()).device if isinstance(net, torch.nn.Module) else "cpu"
+        with torch.no_grad():
+            local = [fidelity.extract_features(self.extractor, imgs, self.feature).cpu().numpy()
+                     for _, imgs, _ in generate_images(net, seeds, img_shape=img_shape, label_dim=label_dim,
+                                                       sampler=sampler, device=device, part=part)]
+        stats = fidelity.FeatureStats(meta={"extractor": self.extractor.get_name(), "feature": self.feature})
+        for features in distributed.gather_chunks(local):
+            stats.update(features)
+        return distributed.broadcast_object(self.distance(stats))
 
     def protocol(self) -> dict:
         out = {"extractor": self.extractor_kind, "extractor_sha256": sha256_file(self.weights_path),

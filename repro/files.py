@@ -108,6 +108,18 @@ def save_model(path: Path, net: torch.nn.Module, arch: dict, info: dict | None =
     meta = {"arch": json.dumps(arch, sort_keys=True), "info": json.dumps(info or {}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        _sort_safetensors_header(tmp)
+
+
+def _sort_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys, in place: safetensors writes its metadata in hash-map
+    order, which changes from call to call, so the same weights would not give the same bytes (DVC's hash)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        text = json.dumps(json.loads(f.read(n)), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # same content, so the same length; the header is padded with spaces
+            f.seek(8)
+            f.write(text.ljust(n))
 
 
 def read_model_meta(path: Path) -> tuple[dict, dict]:

@@ -47,19 +47,16 @@ def in_job() -> bool:
 
 def run_here(stage: str, cfg: Config, root: Path, progress: bool = True, **kwargs) -> None:
     """Run ``stage`` in this process, with torch.distributed from the environment and preemption handling."""
-    from repro import distributed, preempt
+    from repro import preempt
     from repro.stages import run_stage
 
     with preempt.handle():
-        distributed.init_from_env()
         try:
-            run_stage(stage, cfg, root, progress=progress, **kwargs)
+            run_stage(stage, cfg, root, progress=progress, **kwargs)  # joins torch.distributed if launched so
         except preempt.Preempted as e:
             if in_job() and os.environ.get("SLURM_JOB_ID"):
                 _leave_for_requeue(e, cfg.launcher.max_requeue)  # does not return
             raise
-        finally:
-            distributed.shutdown()
 
 
 def _slurm_job_ref() -> str:
@@ -73,11 +70,10 @@ def _leave_for_requeue(e: Exception, max_requeue: int) -> None:
     On SIGTERM SLURM itself is requeueing (preemption, ``scontrol requeue``) or cancelling the job: exit only.
     Exiting without a result keeps submitit waiting for the requeued run instead of reporting a failure.
     """
-    from repro import distributed
-
     job, signum = _slurm_job_ref(), getattr(e, "signum", 0)
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    if signum != signal.SIGTERM and distributed.is_main():
+    main_rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) == 0  # the group is closed now
+    if signum != signal.SIGTERM and main_rank:
         if restarts >= max_requeue:
             log.error("job %s: not requeued, it already ran %d times (launcher.max_requeue); state saved: resubmit "
                       "to resume", job, restarts + 1)

@@ -68,8 +68,16 @@ def handle(signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
 
 
 def check(save: Callable[[], None], where: str = "") -> None:
-    """At a step boundary: if a stop was requested, call ``save()`` and raise :class:`Preempted`."""
-    signum = requested()
+    """At a step boundary: if a stop was requested, call ``save()`` and raise :class:`Preempted`.
+
+    With several processes, every rank must call it at the same step boundaries: the ranks agree (a signal
+    seen by any rank stops them all at the same step), and all of them wait until ``save()`` (rank 0's, the
+    only one that writes) is done, so no rank leaves early and has the launcher kill rank 0 mid-write.
+    """
+    from repro import distributed
+
+    signum = distributed.all_max(requested())
     if signum:
         save()
+        distributed.barrier()
         raise Preempted(signum, where)

@@ -102,8 +102,12 @@ def one_hot(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor | None:
 def generate_images(denoise: Denoiser, seeds: Sequence[int], *, img_shape: Sequence[int], label_dim: int,
                     sampler: SamplerConfig, labels: Sequence[int] | np.ndarray | None = None,
                     batch: int | None = None, device="cpu", progress: bool = False, desc: str = "sampling",
+                    part: tuple[int, int] = (0, 1),
                     ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
     """Yield (seeds, uint8 images [B,C,H,W], int labels or None) batch by batch.
+
+    ``part=(rank, world)`` yields only the batches k with k mod world = rank (for several processes; see
+    repro.distributed.gather_chunks): whole batches, so each image is computed exactly as by one process.
 
     Labels: given per seed (``labels``), else by ``sampler.label_mode``: 'balanced' gives seed i the class
     i mod label_dim (DDO's class-balanced protocol), 'random' draws it from seed i's generator (EDM's protocol).
@@ -115,8 +119,8 @@ def generate_images(denoise: Denoiser, seeds: Sequence[int], *, img_shape: Seque
     if labels is None and label_dim and sampler.label_mode == "balanced":
         labels = seeds % label_dim
     batch = batch or sampler.batch
-    chunks = [np.arange(i, min(i + batch, len(seeds))) for i in range(0, len(seeds), batch)]
-    bar = tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress, leave=False)
+    chunks = [np.arange(i, min(i + batch, len(seeds))) for i in range(0, len(seeds), batch)][part[0]::part[1]]
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="img", disable=not progress, leave=False)
     for idx in chunks:
         rnd = SeedStack(seeds[idx].tolist(), device=device)
         latents = rnd.randn(img_shape)

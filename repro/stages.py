@@ -81,11 +81,20 @@ def run_stage(stage: str, cfg: Config, root: Path, progress: bool = True, **kwar
     """Run one stage of the pipeline for ``cfg`` in the project directory ``root``.
 
     ``kwargs`` go to the stage function (``round=R`` for the ddo stage: run only round R).
+    Under torchrun or srun (several processes; see repro.distributed) it joins their process group first.
+    A preempted stage raises repro.preempt.Preempted after saving its state; the launcher catches it.
     """
+    from repro import distributed
+
     paths = Paths(Path(root).resolve(), cfg.preset)
     t0 = time.time()
-    {"data": stage_data, "extractor": stage_extractor, "pretrain": stage_pretrain, "ddo": stage_ddo,
-     "sample": stage_sample, "fid": stage_fid, "table": stage_table}[stage](cfg, paths, progress, **kwargs)
+    if distributed.init_from_env() and not distributed.is_main():
+        logging.getLogger("repro").setLevel(logging.WARNING)  # rank 0 tells the progress, for all ranks
+    try:
+        {"data": stage_data, "extractor": stage_extractor, "pretrain": stage_pretrain, "ddo": stage_ddo,
+         "sample": stage_sample, "fid": stage_fid, "table": stage_table}[stage](cfg, paths, progress, **kwargs)
+    finally:
+        distributed.shutdown()
     log.info("stage %s done in %.1fs", stage, time.time() - t0)
 
 
@@ -114,6 +123,7 @@ def stage_extractor(cfg: Config, paths: Paths, progress: bool) -> None:
 
 def stage_pretrain(cfg: Config, paths: Paths, progress: bool) -> None:
     """Train the base model here (source 'train'), or fetch + verify + convert a released checkpoint."""
+    from repro import distributed
     from repro.ddo import sample_grid
     from repro.files import load_model
 
@@ -136,13 +146,14 @@ def stage_pretrain(cfg: Config, paths: Paths, progress: bool) -> None:
 
             summary = fetch_and_convert(cfg.pretrain, paths.root, paths.base, progress)
             t.set_tags({"checkpoint": cfg.pretrain.source, "checkpoint_sha256": summary["sha256"]})
-        # A sample grid of the base model (seeds 0..n-1), to look at before spending compute on it.
-        net, arch, _ = load_model(paths.base)
-        shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
-        grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8)
-        save_png(paths.base_grid, grid)
-        t.log_image(grid, "base_samples.png")
-        log.info("pretrain: wrote %s and a sample grid %s", paths.base, paths.base_grid)
+        # A sample grid of the base model (seeds 0..n-1), to look at before spending compute on it (rank 0).
+        if distributed.is_main():
+            net, arch, _ = load_model(paths.base)
+            shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
+            grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8)
+            save_png(paths.base_grid, grid)
+            t.log_image(grid, "base_samples.png")
+            log.info("pretrain: wrote %s and a sample grid %s", paths.base, paths.base_grid)
 
 
 def save_png(path: Path, image, scale: int = 4) -> None:

@@ -1,7 +1,8 @@
 """Tracking: the only module that imports MLflow.
 
 Every stage is an MLflow run tagged with its stage, git commit, config hash, preset and (where set) SLURM job
-id and container image digest; DDO rounds are nested runs. The default store is the sqlite file
+id and container image digest; DDO rounds are nested runs. A run stopped by preemption ends as KILLED; with
+several processes only rank 0 logs (the others get a NullTracker). The default store is the sqlite file
 ``mlflow.db`` in the project directory (artifacts in ``mlruns/`` beside it); ``MLFLOW_TRACKING_URI``
 overrides it. ``REPRO_TRACKING=off`` disables tracking (the stage still runs and writes its outputs).
 
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from repro import distributed
+from repro.preempt import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,9 @@ class Tracker:
         try:
             yield child
             status = "FINISHED"
+        except Preempted:
+            status = "KILLED"  # stopped to be resumed, not failed
+            raise
         finally:
             client.set_terminated(run.info.run_id, status)
 
@@ -133,8 +140,8 @@ def tracking_uri(root: Path) -> str:
 @contextlib.contextmanager
 def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash: str) -> Iterator[Tracker]:
     """Open the MLflow run of one stage (experiment ``repro-<preset>``) and yield its Tracker."""
-    if os.environ.get("REPRO_TRACKING", "on").lower() in ("off", "0", "false", "no"):
-        yield NullTracker()
+    if os.environ.get("REPRO_TRACKING", "on").lower() in ("off", "0", "false", "no") or not distributed.is_main():
+        yield NullTracker()  # tracking off, or not rank 0 of several processes (rank 0 logs for all)
         return
     import warnings
 
@@ -165,7 +172,11 @@ def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash:
         tracker = Tracker(run.info.run_id)
         tracker.log_params(params)
         log.info("MLflow: run %s (stage %s) in %s", run.info.run_id[:8], stage, uri)
-        yield tracker
+        try:
+            yield tracker
+        except Preempted:
+            mlflow.end_run("KILLED")  # stopped to be resumed (the rerun is a new run), not failed
+            raise
 
 
 def find_runs(root: Path, preset: str) -> list[dict]:

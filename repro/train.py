@@ -2,7 +2,13 @@
 
 Resumable by construction: the random draws of step k come from a generator seeded with (seed, k), and the
 loop checkpoints (network, EMA, optimizer, images seen) into its run directory, so running the same command
-again continues where it stopped and ends with the same weights as an uninterrupted run.
+again continues where it stopped and ends with the same weights as an uninterrupted run. A preemption signal
+(repro.preempt) makes the loop save that state at the next step boundary and stop.
+
+Several processes (repro.distributed): every rank draws the whole global batch of a step as one process does,
+trains on its contiguous slice, and DDP averages the gradients; so the weights equal one process's up to the
+order of float sums. Only rank 0 writes files. (Dropout masks come from torch's global generator: with
+dropout > 0 a resumed or multi-process run matches one process only in distribution.)
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from repro import distributed, preempt
 from repro.config import PretrainConfig
 from repro.data import Dataset
 from repro.files import atomic_path, save_model
@@ -81,37 +88,53 @@ def batch_of(data: Dataset, idx: torch.Tensor, label_dim: int) -> tuple[torch.Te
 
 
 def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, tracker, progress: bool = True) -> dict:
-    """Train the base model with the EDM loss; write its EMA weights to ``out``. Returns a summary."""
+    """Train the base model with the EDM loss; write its EMA weights to ``out``. Returns a summary.
+
+    Raises :class:`repro.preempt.Preempted` after saving the state if a stop was requested (run again to resume).
+    """
     from tqdm.auto import tqdm
 
     arch = arch_from_config(cfg, data)
+    mine = distributed.batch_slice(cfg.batch, "pretrain.batch")
+    device = distributed.device()
     with torch.random.fork_rng():  # the initial weights depend on the seed only
         torch.manual_seed(cfg.seed)
-        net = build_network(arch).train()
+        net = build_network(arch).train().to(device)
+    train_net = distributed.wrap_ddp(net)  # several processes: rank 0's weights everywhere, averaged gradients
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     n_params = sum(p.numel() for p in net.parameters())
     state_path = run_dir / "state.pt"
-    nimg, step = 0, 0
+    nimg, step, losses = 0, 0, []
     if state_path.is_file():
         s = load_state(state_path)
         net.load_state_dict(s["net"]), ema.load_state_dict(s["ema"]), opt.load_state_dict(s["opt"])
-        nimg, step = int(s["nimg"]), int(s["step"])
+        nimg, step, losses = int(s["nimg"]), int(s["step"]), list(s.get("losses", []))
         log.info("resuming pretraining from %s at %d images", state_path, nimg)
-    log.info("pretraining %s (%d params) for %d images, batch %d; checkpoints in %s", arch["precond"], n_params,
-             cfg.total_nimg, cfg.batch, run_dir)
+
+    def save() -> None:  # the whole state at this step boundary (every rank calls it, rank 0 writes it)
+        recent = distributed.all_mean(losses) if losses else []  # the global batches' losses
+        if distributed.is_main():
+            save_state(state_path, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), nimg=nimg,
+                       step=step, losses=recent)
+
+    log.info("pretraining %s (%d params) for %d images, batch %d on %d process(es); checkpoints in %s",
+             arch["precond"], n_params, cfg.total_nimg, cfg.batch, distributed.world_size(), run_dir)
     beta = ema_beta(cfg.batch, cfg.ema_halflife_nimg)
     label_dim = arch["label_dim"]
-    bar = tqdm(total=cfg.total_nimg, initial=nimg, desc="pretrain", unit="img", disable=not progress)
-    t0, losses = time.time(), []
+    bar = tqdm(total=cfg.total_nimg, initial=nimg, desc="pretrain", unit="img",
+               disable=not progress or not distributed.is_main())
+    t0 = time.time()
     while nimg < cfg.total_nimg:
-        # 1. The draws of this step depend only on (seed, step).
+        preempt.check(save, f"pretraining at {nimg} images")
+        # 1. The draws of this step depend only on (seed, step): the whole batch, whatever this rank's slice.
         g = step_generator(cfg.seed, step)
         idx = torch.randint(len(data.images), [cfg.batch], generator=g)
-        x, y = batch_of(data, idx, label_dim)
-        sigma, eps = draw_sigma_noise(x.shape, cfg.P_mean, cfg.P_std, generator=g)
-        # 2. EDM loss, Adam step with linear warm-up, EMA.
-        loss = edm_loss(net, x, y, sigma, eps, cfg.sigma_data).mean()
+        sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
+        x, y = batch_of(data, idx[mine], label_dim)
+        x, y, sigma, eps = (t.to(device) if t is not None else None for t in (x, y, sigma[mine], eps[mine]))
+        # 2. EDM loss (this rank's mean; DDP averages the gradients over the ranks), Adam step with warm-up, EMA.
+        loss = edm_loss(train_net, x, y, sigma, eps, cfg.sigma_data).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
@@ -119,18 +142,21 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
         opt.step()
         ema_update(ema, net, beta)
         nimg, step = nimg + cfg.batch, step + 1
-        losses.append(loss.item())
+        losses = losses[-19:] + [loss.item()]
         bar.update(cfg.batch)
         if step % 20 == 0:
-            tracker.log_metrics({"loss": float(np.mean(losses[-20:]))}, step=nimg)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            mean_loss = distributed.all_mean([np.mean(losses)])[0]
+            tracker.log_metrics({"loss": mean_loss}, step=nimg)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
         if nimg % cfg.checkpoint_every_nimg < cfg.batch or nimg >= cfg.total_nimg:
-            save_state(state_path, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), nimg=nimg,
-                       step=step)
+            save()
     bar.close()
     final = ema if cfg.ema_halflife_nimg > 0 else net
-    info = {"nimg": nimg, "params": n_params, "final_loss": float(np.mean(losses[-20:])) if losses else None}
-    save_model(out, final, arch, info)  # no timings in the file: same weights, same bytes (DVC caches by hash)
+    final_loss = distributed.all_mean([np.mean(losses)])[0] if losses else None
+    info = {"nimg": nimg, "params": n_params, "final_loss": final_loss}
+    if distributed.is_main():  # no timings in the file: same weights, same bytes (DVC caches by hash)
+        save_model(out, final, arch, info)
+    distributed.barrier()  # the others may read it next
     info["seconds_this_run"] = round(time.time() - t0, 1)
     log.info("wrote base model %s (%s weights)", out, "EMA" if cfg.ema_halflife_nimg > 0 else "raw")
     return info
