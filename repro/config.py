@@ -53,7 +53,7 @@ def spec(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=No
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str = spec(choices=("digits", "cifar10", "imagenet64"),
+    dataset: str = spec(choices=("digits", "cifar10", "imagenet64", "imagenet512"),
                         doc="'digits' = scikit-learn's 8x8 digits (embedded); the paper data sets: not prepared yet")
 
 

@@ -19,7 +19,7 @@ from repro import fidelity
 from repro.config import ExtractorConfig, SampleConfig, SamplerConfig
 from repro.data import Dataset
 from repro.files import load_npz, save_npz, sha256_file
-from repro.sampler import generate_images
+from repro.sampler import generate_images, image_grid
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,11 @@ def shard_name(lo: int, hi: int) -> str:
 
 
 def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerConfig, out_dir: Path, tracker,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, **extras) -> dict:
     """The `sample` stage: for each model, its images for every evaluation seed range, as uint8 npz shards.
 
     A shard that already exists (same seed range, same model file) is kept, so a rerun continues.
+    ``extras``: ``guide`` / ``decoder`` for generate_images (repro.pretrained.sampling_extras).
     """
     from repro.config import config_hash, to_dict
     from repro.ddo import sample_grid
@@ -120,13 +121,16 @@ def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerCo
             for _, x, y in generate_images(net, np.arange(lo, hi), img_shape=tuple(
                     (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])),
                     label_dim=arch["label_dim"], sampler=sampler, batch=cfg.batch, progress=progress,
-                    desc=f"sample {name} [{lo},{hi})"):
+                    desc=f"sample {name} [{lo},{hi})", **extras):
                 imgs.append(x.numpy())
                 labels.append(y.numpy() if y is not None else np.full(len(x), -1))
             save_npz(shard, images=np.concatenate(imgs), labels=np.concatenate(labels), seeds=np.arange(lo, hi),
                      model_sha256=np.array(sha256_file(path)), sampler=np.array(sampler_hash))
-        grid = sample_grid(net, arch["label_dim"], (arch["img_channels"], arch["img_resolution"],
-                                                    arch["img_resolution"]), sampler)
+        if extras:  # guided or latent: show the evaluation's own first images
+            grid = image_grid(load_npz(model_dir / shard_name(*eval_ranges(cfg)[0]))["images"][:80], ncol=20)
+        else:
+            grid = sample_grid(net, arch["label_dim"], (arch["img_channels"], arch["img_resolution"],
+                                                        arch["img_resolution"]), sampler)
         tracker.log_image(grid, f"{name}.png")
         written[name] = [str(model_dir / shard_name(lo, hi)) for lo, hi in eval_ranges(cfg)]
         log.info("sample: %s -> %s", name, model_dir)

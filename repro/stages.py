@@ -130,13 +130,32 @@ def stage_pretrain(cfg: Config, paths: Paths, progress: bool) -> None:
 
             summary = fetch_and_convert(cfg.pretrain, paths.root, paths.base, progress)
             t.set_tags({"checkpoint": cfg.pretrain.source, "checkpoint_sha256": summary["sha256"]})
+        from repro.pretrained import fetch_extras, sampling_extras
+
+        t.set_tags({f"{k}_sha256": v for k, v in fetch_extras(cfg, paths.root, progress).items()})
         # A sample grid of the base model (seeds 0..n-1), to look at before spending compute on it.
-        net, arch, _ = load_model(paths.base)
+        net, arch, info = load_model(paths.base)
         shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
-        grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8)
-        save_png(paths.base_grid, grid)
+        extras = sampling_extras(cfg, paths.root, arch, info)
+        if extras:  # guided and/or latent: the grid goes through the same guide and decoder as the evaluation
+            grid = seed_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8, **extras)
+        else:
+            grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8)
+        save_png(paths.base_grid, grid, scale=max(1, min(4, 128 // (grid.shape[0] // 4))))  # 4 rows; 512 px: x1
         t.log_image(grid, "base_samples.png")
         log.info("pretrain: wrote %s and a sample grid %s", paths.base, paths.base_grid)
+
+
+def seed_grid(net, label_dim: int, img_shape, sampler, n: int, ncol: int, **extras):
+    """Like repro.ddo.sample_grid (seeds 0..n-1, labels cycling), with a guide and/or decoder for generate_images."""
+    import numpy as np
+
+    from repro.sampler import generate_images, image_grid
+
+    labels = np.arange(n) % label_dim if label_dim else None
+    return image_grid(np.concatenate([b.numpy() for _, b, _ in generate_images(
+        net, np.arange(n), img_shape=img_shape, label_dim=label_dim, sampler=sampler, labels=labels, **extras)]),
+        ncol=ncol)
 
 
 def save_png(path: Path, image, scale: int = 4) -> None:
@@ -155,7 +174,7 @@ def describe(stage: str, cfg: Config, root: Path) -> dict | None:
     if stage == "pretrain" and cfg.pretrain.source != "train":
         from repro.pretrained import plan
 
-        return plan(cfg.pretrain, root, Paths(root, cfg.preset).base)
+        return plan(cfg.pretrain, root, Paths(root, cfg.preset).base, cfg.sampler)
     if stage in ("sample", "fid") and cfg.sample.protocol != "custom":
         from repro.protocols import get
 
@@ -196,12 +215,17 @@ def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
     from repro.evaluate import sample_models
     from repro.files import atomic_dir
 
+    from repro.files import load_model
+    from repro.pretrained import sampling_extras
+
     models = eval_models(cfg, paths)
     _require(*models.values())
+    _, arch, info = load_model(paths.base)
+    extras = sampling_extras(cfg, paths.root, arch, info)  # guide (sampler.guidance != 1), latent decoder
     with _tracked("sample", cfg, paths) as t:
         # Shards are made in a resumable work directory, then published atomically as samples/.
         work = paths.runs / "samples-work"
-        sample_models(models, cfg.sample, cfg.sampler, work, t, progress)
+        sample_models(models, cfg.sample, cfg.sampler, work, t, progress, **extras)
         with atomic_dir(paths.samples) as tmp:
             for name in models:
                 (tmp / name).mkdir()
