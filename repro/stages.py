@@ -213,14 +213,12 @@ def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
 
 def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
     from repro.evaluate import sample_models
-    from repro.files import atomic_dir
-
-    from repro.files import load_model
+    from repro.files import atomic_dir, read_model_meta
     from repro.pretrained import sampling_extras
 
     models = eval_models(cfg, paths)
     _require(*models.values())
-    _, arch, info = load_model(paths.base)
+    arch, info = read_model_meta(paths.base)
     extras = sampling_extras(cfg, paths.root, arch, info)  # guide (sampler.guidance != 1), latent decoder
     with _tracked("sample", cfg, paths) as t:
         # Shards are made in a resumable work directory, then published atomically as samples/.
