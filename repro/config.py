@@ -53,7 +53,7 @@ def spec(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=No
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str = spec(choices=("digits", "cifar10", "imagenet64"),
+    dataset: str = spec(choices=("digits", "cifar10", "imagenet64", "imagenet512"),
                         doc="'digits' = scikit-learn's 8x8 digits (embedded); the paper data sets: not prepared yet")
 
 
@@ -121,6 +121,15 @@ class SamplerConfig:
     batch: int = spec(gt=0)
     label_mode: str = spec(choices=("random", "balanced"),
                            doc="class labels of seed i: drawn from seed i's generator (EDM), or i mod classes")
+    guidance: float = spec(1.0, ge=0, doc="autoguidance weight w: D = guide + w (net - guide); 1 = off (no guide "
+                                         "evaluated)")
+    guide: str = spec("", choices=("", *CHECKPOINTS),
+                      doc="registry checkpoint of the guide network ('' = none); the pretrain stage fetches, verifies "
+                          "and converts it into models/guide.safetensors")
+    dtype: str = spec("fp32", choices=("fp32", "bf16", "fp16"),
+                      doc="autocast dtype of the network evaluations (bf16/fp16 on CUDA; bf16 also on CPU; fp16 on CPU "
+                          "is refused); the sampler's state stays float64")
+    compile: bool = spec(False, doc="torch.compile the networks (CUDA only; ignored with a log line on CPU)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,6 +365,10 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str, str]]:
     if s.sigma_max <= s.sigma_min:
         problems.append(("sampler.sigma_max", f"must be > sampler.sigma_min ({s.sigma_min})",
                          "raise sampler.sigma_max (EDM uses 80)"))
+    if s.guidance != 1.0 and not s.guide:
+        problems.append(("sampler.guide", f"is empty but sampler.guidance is {s.guidance} (autoguidance needs a guide "
+                         "network)", "name the guide checkpoint, e.g. sampler.guide: edm2-img512-xs-0134217-0.165, "
+                         "or set sampler.guidance: 1.0"))
     d = cfg.ddo
     if d.eval_every_nimg > d.nimg_per_round:
         problems.append(("ddo.eval_every_nimg", f"is larger than ddo.nimg_per_round ({d.nimg_per_round}), "

@@ -32,7 +32,7 @@ class Dataset:
 
 def load_embedded(name: str) -> Dataset:
     """Load an embedded data set by name, as uint8 NCHW."""
-    if name in ("cifar10", "imagenet64"):
+    if name in ("cifar10", "imagenet64", "imagenet512"):
         raise ValueError(f"data.dataset {name}: the data stage for it is not built yet (paper-scale data is a "
                          "later issue); `repro pretrained` works without it")
     if name != "digits":

@@ -21,7 +21,7 @@ from repro import fidelity
 from repro.config import ExtractorConfig, SampleConfig, SamplerConfig
 from repro.data import Dataset
 from repro.files import load_npz, save_npz, sha256_file
-from repro.sampler import generate_images
+from repro.sampler import generate_images, image_grid
 
 log = logging.getLogger(__name__)
 
@@ -348,11 +348,12 @@ def _load_net(path: Path, device: str):
 
 
 def run_shard(shard: Shard, sampler: SamplerConfig, batch: int, progress: bool = False,
-              device: str | None = None) -> Path:
+              device: str | None = None, **extras) -> Path:
     """Make one shard's images (uint8 [N, C, H, W], labels, seeds) unless it is finished; return its path.
 
     ``device``: default the GPU when there is one. Note that per-seed noise is drawn on that device, so CPU and
     GPU runs of the same seed give different (equally valid) images; the device is recorded in the shard.
+    ``extras``: ``guide`` / ``decoder`` for generate_images (repro.pretrained.sampling_extras), on ``device``.
     """
     if shard_done(shard, sampler):
         return shard.out
@@ -363,7 +364,7 @@ def run_shard(shard: Shard, sampler: SamplerConfig, batch: int, progress: bool =
     imgs, labels = [], []
     for _, x, y in generate_images(net, shard.seeds, img_shape=shape, label_dim=arch["label_dim"], sampler=sampler,
                                    batch=batch, device=device, progress=progress,
-                                   desc=f"sample {shard.model} [{shard.lo},{shard.hi})"):
+                                   desc=f"sample {shard.model} [{shard.lo},{shard.hi})", **extras):
         imgs.append(x.numpy())
         labels.append(y.numpy() if y is not None else np.full(len(x), -1))
     save_npz(shard.out, images=np.concatenate(imgs), labels=np.concatenate(labels), seeds=shard.seeds,
@@ -373,11 +374,12 @@ def run_shard(shard: Shard, sampler: SamplerConfig, batch: int, progress: bool =
 
 
 def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerConfig, out_dir: Path, tracker,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, device: str | None = None, **extras) -> dict:
     """The `sample` stage: every model's images for every evaluation seed range, as uint8 npz shards.
 
     Finished shards are kept, so a rerun continues where a killed one stopped. Under torch.distributed
     (repro.distributed), rank r makes shards i with i % world_size == r, then all ranks wait for each other.
+    ``extras``: ``guide`` / ``decoder`` for generate_images, on ``device``.
     """
     from repro import distributed
     from repro.ddo import sample_grid
@@ -386,14 +388,17 @@ def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerCo
     rank, world = distributed.rank(), distributed.world_size()
     for i, shard in enumerate(shards):
         if i % world == rank:
-            run_shard(shard, sampler, cfg.batch, progress)
+            run_shard(shard, sampler, cfg.batch, progress, device, **extras)
     distributed.barrier()
     written = {name: [str(s.out) for s in shards if s.model == name] for name in models}
     if distributed.is_main():
         for name, path in models.items():
-            net, arch = _load_net(Path(path), "cpu")
-            grid = sample_grid(net, arch["label_dim"], (arch["img_channels"], arch["img_resolution"],
-                                                        arch["img_resolution"]), sampler)
+            if extras:  # guided or latent: show the evaluation's own first images
+                grid = image_grid(load_npz(written[name][0])["images"][:80], ncol=20)
+            else:
+                net, arch = _load_net(Path(path), "cpu")
+                grid = sample_grid(net, arch["label_dim"], (arch["img_channels"], arch["img_resolution"],
+                                                            arch["img_resolution"]), sampler)
             tracker.log_image(grid, f"{name}.png")
             log.info("sample: %s -> %s (%d shards)", name, Path(out_dir) / name, len(written[name]))
     return written

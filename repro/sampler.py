@@ -3,11 +3,19 @@
 Image i depends only on seed i: its initial noise, its random label and its churn noise all come from a
 generator seeded with seed i, so the same seeds give the same images whatever the batch size or the number
 of processes. Batches are yielded as uint8, so a metric can consume them without PNGs on disk.
+
+What a config adds around the network (:func:`sampling_denoiser`), in this order: autoguidance with a guide
+network (``sampler.guidance``, repro.guidance), torch.compile of the networks (``sampler.compile``, CUDA only)
+and an autocast dtype for each network evaluation (``sampler.dtype``). The sampler itself only ever sees one
+``denoise(x, sigma, labels)`` callable, and its state stays float64. A latent model's output goes through a
+``decoder`` (repro.latents) instead of :func:`to_uint8`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -16,6 +24,9 @@ import torch
 from repro.config import SamplerConfig
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # sampler output (float) -> uint8 images [B, C, H, W]
+
+log = logging.getLogger(__name__)
 
 
 # Karras et al. 2022 (EDM), Eq. 5: t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, t_N = 0.
@@ -99,10 +110,79 @@ def one_hot(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor | None:
     return torch.nn.functional.one_hot(labels.long(), label_dim).to(torch.float32)
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def with_precision(denoise: Denoiser, dtype: str, device="cpu") -> Denoiser:
+    """``denoise`` evaluated under autocast to ``dtype`` ('fp32' returns it unchanged), output float32.
+
+    bf16 and fp16 are what GPUs give; on CPU bf16 runs through CPU autocast (to test the path, or on CPUs with
+    bf16 units) and fp16 is refused, as on any device other than CUDA and CPU.
+    """
+    if dtype == "fp32":
+        return denoise
+    if dtype not in AUTOCAST:
+        raise ValueError(f"sampler.dtype: unknown dtype {dtype!r}. Fix: use fp32, bf16 or fp16")
+    kind = torch.device(device).type
+    if kind == "cpu" and dtype == "fp16":
+        raise ValueError("sampler.dtype: fp16 autocast is for CUDA GPUs, and this run samples on the CPU. "
+                         "Fix: set sampler.dtype: fp32 (or bf16) on CPU")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"sampler.dtype: {dtype} autocast is supported on cuda and cpu, not {kind}. "
+                         "Fix: set sampler.dtype: fp32")
+    if kind == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("sampler.dtype: this GPU has no bfloat16 support. Fix: set sampler.dtype: fp16 or fp32")
+    if kind == "cpu":
+        log.info("sampler.dtype bf16 on CPU: network evaluations under CPU autocast (bfloat16)")
+    amp = AUTOCAST[dtype]
+
+    def cast(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(kind, dtype=amp):
+            out = denoise(x, sigma, labels)
+        return out.to(torch.float32)
+
+    return cast
+
+
+def compiled(net: Denoiser, device="cpu") -> Denoiser:
+    """``torch.compile(net)`` on CUDA, made once per network and reused; on CPU ``net`` itself, with a log line."""
+    if torch.device(device).type != "cuda":
+        log.info("sampler.compile ignored: torch.compile is used on CUDA only; sampling eagerly on %s", device)
+        return net
+    if not isinstance(net, torch.nn.Module):
+        return torch.compile(net)
+    if net not in _compiled:
+        _compiled[net] = torch.compile(net)
+    return _compiled[net]
+
+
+def sampling_denoiser(net: Denoiser, sampler: SamplerConfig, *, guide: Denoiser | None = None,
+                      device="cpu") -> Denoiser:
+    """The one callable the sampler integrates: ``net`` with the config's guidance, compilation and dtype.
+
+    ``sampler.guidance`` = w != 1 needs ``guide``: D = guide + w (net - guide) (repro.guidance.autoguidance).
+    With w = 1 the guide is not used at all, so the result is ``net`` itself (bitwise the unguided sampler).
+    """
+    w = sampler.guidance
+    if w != 1.0 and guide is None:
+        raise ValueError(f"sampler.guidance is {w} but no guide network was given. Fix: run the pretrain stage "
+                         "with sampler.guide set (it writes models/guide.safetensors), or set sampler.guidance: 1.0")
+    if sampler.compile:
+        net = compiled(net, device)
+        guide = compiled(guide, device) if guide is not None and w != 1.0 else guide
+    if w != 1.0:
+        from repro.guidance import autoguidance
+
+        net = autoguidance(net, guide, w)
+    return with_precision(net, sampler.dtype, device)
+
+
 def generate_images(denoise: Denoiser, seeds: Sequence[int], *, img_shape: Sequence[int], label_dim: int,
                     sampler: SamplerConfig, labels: Sequence[int] | np.ndarray | None = None,
                     batch: int | None = None, device="cpu", progress: bool = False, desc: str = "sampling",
                     part: tuple[int, int] = (0, 1),
+                    guide: Denoiser | None = None, decoder: Decoder | None = None,
                     ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
     """Yield (seeds, uint8 images [B,C,H,W], int labels or None) batch by batch.
 
@@ -112,9 +192,15 @@ def generate_images(denoise: Denoiser, seeds: Sequence[int], *, img_shape: Seque
     Labels: given per seed (``labels``), else by ``sampler.label_mode``: 'balanced' gives seed i the class
     i mod label_dim (DDO's class-balanced protocol), 'random' draws it from seed i's generator (EDM's protocol).
     An unconditional net gets None.
+
+    ``guide``: the guide network, used when ``sampler.guidance`` != 1 (see :func:`sampling_denoiser`, which also
+    applies ``sampler.dtype`` and ``sampler.compile``). ``decoder``: turns the sampler's output into uint8
+    images (a latent model's SD-VAE decoder, repro.latents); default :func:`to_uint8`. ``img_shape`` is the
+    shape the network samples in (latents for a latent model).
     """
     from tqdm.auto import tqdm
 
+    denoise = sampling_denoiser(denoise, sampler, guide=guide, device=device)
     seeds = np.asarray(seeds, dtype=np.int64)
     if labels is None and label_dim and sampler.label_mode == "balanced":
         labels = seeds % label_dim
@@ -131,8 +217,9 @@ def generate_images(denoise: Denoiser, seeds: Sequence[int], *, img_shape: Seque
                         sigma_min=sampler.sigma_min, sigma_max=sampler.sigma_max, rho=sampler.rho,
                         S_churn=sampler.S_churn, S_min=sampler.S_min, S_max=sampler.S_max, S_noise=sampler.S_noise,
                         randn_like=rnd.randn_like)
+        images = decoder(x) if decoder is not None else to_uint8(x)
         bar.update(len(idx))
-        yield seeds[idx], to_uint8(x).cpu(), (y.cpu() if y is not None else None)
+        yield seeds[idx], images.cpu(), (y.cpu() if y is not None else None)
     bar.close()
 
 

@@ -7,6 +7,7 @@ holding params.yaml), never to the current working directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -146,14 +147,33 @@ def stage_pretrain(cfg: Config, paths: Paths, progress: bool) -> None:
 
             summary = fetch_and_convert(cfg.pretrain, paths.root, paths.base, progress)
             t.set_tags({"checkpoint": cfg.pretrain.source, "checkpoint_sha256": summary["sha256"]})
+        from repro.pretrained import fetch_extras, sampling_extras
+
+        t.set_tags({f"{k}_sha256": v for k, v in fetch_extras(cfg, paths.root, progress).items()})
         # A sample grid of the base model (seeds 0..n-1), to look at before spending compute on it (rank 0).
         if distributed.is_main():
-            net, arch, _ = load_model(paths.base)
+            net, arch, info = load_model(paths.base)
             shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
-            grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8)
-            save_png(paths.base_grid, grid)
+            extras = sampling_extras(cfg, paths.root, arch, info)
+            if extras:  # guided and/or latent: the grid goes through the same guide and decoder as the evaluation
+                grid = seed_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8, **extras)
+            else:
+                grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8)
+            save_png(paths.base_grid, grid, scale=max(1, min(4, 128 // (grid.shape[0] // 4))))  # 4 rows; 512 px: x1
             t.log_image(grid, "base_samples.png")
             log.info("pretrain: wrote %s and a sample grid %s", paths.base, paths.base_grid)
+
+
+def seed_grid(net, label_dim: int, img_shape, sampler, n: int, ncol: int, **extras):
+    """Like repro.ddo.sample_grid (seeds 0..n-1, labels cycling), with a guide and/or decoder for generate_images."""
+    import numpy as np
+
+    from repro.sampler import generate_images, image_grid
+
+    labels = np.arange(n) % label_dim if label_dim else None
+    return image_grid(np.concatenate([b.numpy() for _, b, _ in generate_images(
+        net, np.arange(n), img_shape=img_shape, label_dim=label_dim, sampler=sampler, labels=labels, **extras)]),
+        ncol=ncol)
 
 
 def save_png(path: Path, image, scale: int = 4) -> None:
@@ -172,7 +192,7 @@ def describe(stage: str, cfg: Config, root: Path) -> dict | None:
     if stage == "pretrain" and cfg.pretrain.source != "train":
         from repro.pretrained import plan
 
-        return plan(cfg.pretrain, root, Paths(root, cfg.preset).base)
+        return plan(cfg.pretrain, root, Paths(root, cfg.preset).base, cfg.sampler)
     if stage in ("sample", "fid") and cfg.sample.protocol != "custom":
         from repro.protocols import get
 
@@ -190,6 +210,8 @@ def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = Non
     from repro.evaluate import load_metric
     from repro.files import read_model_meta
 
+    # DDO's fakes and selection samples come from the models themselves: no autoguidance (as in the paper).
+    sampler = dataclasses.replace(cfg.sampler, guidance=1.0)
     if round is not None and not 1 <= round <= cfg.ddo.rounds:
         raise ValueError(f"--round {round}: the preset has rounds 1..{cfg.ddo.rounds} (ddo.rounds)")
     _require(paths.data, paths.base, paths.extractor, paths.reference)
@@ -203,7 +225,7 @@ def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = Non
             t.set_tags({"run_dir": run_dir})
             log.info("ddo: %d rounds%s; run directory %s", cfg.ddo.rounds,
                      " + MLE control" if cfg.ddo.control else "", run_dir)
-            run_rounds(paths.base, data, cfg.ddo, cfg.sampler, cfg.pretrain.sigma_data, metric, run_dir, paths.ddo,
+            run_rounds(paths.base, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric, run_dir, paths.ddo,
                        t, progress)
         return
     kinds = KINDS if cfg.ddo.control else ("ddo",)
@@ -223,7 +245,7 @@ def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = Non
             ref_path, ref_score = refs[kind]
             with t.child(f"{kind}-round{round}", params={"round": round, "kind": kind},
                          tags={"round": round, "kind": kind}) as child:
-                res = train_round(kind, round, ref_path, data, cfg.ddo, cfg.sampler, cfg.pretrain.sigma_data, metric,
+                res = train_round(kind, round, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
                                   run_dir / f"{kind}-round{round}", child, progress, ref_score=ref_score)
                 child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score})
             log.info("ddo --round %d: %s best %.4f at %d images -> %s", round, kind, res.best_score, res.best_nimg,
@@ -240,17 +262,30 @@ def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
     return models
 
 
+def _sampling_setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
+    """The device the sample stage uses, and its guide / latent decoder on that device (if the preset has them)."""
+    import torch
+
+    from repro.files import read_model_meta
+    from repro.pretrained import sampling_extras
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    arch, info = read_model_meta(paths.base)
+    return device, sampling_extras(cfg, paths.root, arch, info, device=device)
+
+
 def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
     from repro.evaluate import sample_models
     from repro.files import atomic_dir, link_or_copy
 
     models = eval_models(cfg, paths)
     _require(*models.values())
+    device, extras = _sampling_setup(cfg, paths)  # guide (sampler.guidance != 1), latent decoder
     with _tracked("sample", cfg, paths) as t:
         # Shards are made in a resumable work directory, then published atomically as samples/ (exactly the
         # shards of this plan: shards of another shard size or seed range left in the work directory are not).
         work = paths.runs / "samples-work"
-        written = sample_models(models, cfg.sample, cfg.sampler, work, t, progress)
+        written = sample_models(models, cfg.sample, cfg.sampler, work, t, progress, device, **extras)
         with atomic_dir(paths.samples) as tmp:
             for name, files in written.items():
                 (tmp / name).mkdir()
@@ -273,7 +308,8 @@ def run_sample_shard(cfg: Config, root: Path, shard) -> Path:
     """One shard of the sample stage (one task of its job array)."""
     from repro.evaluate import run_shard
 
-    return run_shard(shard, cfg.sampler, cfg.sample.batch, progress=False)
+    device, extras = _sampling_setup(cfg, Paths(Path(root).resolve(), cfg.preset))
+    return run_shard(shard, cfg.sampler, cfg.sample.batch, progress=False, device=device, **extras)
 
 
 def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
