@@ -4,6 +4,7 @@
 started. Where SLURM cannot start (not root, no apt), these tests skip with the reason the start-up gave.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -174,3 +175,55 @@ def test_sample_shards_go_out_as_a_job_array(project):
     # a second run finds every shard finished and submits nothing
     p = _run(["repro", "sample", "--no-progress", *sets], d, env)
     assert "job array" not in p.stderr
+
+
+def _wait(cond, timeout: float, what: str, poll: float = 0.5):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(poll)
+
+
+def _state(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+    return out or "GONE"
+
+
+@pytest.mark.parametrize("how", ["scontrol-requeue", "usr1-warning"])
+def test_a_preempted_round_resumes_and_ends_with_the_uninterrupted_weights(project, tmp_path, how):
+    """scontrol requeue (SIGTERM: SLURM requeues) or the time-limit warning (SIGUSR1: the job requeues itself)
+    while a round trains: the state is saved at the next step, the requeued job resumes from it, and the round's
+    best checkpoint and evaluations are bitwise those of an uninterrupted run (here, in a copy of the project)."""
+    d, env = project
+    seed = {"scontrol-requeue": 21, "usr1-warning": 22}[how]
+    sets = ["--set", f"ddo.seed={seed}", "--set", "ddo.nimg_per_round=3200", "--set", "ddo.eval_every_nimg=800",
+            "--set", "ddo.control=false"]
+    ref = tmp_path / "ref"
+    shutil.copytree(d, ref, ignore=shutil.ignore_patterns("runs", "mlflow.db", "mlruns", "samples", "*.log"))
+    _run(["repro", "ddo", "--round", "1", "--no-progress", *sets], ref, {**_env(ref), "REPRO_TRACKING": "off"})
+    (ref_rd,) = [p for p in ref.glob("runs/ddo-*/ddo-round1") if (p / "done.json").is_file()]
+    rd = d / ref_rd.relative_to(ref)  # same params, same input files: the same run directory name
+
+    job = _run(["sbatch", "--parsable", "slurm/ddo_round.sh", "--params", "params.yaml", "--round", "1", *sets], d,
+               env).stdout.strip()
+    _wait(lambda: (rd / "state.pt").is_file(), 300, "the first saved state (training has started)")
+    assert not (rd / "done.json").exists()
+    if how == "scontrol-requeue":
+        _run(["scontrol", "requeue", job], d, env)
+    else:
+        _run(["scancel", "--signal=USR1", job], d, env)
+    # A requeued job waits ~2 min (SLURM's BeginTime); let it start again at once, once its first run has left
+    # the node (earlier, slurmctld kills the new run: "Job credential revoked").
+    _wait(lambda: _state(job) == "PENDING", 120, "the job to be requeued")
+    _wait(lambda: subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip() == "idle",
+          120, "the node to be idle")
+    _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], d, env)
+    assert _sacct(job, timeout=400)[job][0] == "COMPLETED"
+    log = (d / f"repro-ddo-round-{job}.log").read_text()
+    signame = "SIGTERM" if how == "scontrol-requeue" else "SIGUSR1"
+    assert f"stopped on {signame}" in log and f"job {job} (restart 1)" in log, log[-3000:]
+    resumed = [line for line in log.splitlines() if "resuming from" in line]
+    assert resumed and " at 0 images" not in resumed[0]
+    assert (rd / "best.safetensors").read_bytes() == (ref_rd / "best.safetensors").read_bytes()
+    done, ref_done = (json.loads((p / "done.json").read_text()) for p in (rd, ref_rd))
+    assert done["evals"] == ref_done["evals"] and done["best_score"] == ref_done["best_score"]
