@@ -224,8 +224,10 @@ def _run_sample_array(cfg: Config, root: Path, kwargs: dict) -> None:
     if shards:
         ex = make_executor(cfg, "sample", root, job_name=f"repro-{cfg.preset}-sample-shards")
         jobs = ex.map_array(_ShardJob(cfg, str(root)), shards)
-        log.info("sample: %d shards as job array %s", len(shards), jobs[0].job_id.split("_")[0])
+        array = jobs[0].job_id.split("_")[0]
+        log.info("sample: %d shards as job array %s", len(shards), array)
         wait(jobs, cfg.launcher.poll_s, what="sample shards")
+        os.environ["REPRO_SLURM_ARRAY_JOB_ID"] = array  # the sample stage's MLflow run records it
     run_here("sample", cfg, root, progress=False, **kwargs)  # every shard exists: this only publishes
 
 

@@ -165,7 +165,8 @@ def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash:
         "config_hash": config_hash,
         "git_commit": git_commit(root),
         "host": platform.node(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        # in a job: its id; a stage whose work ran as a job array (sample): the array's id
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("REPRO_SLURM_ARRAY_JOB_ID", ""),
         "image_digest": os.environ.get("REPRO_IMAGE_DIGEST", ""),
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:

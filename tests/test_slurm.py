@@ -227,3 +227,34 @@ def test_a_preempted_round_resumes_and_ends_with_the_uninterrupted_weights(proje
     assert (rd / "best.safetensors").read_bytes() == (ref_rd / "best.safetensors").read_bytes()
     done, ref_done = (json.loads((p / "done.json").read_text()) for p in (rd, ref_rd))
     assert done["evals"] == ref_done["evals"] and done["best_score"] == ref_done["best_score"]
+
+
+def test_dvc_repro_runs_the_pipeline_through_slurm(slurm, tmp_path):
+    """`dvc repro` with launcher.executor: slurm: every stage's command submits a job and waits for it."""
+    d = tmp_path / "dvc-project"
+    d.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
+    shutil.copytree(ROOT / "repro", d / "repro", ignore=shutil.ignore_patterns("__pycache__"))
+    params = preset_dict("micro")
+    params["launcher"] = {"executor": "slurm", "poll_s": 1, "resources": {"cpus_per_task": 2, "time_min": 30}}
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**_env(d), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    _run(["git", "init", "-q"], d, env)
+    (d / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/runs/\n/samples\n")
+    _run(["dvc", "init", "-q"], d, env)
+    _run(["git", "add", "-A"], d, env)
+    _run(["git", "commit", "-qm", "init"], d, env)
+    out = _run(["dvc", "repro"], d, env, timeout=1500)
+    text = out.stdout + out.stderr
+    for stage in ("data", "extractor", "pretrain", "ddo", "sample", "fid"):
+        assert f"stage {stage}: submitted job" in text or (stage == "sample" and "as job array" in text), stage
+    metrics = json.loads((d / "results/micro/metrics.json").read_text())
+    assert [m["name"] for m in metrics["models"]] == ["base", "ddo-round1", "ddo-round2", "control-round2"]
+    tops = [r for r in _runs(d, env) if r["parent"] is None]
+    assert {r["stage"] for r in tops} >= {"data", "extractor", "pretrain", "ddo", "sample", "fid"}
+    assert all(r["tags"]["slurm_job_id"] for r in tops if r["stage"] != "table")
+    # the launcher is not a stage param: switching back to local reruns nothing
+    params["launcher"]["executor"] = "local"
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "Running stage" not in _run(["dvc", "repro"], d, env).stdout
