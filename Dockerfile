@@ -35,8 +35,6 @@ LABEL org.opencontainers.image.title="repro" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
 
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-
 # Python 3.11 from the distribution (Ubuntu 22.04 universe; Debian bookworm main), git for DVC.
 # Package versions are not pinned: the archive drops superseded versions, so pins would break rebuilds; the base
 # digest fixes the OS snapshot, and the Python side is fixed by the hashed lock file.
