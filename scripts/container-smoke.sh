@@ -5,8 +5,9 @@
 #   scripts/container-smoke.sh            # as root on Debian/Ubuntu (it apt-installs what it lacks)
 #
 # What it does, and what it leaves:
-# - apt-get installs podman, runc and debootstrap if any is missing (they stay installed; nothing else on the
-#   system is changed: no file under /etc is written).
+# - apt-get installs podman, runc and debootstrap if any is missing (they stay installed). No configuration under
+#   /etc is written; the few small state paths podman creates outside its --root (/etc/containers/networks,
+#   /run/containers, /var/lib/containers) are removed again if they did not exist before.
 # - Everything else lives in one scratch directory (REPRO_SMOKE_DIR, default a fresh /var/tmp/repro-container-smoke.*)
 #   that is removed at the end, pass or fail: podman's storage (--root/--runroot there, not the system store), its
 #   containers.conf (given by CONTAINERS_CONF: runc, and ulimits the sandbox allows), the base rootfs, the project.
@@ -39,7 +40,8 @@ fi
 
 # --- scratch directory, podman config, cleanup -------------------------------------------------------------------
 work=${REPRO_SMOKE_DIR:-$(mktemp -d /var/tmp/repro-container-smoke.XXXXXX)}
-mkdir -p "$work"
+mkdir -p "$work/tmp"
+export TMPDIR="$work/tmp"                   # buildah's temporary files too, so that they go with $work
 cat > "$work/containers.conf" <<'EOF'
 # crun cannot raise RLIMIT_NOFILE (no CAP_SYS_RESOURCE) and cgroups are in hybrid mode on this kind of VM: use runc
 # and ulimits the sandbox allows.
@@ -50,6 +52,9 @@ runtime = "runc"
 EOF
 export CONTAINERS_CONF="$work/containers.conf"
 pm() { podman --root "$work/storage" --runroot "$work/run" --storage-driver overlay "$@"; }
+podman_state=(/etc/containers/networks /run/containers /var/lib/containers)
+new_state=()
+for d in "${podman_state[@]}"; do [ -e "$d" ] || new_state+=("$d"); done
 cleanup() {
     local rc=$?
     step "cleanup (exit $rc)"
@@ -58,6 +63,7 @@ cleanup() {
     # nothing may stay mounted below $work before it is removed
     { grep -o " $work/[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" || true; done
     rm -rf "$work" || true
+    for d in "${new_state[@]}"; do rm -rf "$d" || true; done
     exit "$rc"
 }
 trap cleanup EXIT
