@@ -266,7 +266,7 @@ def wait(jobs: list, poll_s: float, what: str) -> list:
     results = []
     for j in jobs:
         try:
-            results.append(j.result())
+            results.append(j.results())  # one per task: a job of several tasks (ranks) has several
         except Exception as e:  # submitit's FailedJobError / UncompletedJobError, or the stage's own error
             tail = _tail(j)
             raise JobFailed(f"{what}: job {j.job_id} failed (state {j.state}).\n{tail or _short(e)}") from None

@@ -258,3 +258,30 @@ def test_dvc_repro_runs_the_pipeline_through_slurm(slurm, tmp_path):
     params["launcher"]["executor"] = "local"
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "Running stage" not in _run(["dvc", "repro"], d, env).stdout
+
+
+def test_a_stage_on_two_slurm_tasks_trains_as_one_process(project, tmp_path):
+    """launcher.resources.tasks_per_node=2: submitit starts 2 srun tasks that join one gloo process group from
+    SLURM's environment; the base model they train equals one local process's up to float summation order."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    d, _ = project
+    sets = ["--set", "pretrain.seed=5", "--set", "pretrain.total_nimg=2048", "--set", "pretrain.batch=64"]
+    out = {}
+    for name, extra in (("local", []), ("slurm", ["--set", "launcher.executor=slurm", "--set", "launcher.poll_s=1",
+                                                  "--set", "launcher.resources.tasks_per_node=2",
+                                                  "--set", "launcher.resources.cpus_per_task=1"])):
+        w = tmp_path / name
+        shutil.copytree(d, w, ignore=shutil.ignore_patterns("runs", "mlflow.db", "mlruns", "samples", "*.log", "models"))
+        p = _run(["repro", "pretrain", "--no-progress", *sets, *extra], w, {**_env(w), "REPRO_TRACKING": "off"})
+        out[name] = load_file(w / "models" / "base.safetensors")
+        if name == "slurm":
+            job = p.stderr.split("submitted job ")[1].split(";")[0].strip()
+            assert _sacct(job)[job][0] == "COMPLETED"
+            log0 = (w / "runs" / "slurm" / job / f"{job}_0_log.out").read_text()
+            assert "on 2 process(es)" in log0 and (w / "runs" / "slurm" / job / f"{job}_1_log.out").is_file()
+    assert out["local"].keys() == out["slurm"].keys()
+    diff = max(float(np.abs(out["local"][k] - out["slurm"][k]).max()) for k in out["local"])
+    moved = max(float(np.abs(out["local"][k]).max()) for k in out["local"])
+    assert diff < 1e-5 and moved > 0, diff
