@@ -239,7 +239,8 @@ def candidate_dir(round_dir: Path, alpha: float, beta: float) -> Path:
     return Path(round_dir) / f"a{alpha:g}-b{beta:g}"
 
 
-def _prepared(round_dir: Path) -> dict | None:
+def prepared(round_dir: Path) -> dict | None:
+    """What prepare_round saved for this round ({"ref_score", "reference"}), or None if it has not finished."""
     p = Path(round_dir) / "prepare.json"
     return json.loads(p.read_text()) if p.is_file() and (Path(round_dir) / "fakes.npz").is_file() else None
 
@@ -249,7 +250,7 @@ def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sa
     """A swept round's shared work: its fake bank (``fakes.npz``) and the reference's selection score
     (``prepare.json``), made once and reused. Returns the reference's score."""
     round_dir = Path(round_dir)
-    done = _prepared(round_dir)
+    done = prepared(round_dir)
     if done is not None:
         return done["ref_score"]
     round_dir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +279,7 @@ def train_candidate(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, 
                     progress: bool = True) -> RoundResult:
     """One candidate of a swept round: a DDO round with this (alpha, beta), on the round's fake bank, with the
     reference score prepare_round saved (run that first)."""
-    prep = _prepared(round_dir)
+    prep = prepared(round_dir)
     if prep is None:
         raise FileNotFoundError(f"ddo round {round_}: {round_dir} has no fake bank / prepare.json; run "
                                 "prepare_round first")
@@ -309,7 +310,7 @@ def select_round(round_: int, round_dir: Path, cfg: DDOConfig, tracker=None) -> 
         if missing:
             raise FileNotFoundError(f"ddo round {round_}: candidates not finished: {', '.join(missing)}")
         chosen = min(cands, key=lambda c: c["best_score"])  # min keeps the first of equal scores
-        prep = _prepared(round_dir) or {}
+        prep = prepared(round_dir) or {}
         if distributed.is_main():
             with atomic_path(best_path) as tmp:
                 tmp.write_bytes((candidate_dir(round_dir, chosen["alpha"], chosen["beta"])

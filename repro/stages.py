@@ -288,12 +288,12 @@ def ddo_run_dir(cfg: Config, paths: Paths) -> Path:
 def ddo_sweep_todo(cfg: Config, root: Path, round_: int) -> dict:
     """What swept DDO round ``round_`` still needs: {'done': bool, 'prepared': bool, 'candidates': [(a, b), ...]}
     (the launcher sends out only that)."""
-    from repro.ddo import _prepared, candidate_dir, sweep_grid
+    from repro.ddo import candidate_dir, prepared, sweep_grid
 
     paths = Paths(Path(root).resolve(), cfg.preset)
     _require(paths.data, paths.base, paths.extractor, paths.reference)
     round_dir = ddo_run_dir(cfg, paths) / f"ddo-round{round_}"
-    return {"done": (round_dir / "done.json").is_file(), "prepared": _prepared(round_dir) is not None,
+    return {"done": (round_dir / "done.json").is_file(), "prepared": prepared(round_dir) is not None,
             "candidates": [(a, b) for a, b in sweep_grid(cfg.ddo)
                            if not (candidate_dir(round_dir, a, b) / "done.json").is_file()]}
 
