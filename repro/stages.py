@@ -293,6 +293,10 @@ def ddo_sweep_todo(cfg: Config, root: Path, round_: int) -> dict:
     paths = Paths(Path(root).resolve(), cfg.preset)
     _require(paths.data, paths.base, paths.extractor, paths.reference)
     round_dir = ddo_run_dir(cfg, paths) / f"ddo-round{round_}"
+    prev = round_dir.parent / f"ddo-round{round_ - 1}"
+    if round_ > 1 and not (prev / "done.json").is_file():
+        raise FileNotFoundError(f"ddo round {round_ - 1} is not finished ({prev}): run `repro ddo --round "
+                                f"{round_ - 1}` first")
     return {"done": (round_dir / "done.json").is_file(), "prepared": prepared(round_dir) is not None,
             "candidates": [(a, b) for a, b in sweep_grid(cfg.ddo)
                            if not (candidate_dir(round_dir, a, b) / "done.json").is_file()]}

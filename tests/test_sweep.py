@@ -165,8 +165,10 @@ def test_the_debug_executor_orchestrates_a_swept_round(tmp_path, monkeypatch):
     for stage in ("data", "extractor", "pretrain"):
         r = CliRunner().invoke(main, [stage, *args])
         assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["ddo", "--round", "1", *args, "--set", "launcher.executor=debug",
-                                  "--set", "launcher.poll_s=0.1", "--set", "ddo.sweep_beta=[0.1, 0.3]"], input="")
+    sets = ["--set", "launcher.executor=debug", "--set", "launcher.poll_s=0.1", "--set", "ddo.sweep_beta=[0.1, 0.3]"]
+    r = CliRunner().invoke(main, ["ddo", "--round", "2", *args, *sets], input="")  # round 1 first: nothing submitted
+    assert r.exit_code == 2 and "round 1 is not finished" in r.output and not (tmp_path / "runs" / "slurm").exists()
+    r = CliRunner().invoke(main, ["ddo", "--round", "1", *args, *sets], input="")
     assert r.exit_code == 0, r.output
     (rd,) = tmp_path.glob("runs/ddo-*/ddo-round1")
     done = json.loads((rd / "done.json").read_text())
