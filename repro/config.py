@@ -150,6 +150,16 @@ class DDOConfig:
     fake_first_seed: int = spec(ge=0, doc="round r's fake bank uses seeds fake_first_seed + r*1e6 + i")
     control: bool = spec(doc="also run an MLE control: the base trained further with the EDM loss, same steps")
     seed: int = spec(ge=0)
+    sweep_alpha: tuple[float, ...] = spec((), doc="if set (with sweep_beta: a grid), each round trains one candidate "
+                                          "per (alpha, beta) in the grid; the candidate checkpoint with the best "
+                                          "selection score becomes the round's best and the next reference; "
+                                          "empty = ddo.alpha only. The MLE control is not swept")
+    sweep_beta: tuple[float, ...] = spec((), doc="the betas of the sweep grid (see sweep_alpha); empty = ddo.beta only")
+
+
+# Fields left out of a stage's params (run directory keys, MLflow hashes) while empty, so that adding them changed
+# no run directory of the settings that do not use them.
+OMIT_WHEN_EMPTY = ("ddo.sweep_alpha", "ddo.sweep_beta")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -374,6 +384,16 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str, str]]:
         problems.append(("ddo.eval_every_nimg", f"is larger than ddo.nimg_per_round ({d.nimg_per_round}), "
                          "so no checkpoint of a round would be evaluated",
                          "set ddo.eval_every_nimg <= ddo.nimg_per_round"))
+    for name in ("sweep_alpha", "sweep_beta"):
+        values = getattr(d, name)
+        for i, v in enumerate(values):
+            if v is not None and not v > 0:  # also NaN
+                problems.append((f"ddo.{name}[{i}]", f"must be > 0, got {v!r}", f"give positive values, e.g. "
+                                 f"ddo.{name}: [0.1, 0.3], or [] for no sweep"))
+        names = [f"{v:g}" for v in values if v is not None]
+        if len(set(names)) != len(names):
+            problems.append((f"ddo.{name}", f"has repeated values {list(values)} (as written in run directory "
+                             "names, %g)", "list each value once"))
     net = cfg.pretrain.network
     if not net.channel_mult:
         problems.append(("pretrain.network.channel_mult", "is empty", "give at least one level, e.g. [1, 2]"))
@@ -588,6 +608,10 @@ def stage_dict(cfg: Config, stage: str) -> dict:
             out.setdefault(section, {})[key] = value[key]
         else:
             out[section] = value
+    for name in OMIT_WHEN_EMPTY:
+        section, _, key = name.partition(".")
+        if out.get(section, {}).get(key, None) == []:
+            del out[section][key]
     return out
 
 

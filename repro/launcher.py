@@ -12,6 +12,10 @@ Inside a job the stage runs like it does locally (`run_here`), with three additi
 - a job never submits another: inside one (SLURM_JOB_ID set) every stage runs here.
 
 The sample stage goes out as a job array, one task per shard of seeds; the stage then publishes the shards.
+A ddo stage with an alpha/beta sweep (ddo.sweep_alpha / sweep_beta) is orchestrated from here, round by round:
+the round's fake bank and reference score as one job, its candidates as one job array, then the selection here
+(file copies); finally the ordinary ddo stage as one job, which finds every swept round finished and trains the MLE
+control, writes models/ddo and logs the stage to MLflow.
 """
 
 from __future__ import annotations
@@ -211,6 +215,9 @@ def run(stage: str, cfg: Config, root: Path, progress: bool = True, **kwargs) ->
     if stage == "sample" and cfg.launcher.executor == "slurm":
         _run_sample_array(cfg, root, kwargs)
         return
+    if stage == "ddo" and _ddo_sweep(cfg):
+        _run_ddo_sweep(cfg, root, kwargs)
+        return
     ex = make_executor(cfg, stage, root)
     job = ex.submit(StageJob(stage, cfg, str(root), kwargs))
     wait([job], cfg.launcher.poll_s, what=f"stage {stage}")
@@ -241,6 +248,51 @@ class _ShardJob:
         os.environ["REPRO_IN_JOB"] = "1"
         _setup_job_logging()
         return str(stages.run_sample_shard(self.cfg, Path(self.root), shard))
+
+
+def _ddo_sweep(cfg: Config) -> bool:
+    from repro.ddo import sweep_grid
+
+    return bool(sweep_grid(cfg.ddo))
+
+
+def _run_ddo_sweep(cfg: Config, root: Path, kwargs: dict) -> None:
+    """Swept DDO rounds: per round a prepare job, the candidates as one job array, the selection here; then the
+    ddo stage itself as one job (it reuses the finished rounds)."""
+    from repro import stages
+
+    rounds = [kwargs["round"]] if kwargs.get("round") is not None else range(1, cfg.ddo.rounds + 1)
+    name = f"repro-{cfg.preset}-ddo"
+    for r in rounds:
+        todo = stages.ddo_sweep_todo(cfg, root, r)
+        if todo["done"]:
+            log.info("ddo round %d: already finished", r)
+            continue
+        if not todo["prepared"]:
+            ex = make_executor(cfg, "ddo", root, job_name=f"{name}-round{r}-prepare")
+            job = ex.submit(StageJob("ddo", cfg, str(root), {"round": r, "step": "prepare"}))
+            wait([job], cfg.launcher.poll_s, what=f"ddo round {r}: fake bank and reference score")
+        if todo["candidates"]:
+            ex = make_executor(cfg, "ddo", root, job_name=f"{name}-round{r}-candidates")
+            jobs = ex.map_array(_CandidateJob(cfg, str(root), r), todo["candidates"])
+            log.info("ddo round %d: %d (alpha, beta) candidates as job array %s", r, len(jobs),
+                     jobs[0].job_id.split("_")[0])
+            wait(jobs, cfg.launcher.poll_s, what=f"ddo round {r} candidates")
+        run_here("ddo", cfg, root, progress=False, round=r, step="select")
+    ex = make_executor(cfg, "ddo", root)
+    wait([ex.submit(StageJob("ddo", cfg, str(root), kwargs))], cfg.launcher.poll_s, what="stage ddo")
+
+
+class _CandidateJob:
+    """One task of a swept round's job array: the candidate (alpha, beta)."""
+
+    def __init__(self, cfg: Config, root: str, round_: int):
+        self.cfg, self.root, self.round = cfg, root, round_
+
+    def __call__(self, candidate: tuple[float, float]) -> str:
+        alpha, beta = candidate
+        return StageJob("ddo", self.cfg, self.root, {"round": self.round, "step": "candidate", "alpha": alpha,
+                                                     "beta": beta})()
 
 
 def wait(jobs: list, poll_s: float, what: str) -> list:

@@ -200,13 +200,17 @@ def describe(stage: str, cfg: Config, root: Path) -> dict | None:
     return None
 
 
-def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> None:  # noqa: A002
+def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = None,  # noqa: A002
+              step: str | None = None, alpha: float | None = None, beta: float | None = None) -> None:
     """All DDO rounds (and the MLE control), then models/ddo; or with ``round``, only that round.
 
     Rounds resume and are reused through their run directories, so `repro ddo --round 1`, `--round 2`, ...
     (one SLURM job each, chained with --dependency=afterok) followed by `repro ddo` trains nothing twice.
+    With a sweep (ddo.sweep_alpha / sweep_beta), ``step`` runs one step of swept DDO round ``round`` only:
+    'prepare', 'candidate' (with ``alpha``, ``beta``) or 'select' (the launcher's jobs; see repro.ddo).
     """
-    from repro.ddo import KINDS, run_rounds, train_round
+    from repro.ddo import (KINDS, prepare_round, run_rounds, select_round, sweep_grid, swept_round, train_candidate,
+                           train_round)
     from repro.evaluate import load_metric
     from repro.files import read_model_meta
 
@@ -214,21 +218,29 @@ def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = Non
     sampler = dataclasses.replace(cfg.sampler, guidance=1.0)
     if round is not None and not 1 <= round <= cfg.ddo.rounds:
         raise ValueError(f"--round {round}: the preset has rounds 1..{cfg.ddo.rounds} (ddo.rounds)")
+    if step is not None and (round is None or not sweep_grid(cfg.ddo) or step not in ("prepare", "candidate", "select")
+                             or (step == "candidate") != (alpha is not None and beta is not None)):
+        raise ValueError(f"ddo step {step!r} (round {round}, alpha {alpha}, beta {beta}): a step is 'prepare', "
+                         "'candidate' (with alpha and beta) or 'select' of one round of a swept ddo stage")
     _require(paths.data, paths.base, paths.extractor, paths.reference)
+    run_dir = ddo_run_dir(cfg, paths)
+    if step == "select":  # file copies only: no data, no metric
+        select_round(round, run_dir / f"ddo-round{round}", cfg.ddo)
+        return
     data = _data(paths)
     metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
-    inputs = {"data": paths.data, "base": paths.base, "extractor": paths.extractor, "reference": paths.reference}
-    run_dir = paths.runs / _run_dir("ddo", cfg, inputs)
     read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
     if round is None:
         with _tracked("ddo", cfg, paths) as t:
             t.set_tags({"run_dir": run_dir})
-            log.info("ddo: %d rounds%s; run directory %s", cfg.ddo.rounds,
-                     " + MLE control" if cfg.ddo.control else "", run_dir)
+            log.info("ddo: %d rounds%s%s; run directory %s", cfg.ddo.rounds,
+                     " + MLE control" if cfg.ddo.control else "",
+                     f", {len(sweep_grid(cfg.ddo))} (alpha, beta) candidates each" if sweep_grid(cfg.ddo) else "",
+                     run_dir)
             run_rounds(paths.base, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric, run_dir, paths.ddo,
                        t, progress)
         return
-    kinds = KINDS if cfg.ddo.control else ("ddo",)
+    kinds = ("ddo",) if step else KINDS if cfg.ddo.control else ("ddo",)
     refs = {}
     for kind in kinds:  # check every kind's previous round before any work starts
         if round == 1:
@@ -239,17 +251,55 @@ def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = Non
             raise FileNotFoundError(f"{kind} round {round - 1} is not finished ({prev}): run `repro ddo --round "
                                     f"{round - 1}` first")
         refs[kind] = (prev / "best.safetensors", json.loads((prev / "done.json").read_text())["best_score"])
+    round_dir = run_dir / f"ddo-round{round}"
+    if step == "prepare":
+        prepare_round(round, refs["ddo"][0], data, cfg.ddo, sampler, metric, round_dir, progress, refs["ddo"][1])
+        return
+    if step == "candidate":
+        with _tracked("ddo", cfg, paths, extra_hash={"round": round, "alpha": alpha, "beta": beta}) as t:
+            t.set_tags({"run_dir": run_dir, "round": round, "alpha": alpha, "beta": beta})
+            res = train_candidate(round, refs["ddo"][0], data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
+                                  round_dir, alpha, beta, t, progress)
+            t.log_metrics({"best_selection_score": res.best_score, "best_nimg": res.best_nimg})
+        return
     with _tracked("ddo", cfg, paths, extra_hash={"round": round}) as t:
         t.set_tags({"run_dir": run_dir, "round": round})
         for kind in kinds:
             ref_path, ref_score = refs[kind]
             with t.child(f"{kind}-round{round}", params={"round": round, "kind": kind},
                          tags={"round": round, "kind": kind}) as child:
-                res = train_round(kind, round, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
-                                  run_dir / f"{kind}-round{round}", child, progress, ref_score=ref_score)
+                if kind == "ddo" and sweep_grid(cfg.ddo):
+                    res = swept_round(round, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
+                                      round_dir, child, progress, ref_score)
+                else:
+                    res = train_round(kind, round, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
+                                      run_dir / f"{kind}-round{round}", child, progress, ref_score=ref_score)
                 child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score})
             log.info("ddo --round %d: %s best %.4f at %d images -> %s", round, kind, res.best_score, res.best_nimg,
                      res.best_path)
+
+
+def ddo_run_dir(cfg: Config, paths: Paths) -> Path:
+    """The ddo stage's run directory (keyed by its params and the sha256 of its inputs)."""
+    inputs = {"data": paths.data, "base": paths.base, "extractor": paths.extractor, "reference": paths.reference}
+    return paths.runs / _run_dir("ddo", cfg, inputs)
+
+
+def ddo_sweep_todo(cfg: Config, root: Path, round_: int) -> dict:
+    """What swept DDO round ``round_`` still needs: {'done': bool, 'prepared': bool, 'candidates': [(a, b), ...]}
+    (the launcher sends out only that)."""
+    from repro.ddo import candidate_dir, prepared, sweep_grid
+
+    paths = Paths(Path(root).resolve(), cfg.preset)
+    _require(paths.data, paths.base, paths.extractor, paths.reference)
+    round_dir = ddo_run_dir(cfg, paths) / f"ddo-round{round_}"
+    prev = round_dir.parent / f"ddo-round{round_ - 1}"
+    if round_ > 1 and not (prev / "done.json").is_file():
+        raise FileNotFoundError(f"ddo round {round_ - 1} is not finished ({prev}): run `repro ddo --round "
+                                f"{round_ - 1}` first")
+    return {"done": (round_dir / "done.json").is_file(), "prepared": prepared(round_dir) is not None,
+            "candidates": [(a, b) for a, b in sweep_grid(cfg.ddo)
+                           if not (candidate_dir(round_dir, a, b) / "done.json").is_file()]}
 
 
 def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:

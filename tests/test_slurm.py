@@ -115,6 +115,23 @@ def test_submitit_runs_a_ddo_round_as_a_slurm_job(project):
     assert any(r["tags"]["slurm_job_id"] == job and r["status"] == "FINISHED" for r in runs)
 
 
+def test_a_swept_ddo_round_sends_its_candidates_as_a_job_array(project):
+    d, env = project
+    p = _run(["repro", "ddo", "--round", "1", "--no-progress", "--set", "launcher.executor=slurm",
+              "--set", "launcher.poll_s=1", "--set", "launcher.resources.cpus_per_task=1",
+              "--set", "ddo.sweep_beta=[0.1, 0.3]"], d, env)
+    assert "2 (alpha, beta) candidates as job array" in p.stderr, p.stderr[-2000:]
+    array = p.stderr.split("candidates as job array ")[1].split()[0]
+    rows = _sacct(array)
+    assert len(rows) == 2 and all(v[0] == "COMPLETED" for v in rows.values()), rows
+    (rd,) = [x for x in _round_dirs(d, "ddo-round1") if (x / "a1-b0.1").is_dir()]
+    done = json.loads((rd / "done.json").read_text())
+    assert [c["beta"] for c in done["candidates"]] == [0.1, 0.3]
+    chosen = rd / f"a{done['chosen']['alpha']:g}-b{done['chosen']['beta']:g}" / "best.safetensors"
+    assert (rd / "best.safetensors").read_bytes() == chosen.read_bytes()
+    assert (rd.parent / "control-round1" / "done.json").is_file()  # the stage's own job: the MLE control
+
+
 def test_sbatch_script_runs_a_ddo_round(project):
     d, env = project
     p = _run(["sbatch", "--parsable", "--wait", "slurm/ddo_round.sh", "--params", "params.yaml", "--round", "1",
