@@ -103,7 +103,7 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
     return main.command(name or stage, help=doc)(command)
 
 
-_stage_command("data", "Prepare the embedded data set (uint8 array file + manifest with sha256).")
+_stage_command("data", "Prepare the data set (uint8 array file data/<dataset>.npz + manifest with sha256).")
 _stage_command("extractor", "Train the metric's feature extractor and compute the real data's statistics.")
 _stage_command("pretrain", "Make the base model: train it with the EDM loss (source 'train', resumable), or fetch, "
                "verify and convert a released checkpoint (source = a registry name).")
@@ -191,7 +191,7 @@ def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
     from repro.stages import Paths, eval_models
 
     root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
-    paths = Paths(root, cfg.preset)
+    paths = Paths(root, cfg.preset, cfg.data.dataset)
     models = eval_models(cfg, paths)
     ranges = eval_ranges(cfg.sample)
     if model not in models or not 0 <= which < len(ranges):

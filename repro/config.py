@@ -54,7 +54,11 @@ def spec(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=No
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     dataset: str = spec(choices=("digits", "cifar10", "imagenet64", "imagenet512"),
-                        doc="'digits' = scikit-learn's 8x8 digits (embedded); the paper data sets: not prepared yet")
+                        doc="'digits' = scikit-learn's 8x8 digits (embedded); 'cifar10' = the 50,000 training "
+                            "images of cifar-10-binary.tar.gz (downloaded, sha256-pinned); imagenet*: not prepared "
+                            "yet. Written to data/<dataset>.npz")
+    mirror: str = spec("", doc="base URL or local directory that replaces the data archive URL's location "
+                               "(cifar10), like pretrain.mirror")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,9 +29,10 @@ class Paths:
 
     root: Path
     preset: str
+    dataset: str = "digits"
 
     @property
-    def data(self) -> Path: return self.root / "data" / "digits.npz"
+    def data(self) -> Path: return self.root / "data" / f"{self.dataset}.npz"
     @property
     def manifest(self) -> Path: return self.root / "data" / "manifest.json"
     @property
@@ -87,7 +88,7 @@ def run_stage(stage: str, cfg: Config, root: Path, progress: bool = True, **kwar
     """
     from repro import distributed
 
-    paths = Paths(Path(root).resolve(), cfg.preset)
+    paths = Paths(Path(root).resolve(), cfg.preset, cfg.data.dataset)
     t0 = time.time()
     if distributed.init_from_env() and not distributed.is_main():
         logging.getLogger("repro").setLevel(logging.WARNING)  # rank 0 tells the progress, for all ranks
@@ -103,7 +104,7 @@ def stage_data(cfg: Config, paths: Paths, progress: bool) -> None:
     from repro.data import prepare
 
     with _tracked("data", cfg, paths) as t:
-        manifest = prepare(cfg.data, paths.data, paths.manifest)
+        manifest = prepare(cfg.data, paths.data, paths.manifest, root=paths.root, progress=progress)
         t.log_params({"sha256": manifest["sha256"], "n": manifest["n"]})
         t.log_artifact(paths.manifest)
 
@@ -192,7 +193,7 @@ def describe(stage: str, cfg: Config, root: Path) -> dict | None:
     if stage == "pretrain" and cfg.pretrain.source != "train":
         from repro.pretrained import plan
 
-        return plan(cfg.pretrain, root, Paths(root, cfg.preset).base, cfg.sampler)
+        return plan(cfg.pretrain, root, Paths(root, cfg.preset, cfg.data.dataset).base, cfg.sampler)
     if stage in ("sample", "fid") and cfg.sample.protocol != "custom":
         from repro.protocols import get
 
@@ -290,7 +291,7 @@ def ddo_sweep_todo(cfg: Config, root: Path, round_: int) -> dict:
     (the launcher sends out only that)."""
     from repro.ddo import candidate_dir, prepared, sweep_grid
 
-    paths = Paths(Path(root).resolve(), cfg.preset)
+    paths = Paths(Path(root).resolve(), cfg.preset, cfg.data.dataset)
     _require(paths.data, paths.base, paths.extractor, paths.reference)
     round_dir = ddo_run_dir(cfg, paths) / f"ddo-round{round_}"
     prev = round_dir.parent / f"ddo-round{round_ - 1}"
@@ -347,7 +348,7 @@ def sample_shards(cfg: Config, root: Path, missing_only: bool = True) -> list:
     """The sample stage's shards (not yet finished ones by default): what the launcher sends out as a job array."""
     from repro.evaluate import plan_shards, shard_done
 
-    paths = Paths(Path(root).resolve(), cfg.preset)
+    paths = Paths(Path(root).resolve(), cfg.preset, cfg.data.dataset)
     models = eval_models(cfg, paths)
     _require(*models.values())
     shards = plan_shards(models, cfg.sample, cfg.sampler, paths.runs / "samples-work")
@@ -358,7 +359,7 @@ def run_sample_shard(cfg: Config, root: Path, shard) -> Path:
     """One shard of the sample stage (one task of its job array)."""
     from repro.evaluate import run_shard
 
-    device, extras = _sampling_setup(cfg, Paths(Path(root).resolve(), cfg.preset))
+    device, extras = _sampling_setup(cfg, Paths(Path(root).resolve(), cfg.preset, cfg.data.dataset))
     return run_shard(shard, cfg.sampler, cfg.sample.batch, progress=False, device=device, **extras)
 
 
