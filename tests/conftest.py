@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import functools
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """An HTTP server on 127.0.0.1 (a free port) serving the folder it returns: (folder, base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """An empty project folder as the working directory, MLflow tracking off."""
+    d = tmp_path / "project"
+    d.mkdir()
+    monkeypatch.chdir(d)
+    monkeypatch.setenv("REPRO_TRACKING", "off")
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,10 @@ known pixels and labels), served by an HTTP server on 127.0.0.1 that the test st
 directory. The real 170 MB archive is never read here (no internet): these tests check the parsing (label byte,
 then R, G, B planes), the manifest, the sha256 pin, and the refusals."""
 
-import functools
 import hashlib
 import io
 import json
 import tarfile
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -21,10 +18,6 @@ from repro.data import CIFAR10_URL, load_prepared, read_cifar10_binary
 ARCHIVE = "cifar-10-binary.tar.gz"
 PER_BATCH = 4
 
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 def expected_arrays():
@@ -65,25 +58,6 @@ def write_archive(path, members=None, truncate=None):
     return path
 
 
-@pytest.fixture
-def served(tmp_path):
-    d = tmp_path / "served"
-    d.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(d)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield d, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    d = tmp_path / "project"
-    d.mkdir()
-    monkeypatch.chdir(d)
-    monkeypatch.setenv("REPRO_TRACKING", "off")
-    return d
 
 
 def run_data(mirror):
@@ -91,8 +65,8 @@ def run_data(mirror):
                                      f"data.mirror={mirror}"])
 
 
-def test_data_stage_from_http_mirror_parses_rgb_planes_and_pins_the_archive(project, served):
-    d, url = served
+def test_data_stage_from_http_mirror_parses_rgb_planes_and_pins_the_archive(project, mirror):
+    d, url = mirror
     archive = write_archive(d / ARCHIVE)
     r = run_data(url)
     assert r.exit_code == 0, r.output
@@ -115,8 +89,8 @@ def test_data_stage_from_http_mirror_parses_rgb_planes_and_pins_the_archive(proj
     assert (project / "checkpoints" / ARCHIVE).is_file()
 
 
-def test_tampered_archive_after_pinning_is_refused_and_nothing_written(project, served):
-    d, url = served
+def test_tampered_archive_after_pinning_is_refused_and_nothing_written(project, mirror):
+    d, url = mirror
     write_archive(d / ARCHIVE)
     assert run_data(url).exit_code == 0
     for f in ("cifar10.npz", "manifest.json"):

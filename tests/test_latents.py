@@ -8,10 +8,7 @@ swapped for a small one with monkeypatch); the EDM2 pickles are small random EDM
 
 from __future__ import annotations
 
-import functools
 import json
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,21 +32,6 @@ MAIN = registry.CHECKPOINTS["edm2-img512-l-ddo"]
 GUIDE = registry.CHECKPOINTS["edm2-img512-xs-0134217-0.165"]
 
 
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
 
 
 @pytest.fixture

@@ -2,14 +2,10 @@
 a tampered file and a pickle with foreign code are refused. The mirror is an HTTP server on 127.0.0.1 that the
 test starts, serving EDM-format pickles the test writes (repro never contacts any other address here)."""
 
-import functools
 import hashlib
 import json
 import os
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 import torch
 from click.testing import CliRunner
 from test_edm_pickle import Evil, edm_container, make_net, outputs, write_pickle
@@ -22,30 +18,7 @@ NAME = "edm-cifar10-32x32-cond-vp"
 FILE = CHECKPOINTS[NAME].filename
 
 
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
-
-@pytest.fixture
-def mirror(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    d = tmp_path / "project"
-    d.mkdir()
-    monkeypatch.chdir(d)
-    monkeypatch.setenv("REPRO_TRACKING", "off")
-    return d
 
 
 def run(*args):
