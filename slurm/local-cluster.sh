@@ -40,13 +40,18 @@ write_file() {  # write_file PATH MODE: stdin -> PATH, refusing to overwrite a f
     tmp=$(mktemp "$path.XXXXXX")
     cat >"$tmp"
     chmod "$mode" "$tmp"
+    if [ -e "$path" ] && cmp -s "$tmp" "$path"; then rm -f "$tmp"; return 0; fi
     mv "$tmp" "$path"
+    CHANGED=1
 }
 
 configure() {
-    local cpus mem
-    cpus=$(nproc)
-    mem=$(/usr/sbin/slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
+    local cpus mem hw
+    # What slurmd measures (not `nproc`, which answers OMP_NUM_THREADS when it is set).
+    hw=$(/usr/sbin/slurmd -C 2>/dev/null | head -1)
+    cpus=$(echo "$hw" | sed -n 's/.* CPUs=\([0-9]*\).*/\1/p')
+    cpus=${cpus:-$(getconf _NPROCESSORS_ONLN)}
+    mem=$(echo "$hw" | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
     mem=$(( ${mem:-4000} * 85 / 100 ))  # RealMemory must not exceed what slurmd measures
     mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm "$STATE"
     write_file /etc/slurm/slurm.conf 644 <<EOF
@@ -135,9 +140,14 @@ SQL
         wait_for 30 slurmdbd test -s "$STATE/slurmdbd.pid"
         wait_for 30 "slurmdbd (port 6819)" sacctmgr -n show cluster
     fi
+    if [ "${CHANGED:-0}" = 1 ]; then  # running daemons read the old configuration: restart the two that use it
+        for name in slurmd slurmctld; do running "$name" && stop_one "$name"; done
+    fi
     if ! running slurmctld; then
         /usr/sbin/slurmctld
         wait_for 30 slurmctld scontrol ping
+        # A fresh controller restores the jobs of its last run: on this throwaway cluster they are stale.
+        squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
     fi
     if ! running slurmd; then
         /usr/sbin/slurmd
@@ -145,22 +155,25 @@ SQL
     fi
     # The cluster registers itself in the accounting database; wait until the node takes jobs.
     wait_for 60 "node $NODE idle" sh -c "sinfo -h -n $NODE -o %t | grep -Eq '^(idle|mix|alloc)'"
-    log "up: cluster $CLUSTER, partition $PARTITION, node $NODE ($(nproc) CPUs); stop with: bash $0 down"
+    log "up: cluster $CLUSTER, partition $PARTITION, node $NODE ($(sinfo -h -n "$NODE" -o %c) CPUs); stop with: bash $0 down"
+}
+
+stop_one() {
+    local name=$1 pid
+    [ -f "$STATE/$name.pid" ] || return 0
+    pid=$(cat "$STATE/$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+        log "stopped $name (pid $pid)"
+    fi
+    rm -f "$STATE/$name.pid"
 }
 
 stop() {
-    local name pid
-    for name in slurmd slurmctld slurmdbd mariadbd munged; do
-        [ -f "$STATE/$name.pid" ] || continue
-        pid=$(cat "$STATE/$name.pid")
-        if kill -0 "$pid" 2>/dev/null; then
-            kill "$pid" 2>/dev/null || true
-            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
-            log "stopped $name (pid $pid)"
-        fi
-        rm -f "$STATE/$name.pid"
-    done
+    local name
+    for name in slurmd slurmctld slurmdbd mariadbd munged; do stop_one "$name"; done
 }
 
 status() {
