@@ -59,6 +59,8 @@ $MARK
 ClusterName=$CLUSTER
 SlurmctldHost=$NODE(127.0.0.1)
 AuthType=auth/munge
+# Job credentials live 20 s (default 120): this is also how long a requeued job waits before it starts again.
+AuthInfo=cred_expire=20
 CryptoType=crypto/munge
 SlurmUser=root
 SlurmdUser=root
