@@ -45,3 +45,32 @@ def inception_weights(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("inception") / "inception-2015-12-05-fidhelper.pth"
     return out, build_inception_weights(out, check_images=4, seed=0)
+
+
+# The micro preset, the digits and a briefly pretrained base model: shared by the training-loop tests. A module
+# may override `data` (test_sweep uses a subset); `base` is then trained on that module's data.
+@pytest.fixture(scope="module")
+def cfg():
+    from repro.config import load_config
+
+    return load_config(preset="micro")
+
+
+@pytest.fixture(scope="module")
+def data():
+    from repro.data import load_embedded
+
+    return load_embedded("digits")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cfg, data):
+    from dataclasses import replace
+
+    from repro.tracking import NullTracker
+    from repro.train import pretrain
+
+    d = tmp_path_factory.mktemp("base")
+    pretrain(replace(cfg.pretrain, total_nimg=256), data, d / "run", d / "base.safetensors", NullTracker(),
+             progress=False)
+    return d / "base.safetensors"

@@ -14,22 +14,10 @@ from safetensors.torch import load_file
 from repro import ddo as ddo_mod
 from repro import preempt
 from repro import train as train_mod
-from repro.config import load_config
-from repro.data import load_embedded
 from repro.ddo import train_round
 from repro.preempt import Preempted
 from repro.tracking import NullTracker
 from repro.train import load_state, pretrain
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config(preset="micro")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_embedded("digits")
 
 
 @pytest.fixture(autouse=True)
@@ -79,14 +67,6 @@ class WeightMetric:
 
     def score(self, net, seeds, label_dim, img_shape, sampler):
         return float(sum((p.detach().double() ** 2).sum() for p in net.parameters()).sqrt()) % 1.0
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, cfg, data):
-    d = tmp_path_factory.mktemp("base")
-    pretrain(replace(cfg.pretrain, total_nimg=256), data, d / "run", d / "base.safetensors", NullTracker(),
-             progress=False)
-    return d / "base.safetensors"
 
 
 def test_ddo_round_stopped_by_a_signal_resumes_bitwise_without_redoing_the_fake_bank(tmp_path, cfg, data, base,

@@ -10,21 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from repro import ddo as ddo_mod
-from repro.config import load_config
-from repro.data import load_embedded
 from repro.ddo import train_round
 from repro.tracking import NullTracker
 from repro.train import pretrain
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config(preset="micro")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_embedded("digits")
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -64,14 +52,6 @@ class WeightMetric:
         if self.kill_at_call is not None and self.calls == self.kill_at_call:
             raise Killed()
         return float(sum((p.double() ** 2).sum() for p in net.parameters()).sqrt()) % 1.0
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, cfg, data):
-    d = tmp_path_factory.mktemp("base")
-    pretrain(replace(cfg.pretrain, total_nimg=256), data, d / "run", d / "base.safetensors", NullTracker(),
-             progress=False)
-    return d / "base.safetensors"
 
 
 def test_ddo_round_resumes_after_a_kill_and_matches_an_uninterrupted_round(tmp_path, cfg, data, base, monkeypatch):

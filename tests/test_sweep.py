@@ -15,7 +15,6 @@ from repro import ddo as ddo_mod
 from repro.config import ConfigError, config_hash, load_config, preset_dict, stage_dict, to_dict
 from repro.data import load_embedded
 from repro.tracking import NullTracker
-from repro.train import pretrain
 
 
 class WeightMetric:
@@ -28,22 +27,9 @@ class WeightMetric:
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return load_config(preset="micro")
-
-
-@pytest.fixture(scope="module")
 def data():
     d = load_embedded("digits")
     return replace(d, images=d.images[:300], labels=d.labels[:300])
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, cfg, data):
-    d = tmp_path_factory.mktemp("base")
-    pretrain(replace(cfg.pretrain, total_nimg=256), data, d / "run", d / "base.safetensors", NullTracker(),
-             progress=False)
-    return d / "base.safetensors"
 
 
 def _tensors(p: Path) -> dict:
