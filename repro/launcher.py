@@ -58,7 +58,7 @@ def run_here(stage: str, cfg: Config, root: Path, progress: bool = True, **kwarg
         try:
             run_stage(stage, cfg, root, progress=progress, **kwargs)  # joins torch.distributed if launched so
         except preempt.Preempted as e:
-            if in_job() and os.environ.get("SLURM_JOB_ID"):
+            if os.environ.get("SLURM_JOB_ID"):
                 _leave_for_requeue(e, cfg.launcher.max_requeue)  # does not return
             raise
 
@@ -97,17 +97,13 @@ def _leave_for_requeue(e: Exception, max_requeue: int) -> None:
 
 
 class StageJob:
-    """What a submitted job runs: one stage (or one sample shard) of a config, in the job's process."""
+    """What a submitted job runs: one stage of a config (or one step of it), in the job's process."""
 
     def __init__(self, stage: str, cfg: Config, root: str, kwargs: dict | None = None):
         self.stage, self.cfg, self.root, self.kwargs = stage, cfg, root, dict(kwargs or {})
 
     def __call__(self) -> str:
-        os.environ["REPRO_IN_JOB"] = "1"
-        if self.cfg.launcher.image_digest:
-            os.environ.setdefault("REPRO_IMAGE_DIGEST", self.cfg.launcher.image_digest)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        _setup_job_logging()
+        _enter_job(self.cfg)
         run_here(self.stage, self.cfg, Path(self.root), progress=False, **self.kwargs)
         return f"{self.stage} done"
 
@@ -115,7 +111,10 @@ class StageJob:
         return f"StageJob({self.stage}, preset {self.cfg.preset})"
 
 
-def _setup_job_logging() -> None:
+def _enter_job(cfg: Config) -> None:
+    """In a job's process: the environment the sbatch script exports (also under the in-process debug executor),
+    and logging to the job's log."""
+    os.environ.update(_job_env(cfg))
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, format="[repro] %(message)s", stream=sys.stderr)
@@ -197,7 +196,7 @@ def make_executor(cfg: Config, stage: str, root: Path, job_name: str | None = No
 
 
 def submission_script(cfg: Config, stage: str, root: Path) -> str:
-    """The sbatch script the slurm executor would submit for ``stage`` (what `repro submit --print` shows)."""
+    """The sbatch script the slurm executor would submit for ``stage`` (what `repro job-script STAGE` prints)."""
     from submitit.slurm import slurm as _slurm
 
     params = slurm_parameters(cfg, stage)
@@ -245,8 +244,7 @@ class _ShardJob:
     def __call__(self, shard) -> str:
         from repro import stages
 
-        os.environ["REPRO_IN_JOB"] = "1"
-        _setup_job_logging()
+        _enter_job(self.cfg)
         return str(stages.run_sample_shard(self.cfg, Path(self.root), shard))
 
 
