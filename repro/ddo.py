@@ -408,10 +408,14 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
     return history
 
 
-def sample_grid(net, label_dim: int, img_shape, sampler: SamplerConfig, n: int = 80, ncol: int = 20) -> np.ndarray:
-    """A fixed-seed sample grid (seeds 0..n-1; labels 0..9 cycling when conditional) for MLflow artifacts."""
+def sample_grid(net, label_dim: int, img_shape, sampler: SamplerConfig, n: int = 80, ncol: int = 20,
+                **extras) -> np.ndarray:
+    """A fixed-seed sample grid (seeds 0..n-1; labels 0..9 cycling when conditional) for MLflow artifacts.
+
+    ``extras``: ``guide`` / ``decoder`` for generate_images (a guided or latent model's grid).
+    """
     labels = np.arange(n) % label_dim if label_dim else None
     images = np.concatenate([b.numpy() for _, b, _ in generate_images(net, np.arange(n), img_shape=img_shape,
                                                                       label_dim=label_dim, sampler=sampler,
-                                                                      labels=labels)])
+                                                                      labels=labels, **extras)])
     return image_grid(images, ncol=ncol)

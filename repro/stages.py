@@ -31,6 +31,10 @@ class Paths:
     preset: str
     dataset: str = "digits"
 
+    @classmethod
+    def of(cls, cfg: Config, root: Path) -> "Paths":
+        return cls(Path(root).resolve(), cfg.preset, cfg.data.dataset)
+
     @property
     def data(self) -> Path: return self.root / "data" / f"{self.dataset}.npz"
     @property
@@ -88,7 +92,7 @@ def run_stage(stage: str, cfg: Config, root: Path, progress: bool = True, **kwar
     """
     from repro import distributed
 
-    paths = Paths(Path(root).resolve(), cfg.preset, cfg.data.dataset)
+    paths = Paths.of(cfg, root)
     t0 = time.time()
     if distributed.init_from_env() and not distributed.is_main():
         logging.getLogger("repro").setLevel(logging.WARNING)  # rank 0 tells the progress, for all ranks
@@ -155,26 +159,11 @@ def stage_pretrain(cfg: Config, paths: Paths, progress: bool) -> None:
         if distributed.is_main():
             net, arch, info = load_model(paths.base)
             shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
-            extras = sampling_extras(cfg, paths.root, arch, info)
-            if extras:  # guided and/or latent: the grid goes through the same guide and decoder as the evaluation
-                grid = seed_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8, **extras)
-            else:
-                grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8)
+            extras = sampling_extras(cfg, paths.root, arch, info)  # guided / latent: as the evaluation samples
+            grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8, **extras)
             save_png(paths.base_grid, grid, scale=max(1, min(4, 128 // (grid.shape[0] // 4))))  # 4 rows; 512 px: x1
             t.log_image(grid, "base_samples.png")
             log.info("pretrain: wrote %s and a sample grid %s", paths.base, paths.base_grid)
-
-
-def seed_grid(net, label_dim: int, img_shape, sampler, n: int, ncol: int, **extras):
-    """Like repro.ddo.sample_grid (seeds 0..n-1, labels cycling), with a guide and/or decoder for generate_images."""
-    import numpy as np
-
-    from repro.sampler import generate_images, image_grid
-
-    labels = np.arange(n) % label_dim if label_dim else None
-    return image_grid(np.concatenate([b.numpy() for _, b, _ in generate_images(
-        net, np.arange(n), img_shape=img_shape, label_dim=label_dim, sampler=sampler, labels=labels, **extras)]),
-        ncol=ncol)
 
 
 def save_png(path: Path, image, scale: int = 4) -> None:
@@ -291,7 +280,7 @@ def ddo_sweep_todo(cfg: Config, root: Path, round_: int) -> dict:
     (the launcher sends out only that)."""
     from repro.ddo import candidate_dir, prepared, sweep_grid
 
-    paths = Paths(Path(root).resolve(), cfg.preset, cfg.data.dataset)
+    paths = Paths.of(cfg, root)
     _require(paths.data, paths.base, paths.extractor, paths.reference)
     round_dir = ddo_run_dir(cfg, paths) / f"ddo-round{round_}"
     prev = round_dir.parent / f"ddo-round{round_ - 1}"
@@ -348,7 +337,7 @@ def sample_shards(cfg: Config, root: Path, missing_only: bool = True) -> list:
     """The sample stage's shards (not yet finished ones by default): what the launcher sends out as a job array."""
     from repro.evaluate import plan_shards, shard_done
 
-    paths = Paths(Path(root).resolve(), cfg.preset, cfg.data.dataset)
+    paths = Paths.of(cfg, root)
     models = eval_models(cfg, paths)
     _require(*models.values())
     shards = plan_shards(models, cfg.sample, cfg.sampler, paths.runs / "samples-work")
@@ -359,7 +348,7 @@ def run_sample_shard(cfg: Config, root: Path, shard) -> Path:
     """One shard of the sample stage (one task of its job array)."""
     from repro.evaluate import run_shard
 
-    device, extras = _sampling_setup(cfg, Paths(Path(root).resolve(), cfg.preset, cfg.data.dataset))
+    device, extras = _sampling_setup(cfg, Paths.of(cfg, root))
     return run_shard(shard, cfg.sampler, cfg.sample.batch, progress=False, device=device, **extras)
 
 
