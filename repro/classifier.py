@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repro.files import atomic_path
+from repro.files import save_safetensors
 
 __all__ = [
     "DigitsClassifier",
@@ -281,15 +281,10 @@ def save_classifier(model: DigitsClassifier, path: str | os.PathLike, metadata: 
         save_classifier(model, "runs/digits_classifier.safetensors", metadata=info)
         model2 = load_classifier("runs/digits_classifier.safetensors")
     """
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": _FORMAT, "config": json.dumps(model.config, sort_keys=True)}
     if metadata is not None:
         meta["extra"] = json.dumps(metadata, sort_keys=True)
-    with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(Path(path), model.state_dict(), meta)
 
 
 def read_classifier_metadata(path: str | os.PathLike) -> dict:

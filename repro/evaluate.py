@@ -153,9 +153,7 @@ def inception_weights(cfg: ExtractorConfig, root: Path) -> tuple[Path, str]:
 
 def copy_inception_weights(src: Path, sha: str, out: Path) -> None:
     """Write the Inception weights as safetensors at ``out`` (the pipeline's own copy), recording their source."""
-    from safetensors.torch import save_file
-
-    from repro.files import atomic_path
+    from repro.files import save_safetensors
 
     tensors = torch.load(src, map_location="cpu", weights_only=True)
     template = fidelity.inception_state_dict_template()
@@ -163,8 +161,7 @@ def copy_inception_weights(src: Path, sha: str, out: Path) -> None:
         raise ValueError(f"extractor.weights: {src} is not torch-fidelity's Inception-v3 state dict "
                          f"(keys differ). Fix: rebuild it with `repro inception-weights --out {src}`")
     meta = {"kind": "inception", "source": str(src), "source_sha256": sha}
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    save_safetensors(out, tensors, meta)
 
 
 def fetch_reference(cfg: ExtractorConfig, root: Path, progress: bool = True) -> Path:

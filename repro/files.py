@@ -102,12 +102,18 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def save_model(path: Path, net: torch.nn.Module, arch: dict, info: dict | None = None) -> None:
     """Save a network's weights (fp32, contiguous) with its architecture and free-form info as metadata."""
+    meta = {"arch": json.dumps(arch, sort_keys=True), "info": json.dumps(info or {}, sort_keys=True)}
+    save_safetensors(path, net.state_dict(), meta)
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write tensors (moved to the CPU, contiguous) and string metadata atomically, the same bytes every time.
+    Every safetensors file of the package is written here."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    meta = {"arch": json.dumps(arch, sort_keys=True), "info": json.dumps(info or {}, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
         _sort_safetensors_header(tmp)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from repro.classifier import (
     load_classifier,
+    read_classifier_metadata,
     save_classifier,
     train_classifier,
     u8_to_float,
@@ -385,3 +386,35 @@ def test_same_number_as_torch_fidelity_calculate_metrics(trained, digits):
         compute_statistics(_batches(b, [300] * 3), ext, "features"),
     )
     assert ours == pytest.approx(out[torch_fidelity.KEY_METRIC_FID], rel=1e-4)
+
+
+def test_every_safetensors_writer_gives_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes its metadata in hash-map order, seeded per process: the classifier, a model checkpoint and
+    the Inception copy must still be byte-identical from run to run (DVC hashes them; downstream stages depend on it)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from pathlib import Path
+from repro.classifier import DigitsClassifier, save_classifier
+from repro.files import save_model, save_safetensors
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+net = DigitsClassifier()
+save_classifier(net, out / "classifier.safetensors", metadata={"accuracy": 0.9})
+save_model(out / "model.safetensors", net, {"width": 32}, {"step": 1})
+save_safetensors(out / "plain.safetensors", net.state_dict(), {"kind": "k", "source": "s", "source_sha256": "0" * 64})
+"""
+    digests = set()
+    for i in range(5):
+        out = tmp_path / str(i)
+        out.mkdir()
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True)
+        digests.add(tuple(hashlib.sha256((out / f).read_bytes()).hexdigest()
+                          for f in ("classifier.safetensors", "model.safetensors", "plain.safetensors")))
+    assert len(digests) == 1, digests
+    # and the files still read back
+    meta = read_classifier_metadata(tmp_path / "0" / "classifier.safetensors")
+    assert meta["extra"] == {"accuracy": 0.9}
