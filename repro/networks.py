@@ -310,13 +310,7 @@ class SongUNet(nn.Module):
             raise ValueError(f"SongUNet: decoder_type={decoder_type!r} is not supported (only DDPM++ 'standard')")
         if int(channel_mult_noise) < 1:
             raise ValueError("SongUNet: channel_mult_noise must be a positive integer")
-        channel_mult = [int(m) for m in channel_mult]
-        if not channel_mult:
-            raise ValueError("SongUNet: channel_mult must not be empty")
-        if img_resolution % (1 << (len(channel_mult) - 1)):
-            raise ValueError(
-                f"SongUNet: img_resolution={img_resolution} is not divisible by 2^{len(channel_mult) - 1}"
-            )
+        channel_mult = check_levels("SongUNet", channel_mult, img_resolution)
         super().__init__()
         self.img_resolution = img_resolution
         self.in_channels = in_channels
@@ -815,6 +809,16 @@ def disable_dropout(net: nn.Module) -> nn.Module:
             if isinstance(getattr(module, attr, None), (int, float)):
                 setattr(module, attr, 0.0)
     return net
+
+
+def check_levels(net_name: str, channel_mult: Iterable[int], img_resolution: int) -> list[int]:
+    """A U-Net's channel multipliers as ints, one per resolution level; the resolution must halve evenly down them."""
+    channel_mult = [int(m) for m in channel_mult]
+    if not channel_mult:
+        raise ValueError(f"{net_name}: channel_mult must not be empty")
+    if img_resolution % (1 << (len(channel_mult) - 1)):
+        raise ValueError(f"{net_name}: img_resolution={img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
+    return channel_mult
 
 
 def count_parameters(net: nn.Module) -> int:

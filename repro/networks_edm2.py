@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repro.networks import count_parameters
+from repro.networks import check_levels, count_parameters
 
 __all__ = [
     "mp_silu",
@@ -390,13 +390,7 @@ class EDM2UNet(nn.Module):
         concat_balance: float = 0.5,
         **block_kwargs: Any,
     ):
-        channel_mult = [int(m) for m in channel_mult]
-        if not channel_mult:
-            raise ValueError("EDM2UNet: channel_mult must not be empty")
-        if img_resolution % (1 << (len(channel_mult) - 1)):
-            raise ValueError(
-                f"EDM2UNet: img_resolution={img_resolution} is not divisible by 2^{len(channel_mult) - 1}"
-            )
+        channel_mult = check_levels("EDM2UNet", channel_mult, img_resolution)
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels

@@ -409,6 +409,10 @@ def test_build_network_validates_keys_and_options():
             build_network(dict(TINY, precond="edm", **bad))
     with pytest.raises(ValueError, match="embedding_type"):
         SongUNet(8, 1, 1, embedding_type="fourier")
+    with pytest.raises(ValueError, match=r"SongUNet: img_resolution=12 is not divisible by 2\^3"):
+        SongUNet(12, 1, 1, channel_mult=[1, 2, 2, 2])
+    with pytest.raises(ValueError, match="SongUNet: channel_mult must not be empty"):
+        SongUNet(8, 1, 1, channel_mult=[])
     net = build_network(dict(TINY, precond="vp", beta_d=10.0, M=500, embedding_type="positional",
                              resample_filter=[1, 1], use_fp16=False))
     assert isinstance(net, VPPrecond) and net.beta_d == 10.0 and net.M == 500

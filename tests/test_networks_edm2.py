@@ -550,7 +550,9 @@ def test_build_edm2_rejects_bad_arch():
         build_edm2({k: v for k, v in TINY.items() if k != "img_channels"})
     with pytest.raises(ValueError, match="edm2"):
         build_edm2(dict(TINY, precond="edm"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"EDM2UNet: img_resolution=6 is not divisible by 2\^2"):
         build_edm2(dict(TINY, img_resolution=6, channel_mult=[1, 2, 2]))
+    with pytest.raises(ValueError, match="EDM2UNet: channel_mult must not be empty"):
+        build_edm2(dict(TINY, channel_mult=[]))
     assert isinstance(build_edm2(dict(TINY, precond="edm2")), EDM2Precond)
     assert e2.build_edm2 is build_edm2
