@@ -383,15 +383,18 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
                 else:
                     res = train_round(kind, r, ref_path, data, cfg, sampler, sigma_data, metric,
                                       run_dir / f"{kind}-round{r}", child, progress, ref_score=ref_score)
-                child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score})
+                child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score,
+                                   "round_seconds": res.seconds})
                 if distributed.is_main():  # a picture for MLflow: rank 0's job
                     best, arch, _ = load_model(res.best_path)
                     grid = sample_grid(best, arch["label_dim"], data.shape, sampler)
                     child.log_image(grid, f"{kind}_round{r}_samples.png")
             results[kind].append(res)
             ref_path, ref_score = res.best_path, res.best_score
+        # No wall-clock times in this output (they are in MLflow and each round's done.json): the same rounds
+        # must give the same bytes, or DVC would rerun sampling after every rerun of this stage.
         history[kind] = [{"round": x.round, "best_score": x.best_score, "best_nimg": x.best_nimg,
-                          "reference_score": x.ref_score, "evals": x.evals, "seconds": x.seconds}
+                          "reference_score": x.ref_score, "evals": x.evals}
                          for x in results[kind]]
     # Outputs (atomically as one directory, by rank 0): each round's best, and the selection history.
     if distributed.is_main():

@@ -101,6 +101,20 @@ def test_second_dvc_repro_does_nothing(project):
     assert "up to date" in out
 
 
+def test_ddo_rerun_from_scratch_gives_the_same_bytes_so_nothing_downstream_is_stale(project):
+    """Rounds retrained from nothing (run dirs gone) must write byte-identical outputs: no timings, no hash-map
+    ordering in them; otherwise DVC would see models/ddo changed and rerun sampling and FID for nothing."""
+    d, env, _ = project
+    before = (d / "dvc.lock").read_text()
+    for run_dir in (d / "runs").glob("ddo-*"):
+        shutil.rmtree(run_dir)
+    out = _run(["dvc", "repro", "--force", "--single-item", "ddo"], d, env)
+    assert "Running stage 'ddo'" in out
+    assert (d / "dvc.lock").read_text() == before
+    status = _run(["dvc", "status"], d, env)
+    assert "up to date" in status, status
+
+
 def test_dvc_exp_run_with_a_new_beta_reruns_only_what_depends_on_it(project):
     d, env, _ = project
     _run(["git", "add", "-A"], d, env)
