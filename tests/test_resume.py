@@ -51,7 +51,7 @@ class WeightMetric:
         self.calls += 1
         if self.kill_at_call is not None and self.calls == self.kill_at_call:
             raise Killed()
-        return float(sum((p.double() ** 2).sum() for p in net.parameters()).sqrt()) % 1.0
+        return float(sum((p.detach().double() ** 2).sum() for p in net.parameters()).sqrt()) % 1.0
 
 
 def test_ddo_round_resumes_after_a_kill_and_matches_an_uninterrupted_round(tmp_path, cfg, data, base, monkeypatch):
