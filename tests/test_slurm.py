@@ -194,6 +194,27 @@ def test_sample_shards_go_out_as_a_job_array(project):
     assert "job array" not in p.stderr
 
 
+def test_sbatch_scripts_sample_then_fid(project):
+    """slurm/sample.sh remakes only a deleted shard (the rest are from the array above), then slurm/fid.sh,
+    chained with --dependency=afterok, writes the metrics and the tables."""
+    d, env = project
+    sets = ["--params", "params.yaml", "--set", "sample.shard_size=96"]
+    published = d / "samples/base/seeds-000000096-000000192.npz"
+    before = published.read_bytes()
+    (d / "runs/samples-work/base" / published.name).unlink()  # the finished shard itself (samples/ is its copy)
+    sample = _run(["sbatch", "--parsable", "slurm/sample.sh", *sets], d, env).stdout.strip().split(";")[0]
+    fid = _run(["sbatch", "--parsable", "--wait", f"--dependency=afterok:{sample}", "slurm/fid.sh", *sets],
+               d, env, timeout=900).stdout.strip().split(";")[0]
+    assert _sacct(sample)[sample][0] == "COMPLETED" and _sacct(fid)[fid][0] == "COMPLETED"
+    log = (d / f"repro-sample-{sample}.log").read_text()
+    assert "8 shards of up to 96 seeds, 7 already finished" in log, log[-2000:]
+    assert published.read_bytes() == before  # the same per-seed images again, in a job
+    metrics = json.loads((d / "results/micro/metrics.json").read_text())
+    assert {m["name"] for m in metrics["models"]} >= {"base", "ddo-round2", "control-round2"}
+    assert "ddo-round2" in (d / "results/micro/table.md").read_text()
+    assert "stage table done" in (d / f"repro-fid-{fid}.log").read_text()
+
+
 def _wait(cond, timeout: float, what: str, poll: float = 0.5):
     t0 = time.time()
     while not cond():
