@@ -322,6 +322,17 @@ def shard_record(path: Path) -> dict | None:
         return None
 
 
+def sample_devices(shards: Iterable[Shard]) -> list[str]:
+    """The device types ("cpu", "cuda") that made these shards' images, as recorded in them ("unknown" for a
+    shard without the record). A seed's image differs between CPU and GPU, so a metric over shards from both
+    mixes two (equally valid) sample sets: the fid stage records this list and warns when it has two entries."""
+    devices = set()
+    for s in shards:
+        with np.load(s.out, allow_pickle=False) as z:
+            devices.add(str(z["device"]) if "device" in z.files else "unknown")
+    return sorted(devices)
+
+
 def shard_done(shard: Shard, sampler: SamplerConfig) -> bool:
     """True if ``shard.out`` holds this shard's seeds, made by the same model file and sampler settings."""
     rec = shard_record(shard.out) if shard.out.is_file() else None

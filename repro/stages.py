@@ -355,7 +355,7 @@ def run_sample_shard(cfg: Config, root: Path, shard) -> Path:
 def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
     from repro.evaluate import (METRIC_LABELS, eval_ranges, evaluate_range, extra_metrics, feature_metrics,
                                 load_metric, model_sha256, plan_shards, range_batches, range_shards,
-                                reference_features)
+                                reference_features, sample_devices)
     from repro.tracking import git_commit
 
     models = eval_models(cfg, paths)
@@ -393,7 +393,13 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
                     for k, v in feature_metrics(feats, ref_feats, m.kid, m.prc, m.kid_subsets, m.kid_subset_size,
                                                 suffix).items():
                         more.setdefault(k, []).append(v)
-            entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values}
+            devices = sample_devices(s for s in shards if s.model == name)
+            if len(devices) > 1:
+                log.warning("fid: %s's sample shards were made on %s; a seed's image differs between devices. To "
+                            "use one device, delete %s and rerun `repro sample` there", name, " and ".join(devices),
+                            paths.runs / "samples-work" / name)
+            entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values,
+                     "sample_devices": devices}
             if more:  # other metrics: the protocol's reduction for distances, the mean for KID and precision/recall
                 entry["extra"] = {k: {"value": reduce_values(v, reduce if k == "fid" else "mean"), "values": v}
                                   for k, v in more.items()}

@@ -233,6 +233,9 @@ def _validate_metrics(data: Any, origin: str) -> None:
                 fail(f"field 'models[{i}].values' must be a list of numbers")
         if "cell" in model and not isinstance(model["cell"], str):
             fail(f"field 'models[{i}].cell' must be a row id string")
+        devices = model.get("sample_devices", [])
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            fail(f"field 'models[{i}].sample_devices' must be a list of device names, e.g. [\"cuda\"]")
 
 
 def load_results(results_dir: str | Path) -> list[dict]:
@@ -768,6 +771,10 @@ def _run_description(metrics: dict) -> tuple[str, list[str]]:
     if prot.get("reference_sha256"):
         r += f" (sha256 {str(prot['reference_sha256'])[:12]})"
     bits.append(r)
+    devices = sorted({d for m in metrics.get("models", []) for d in m.get("sample_devices") or []})
+    if devices:
+        bits.append(f"sampled on {' and '.join(devices)}" + (" (MIXED: a seed's image differs by device)"
+                                                            if len(devices) > 1 else ""))
     bits.append("full run" if prot["full"] else "REDUCED run (fewer samples than the full protocol)")
     lines = ["Protocol: " + "; ".join(bits) + "."]
     run = metrics.get("run")

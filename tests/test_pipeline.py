@@ -53,13 +53,13 @@ def test_dvc_repro_runs_every_stage_and_writes_the_outputs(project):
     names = [m["name"] for m in metrics["models"]]
     assert names == ["base", "ddo-round1", "ddo-round2", "control-round2"]
     for m in metrics["models"]:
-        assert len(m["values"]) == 2 and m["value"] > 0
+        assert len(m["values"]) == 2 and m["value"] > 0 and m["sample_devices"] == ["cpu"]
     p = metrics["protocol"]
     assert p["n_samples"] == 96 and p["seed_ranges"] == [[0, 96], [96, 192]] and p["extractor"] == "digits-classifier"
     assert len(p["extractor_sha256"]) == 64 and len(p["reference_sha256"]) == 64
     assert (d / "results/micro/rounds.tsv").read_text().startswith("round\tddo\tcontrol\n0\t")
     table = (d / "results/micro/table.md").read_text()
-    assert "ddo-round2" in table and "FD-digits" in table
+    assert "ddo-round2" in table and "FD-digits" in table and "; sampled on cpu;" in table
     assert "Table 1" in (d / "results/ddo_tables.md").read_text()
     rounds = json.loads((d / "models/ddo/rounds.json").read_text())
     assert len(rounds["history"]["ddo"]) == 2 and len(rounds["history"]["control"]) == 2

@@ -181,3 +181,16 @@ def test_export_as_one_npz_or_pngs(model, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000007.png")), imgs[2, 0])
     with pytest.raises(ValueError, match="format"):
         evaluate.export_samples(shards, tmp_path / "x", "jpg")
+
+
+def test_the_devices_that_made_the_shards_are_read_back(model, tmp_path):
+    shards = plan_shards({"base": model}, _cfg(10, n=20, repeats=1), SAMPLER, tmp_path)
+    for s in shards:
+        run_shard(s, SAMPLER, 8, device="cpu")
+    assert evaluate.sample_devices(shards) == ["cpu"]
+    # a shard as a GPU would record it, and one written before devices were recorded
+    d = load_npz(shards[1].out)
+    np.savez(shards[1].out, **{**d, "device": np.array("cuda")})
+    assert evaluate.sample_devices(shards) == ["cpu", "cuda"]
+    np.savez(shards[1].out, **{k: v for k, v in d.items() if k != "device"})
+    assert evaluate.sample_devices(shards) == ["cpu", "unknown"]

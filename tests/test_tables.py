@@ -113,6 +113,16 @@ def test_render_run_reduced_and_control():
     assert "| ddo-r1 | 1 | 5.00 | 4.90 | 5.10 | -1.10 (-18.0%) | -0.90 (-15.3%) |  |" in tiny
 
 
+def test_protocol_line_says_which_devices_sampled_and_flags_a_mix():
+    m = fixture_metrics("tiny")
+    assert "sampled on" not in T.render_run(m)  # not recorded: nothing said
+    for model in m["models"]:
+        model["sample_devices"] = ["cuda"]
+    assert "; sampled on cuda; full run." in T.render_run(m)
+    m["models"][1]["sample_devices"] = ["cpu", "cuda"]
+    assert "; sampled on cpu and cuda (MIXED: a seed's image differs by device); full run." in T.render_run(m)
+
+
 def test_csv_and_latex_render():
     import csv
     import io
@@ -168,6 +178,7 @@ def _write(tmp_path: Path, preset: str, data) -> Path:
         (lambda m: m["models"][1].pop("value"), "'models[1].value'"),
         (lambda m: m["models"][0].pop("round"), "'models[0].round'"),
         (lambda m: m["models"][2].__setitem__("value", "4.6"), "'models[2].value' must be a number"),
+        (lambda m: m["models"][0].__setitem__("sample_devices", "cpu"), "'models[0].sample_devices' must be a list"),
     ],
 )
 def test_malformed_metrics_names_file_and_field(tmp_path, mutate, field):
