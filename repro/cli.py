@@ -191,7 +191,7 @@ def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
     from repro.stages import Paths, eval_models
 
     root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
-    paths = Paths(root, cfg.preset, cfg.data.dataset)
+    paths = Paths.of(cfg, root)
     models = eval_models(cfg, paths)
     ranges = eval_ranges(cfg.sample)
     if model not in models or not 0 <= which < len(ranges):

@@ -311,13 +311,14 @@ def model_sha256(path: Path) -> str:
 
 
 def shard_record(path: Path) -> dict | None:
-    """The small fields of a shard file (model_sha256, sampler, lo, hi), without reading its images; None if
-    the file is missing or unreadable."""
+    """The small fields of a shard file (model_sha256, sampler, lo, hi, device: "unknown" if not recorded), without
+    reading its images; None if the file is missing or unreadable."""
     try:
         with np.load(path, allow_pickle=False) as z:
             seeds = z["seeds"]
             return {"model_sha256": str(z["model_sha256"]), "sampler": str(z["sampler"]),
-                    "lo": int(seeds[0]) if len(seeds) else None, "hi": int(seeds[-1]) + 1 if len(seeds) else None}
+                    "lo": int(seeds[0]) if len(seeds) else None, "hi": int(seeds[-1]) + 1 if len(seeds) else None,
+                    "device": str(z["device"]) if "device" in z.files else "unknown"}
     except (OSError, ValueError, KeyError, EOFError):
         return None
 
@@ -326,11 +327,7 @@ def sample_devices(shards: Iterable[Shard]) -> list[str]:
     """The device types ("cpu", "cuda") that made these shards' images, as recorded in them ("unknown" for a
     shard without the record). A seed's image differs between CPU and GPU, so a metric over shards from both
     mixes two (equally valid) sample sets: the fid stage records this list and warns when it has two entries."""
-    devices = set()
-    for s in shards:
-        with np.load(s.out, allow_pickle=False) as z:
-            devices.add(str(z["device"]) if "device" in z.files else "unknown")
-    return sorted(devices)
+    return sorted({(shard_record(s.out) or {"device": "unknown"})["device"] for s in shards})
 
 
 def shard_done(shard: Shard, sampler: SamplerConfig) -> bool:

@@ -55,6 +55,8 @@ class Paths:
     def results(self) -> Path: return self.root / "results" / self.preset
     @property
     def runs(self) -> Path: return self.root / "runs"
+    @property
+    def samples_work(self) -> Path: return self.runs / "samples-work"  # finished shards; samples/ is their copy
 
 
 def _data(paths: Paths):
@@ -182,7 +184,7 @@ def describe(stage: str, cfg: Config, root: Path) -> dict | None:
     if stage == "pretrain" and cfg.pretrain.source != "train":
         from repro.pretrained import plan
 
-        return plan(cfg.pretrain, root, Paths(root, cfg.preset, cfg.data.dataset).base, cfg.sampler)
+        return plan(cfg.pretrain, root, Paths.of(cfg, root).base, cfg.sampler)
     if stage in ("sample", "fid") and cfg.sample.protocol != "custom":
         from repro.protocols import get
 
@@ -324,7 +326,7 @@ def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
     with _tracked("sample", cfg, paths) as t:
         # Shards are made in a resumable work directory, then published atomically as samples/ (exactly the
         # shards of this plan: shards of another shard size or seed range left in the work directory are not).
-        work = paths.runs / "samples-work"
+        work = paths.samples_work
         written = sample_models(models, cfg.sample, cfg.sampler, work, t, progress, device, **extras)
         with atomic_dir(paths.samples) as tmp:
             for name, files in written.items():
@@ -340,7 +342,7 @@ def sample_shards(cfg: Config, root: Path, missing_only: bool = True) -> list:
     paths = Paths.of(cfg, root)
     models = eval_models(cfg, paths)
     _require(*models.values())
-    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.runs / "samples-work")
+    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.samples_work)
     return [s for s in shards if not (missing_only and shard_done(s, cfg.sampler))]
 
 
@@ -397,7 +399,7 @@ def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
             if len(devices) > 1:
                 log.warning("fid: %s's sample shards were made on %s; a seed's image differs between devices. To "
                             "use one device, delete %s and rerun `repro sample` there", name, " and ".join(devices),
-                            paths.runs / "samples-work" / name)
+                            paths.samples_work / name)
             entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values,
                      "sample_devices": devices}
             if more:  # other metrics: the protocol's reduction for distances, the mean for KID and precision/recall
