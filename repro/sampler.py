@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -38,40 +38,76 @@ def sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float,
     return torch.cat([t, torch.zeros_like(t[:1])])
 
 
+class Correction(Protocol):
+    """A guidance term added to the model's score inside the Heun step (discriminator guidance and its kin).
+
+    ``correction(x, sigma, labels, step, order)`` returns delta ~ grad_x log p_data(x; sigma) / p_model(x; sigma)
+    (already weighted; the shape of x, any float dtype) or None for nothing, at the first-order (``order=1``,
+    x = x_hat) or the second-order (``order=2``, x = the Euler step's x_next) evaluation of step ``step``.
+    ``sigma`` has shape [N]. The sampler adds it to the score, score <- score + delta, which on EDM's ODE
+    dx/dsigma = -sigma score is d <- d - sigma delta.
+
+    Optional: ``churn(step, gamma) -> Tensor [N] | None``, per-sample churn factors replacing the sampler's
+    ``gamma`` at this step (DG's "boosting"). Whether it returns a tensor must depend on ``step`` only, so that
+    the per-seed noise streams stay independent of the other images in a batch.
+    """
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, step: int,
+                 order: int) -> torch.Tensor | None: ...
+
+
 # Karras et al. 2022 (EDM), Algorithm 2: stochastic Heun sampler (deterministic when S_churn = 0).
 @torch.no_grad()
 def edm_sampler(denoise: Denoiser, latents: torch.Tensor, labels: torch.Tensor | None = None, *,
                 num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                 S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0,
-                randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
+                randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+                correction: Correction | None = None) -> torch.Tensor:
     """Integrate the probability-flow ODE (plus optional churn) from sigma_max to 0; float64 state.
 
     ``denoise(x, sigma, labels)`` is called with float32 x and a per-sample sigma of shape [N].
-    Number of network evaluations: 2 * num_steps - 1.
+    Number of network evaluations: 2 * num_steps - 1. ``correction``: a guidance term (see :class:`Correction`);
+    None leaves the algorithm exactly as written (the same floating-point operations).
     """
     n = latents.shape[0]
+    col = (n,) + (1,) * (latents.ndim - 1)  # a per-sample noise level broadcast over the sample's dimensions
 
     def D(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = t.to(torch.float32).expand(n)
         return denoise(x.to(torch.float32), sigma, labels).to(torch.float64)
 
+    def guide(d: torch.Tensor, x: torch.Tensor, t: torch.Tensor, i: int, order: int) -> torch.Tensor:
+        if correction is None:
+            return d
+        delta = correction(x, t.expand(n), labels, i, order)
+        return d if delta is None else d - t.reshape(-1, *col[1:]) * delta.to(torch.float64)
+
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device)
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
-        # Increase noise temporarily (churn).
+        # Increase noise temporarily (churn); a correction may set it per sample.
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
-        t_hat = t_cur + gamma * t_cur
-        x_hat = x_cur
-        if gamma > 0:
+        per_sample = getattr(correction, "churn", None)
+        per_sample = per_sample(i, gamma) if per_sample is not None else None
+        if per_sample is not None:
+            gamma = per_sample.to(torch.float64).reshape(col)
+            t_hat = t_cur + gamma * t_cur
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+            t_hat = t_hat.reshape(n)
+        else:
+            t_hat = t_cur + gamma * t_cur
+            x_hat = x_cur
+            if gamma > 0:
+                x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        t_col = t_hat.reshape(col) if t_hat.ndim else t_hat
         # Euler step.
-        d_cur = (x_hat - D(x_hat, t_hat)) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
+        d_cur = guide((x_hat - D(x_hat, t_hat)) / t_col, x_hat, t_hat, i, 1)
+        x_next = x_hat + (t_next - t_col) * d_cur
         # Second-order (Heun) correction, except on the last step to sigma = 0.
         if i < num_steps - 1:
-            d_prime = (x_next - D(x_next, t_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            d_prime = guide((x_next - D(x_next, t_next)) / t_next, x_next, t_next, i, 2)
+            x_next = x_hat + (t_next - t_col) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
 
 
@@ -183,6 +219,7 @@ def generate_images(denoise: Denoiser, seeds: Sequence[int], *, img_shape: Seque
                     batch: int | None = None, device="cpu", progress: bool = False, desc: str = "sampling",
                     part: tuple[int, int] = (0, 1),
                     guide: Denoiser | None = None, decoder: Decoder | None = None,
+                    correction: Correction | None = None,
                     ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
     """Yield (seeds, uint8 images [B,C,H,W], int labels or None) batch by batch.
 
@@ -196,7 +233,8 @@ def generate_images(denoise: Denoiser, seeds: Sequence[int], *, img_shape: Seque
     ``guide``: the guide network, used when ``sampler.guidance`` != 1 (see :func:`sampling_denoiser`, which also
     applies ``sampler.dtype`` and ``sampler.compile``). ``decoder``: turns the sampler's output into uint8
     images (a latent model's SD-VAE decoder, repro.latents); default :func:`to_uint8`. ``img_shape`` is the
-    shape the network samples in (latents for a latent model).
+    shape the network samples in (latents for a latent model). ``correction``: a guidance term added to the
+    score inside each Heun step (:class:`Correction`; a stateful one starts afresh at step 0 of each batch).
     """
     from tqdm.auto import tqdm
 
@@ -216,7 +254,7 @@ def generate_images(denoise: Denoiser, seeds: Sequence[int], *, img_shape: Seque
         x = edm_sampler(denoise, latents, one_hot(y, label_dim), num_steps=sampler.num_steps,
                         sigma_min=sampler.sigma_min, sigma_max=sampler.sigma_max, rho=sampler.rho,
                         S_churn=sampler.S_churn, S_min=sampler.S_min, S_max=sampler.S_max, S_noise=sampler.S_noise,
-                        randn_like=rnd.randn_like)
+                        randn_like=rnd.randn_like, correction=correction)
         images = decoder(x) if decoder is not None else to_uint8(x)
         bar.update(len(idx))
         yield seeds[idx], images.cpu(), (y.cpu() if y is not None else None)
