@@ -24,9 +24,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from repro.config import load_config  # noqa: E402
-from repro.losses import ddo_diffusion_loss, draw_sigma_noise, edm_loss  # noqa: E402
-from repro.networks import arch_presets, build_network, disable_dropout  # noqa: E402
-from repro.sampler import edm_sampler  # noqa: E402
+from repro.methods.losses import ddo_diffusion_loss, draw_sigma_noise, edm_loss  # noqa: E402
+from repro.nets.edm import arch_presets, build_network, disable_dropout  # noqa: E402
+from repro.sampling.edm import edm_sampler  # noqa: E402
 
 
 def tiny_arch() -> dict:

@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from repro.fidelity import frechet_distance  # noqa: E402
+from repro.evaluation.fidelity import frechet_distance  # noqa: E402
 
 
 def stats(rng, n: int, d: int, shift: float):

@@ -2,7 +2,7 @@
 
 For each setting (EDM CIFAR-10 DDPM++ 56M; EDM2 ImageNet-64 S 280M; EDM2 ImageNet-512 L 777M in latents with
 the SD-VAE decoder; the same with autoguidance by EDM2-XS, DDO's w = 1.1) this times network evaluations at a
-given batch through the same callable the sampler integrates (repro.sampler.sampling_denoiser: guidance,
+given batch through the same callable the sampler integrates (repro.sampling.edm.sampling_denoiser: guidance,
 dtype, compile) and reports images per second for the paper's sampler (Heun: NFE = 2 * steps - 1; a guided
 evaluation runs both networks), plus peak memory. Latent settings add the SD-VAE decode (83.65M, real config,
 random weights). On CPU a full sampling run is too slow to time, so by default it times `--evals` evaluations
@@ -28,9 +28,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from repro.config import load_config  # noqa: E402
-from repro.networks import arch_presets, build_network, count_parameters  # noqa: E402
-from repro.networks_edm2 import EDM2_PRESETS  # noqa: E402
-from repro.sampler import edm_sampler, sampling_denoiser  # noqa: E402
+from repro.nets.edm import arch_presets, build_network, count_parameters  # noqa: E402
+from repro.nets.edm2 import EDM2_PRESETS  # noqa: E402
+from repro.sampling.edm import edm_sampler, sampling_denoiser  # noqa: E402
 
 GUIDE = "edm2-img512-xs-0134217-0.165"
 SETTINGS = {  # name: (architecture, guide architecture, sampler steps of the paper protocol, latent decoder)
@@ -111,7 +111,7 @@ def main() -> None:
             if latent:
                 from diffusers import AutoencoderKL
 
-                from repro.latents import SD_VAE_FT_MSE, LatentDecoder
+                from repro.nets.sd_vae import SD_VAE_FT_MSE, LatentDecoder
 
                 vae = AutoencoderKL(**SD_VAE_FT_MSE).to(dev).eval().requires_grad_(False)
                 decode = LatentDecoder(vae)

@@ -24,8 +24,7 @@ from pathlib import Path  # noqa: E402
 import click  # noqa: E402
 import yaml  # noqa: E402
 
-from repro.config import (ConfigError, dump_yaml, load_config, preset_dict, preset_names, preset_text,  # noqa: E402
-                          stage_dict)  # noqa: E402
+from repro.config import (ConfigError, dump_yaml, load_config, preset_dict, preset_names, preset_text, stage_dict)  # noqa: E402
 
 log = logging.getLogger("repro")
 
@@ -41,7 +40,7 @@ def _input_errors() -> tuple:
     """Errors that mean bad input (a missing or tampered file, a refused pickle): exit 2, no traceback."""
     import pickle
 
-    from repro.download import DownloadError
+    from repro.storage.download import DownloadError
 
     return (FileNotFoundError, ValueError, DownloadError, pickle.UnpicklingError, KeyError)
 
@@ -74,7 +73,7 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
             _fail(str(e))
         root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
         if dry_run:
-            from repro.stages import describe
+            from repro.pipeline.stages import describe
 
             click.echo(f"# stage {stage}, preset {cfg.preset}; outputs under {root}")
             click.echo(dump_yaml(stage_dict(cfg, stage)), nl=False)
@@ -83,8 +82,8 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
                 click.echo("# would do:")
                 click.echo(yaml.safe_dump({"plan": plan}, sort_keys=False, width=1000), nl=False)
             return
-        from repro.launcher import EXIT_PREEMPTED, JobFailed, run
-        from repro.preempt import Preempted
+        from repro.cluster.launcher import EXIT_PREEMPTED, JobFailed, run
+        from repro.cluster.preempt import Preempted
 
         try:
             if round_ is not None and stage != "ddo":
@@ -140,7 +139,7 @@ def inception_weights_cmd(out: Path | None, check_images: int) -> None:
     printed) or nothing is written. FID and KID use these features; the Inception Score does not work with
     this file (the port has no classifier layer)."""
     _setup_logging()
-    from repro.inception import build_inception_weights
+    from repro.evaluation.inception import build_inception_weights
 
     if out is None:
         import torch
@@ -166,7 +165,7 @@ def job_script_cmd(stage, params, preset, overrides) -> None:
         cfg = load_config(params, preset, overrides)
     except ConfigError as e:
         _fail(str(e))
-    from repro.launcher import submission_script
+    from repro.cluster.launcher import submission_script
 
     root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
     click.echo(submission_script(cfg, stage, root), nl=False)
@@ -187,8 +186,8 @@ def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
         cfg = load_config(params, preset, ())
     except ConfigError as e:
         _fail(str(e))
-    from repro.evaluate import eval_ranges, export_samples, plan_shards, range_shards
-    from repro.stages import Paths, eval_models
+    from repro.evaluation.metric import eval_ranges, export_samples, plan_shards, range_shards
+    from repro.pipeline.stages import Paths, eval_models
 
     root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
     paths = Paths.of(cfg, root)
@@ -237,7 +236,7 @@ def table_cmd(paper, results_dir, fmt, params, preset, dry_run) -> None:
         if dry_run:
             click.echo(dump_yaml(stage_dict(cfg, "table")), nl=False)
             return
-        from repro.stages import run_stage
+        from repro.pipeline.stages import run_stage
 
         root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
         try:
@@ -245,7 +244,7 @@ def table_cmd(paper, results_dir, fmt, params, preset, dry_run) -> None:
         except (FileNotFoundError, ValueError) as e:
             _fail(str(e))
         return
-    from repro.tables import render_all
+    from repro.evaluation.tables import render_all
 
     try:
         click.echo(render_all(paper, results_dir, fmt), nl=False)

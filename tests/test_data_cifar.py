@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from repro.cli import main
-from repro.data import CIFAR10_URL, load_prepared, read_cifar10_binary
+from repro.datasets.images import CIFAR10_URL, load_prepared, read_cifar10_binary
 
 ARCHIVE = "cifar-10-binary.tar.gz"
 PER_BATCH = 4

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from repro.losses import ddo_diffusion_loss, ddo_objective, diffusion_logp, edm_weight
-from repro.networks import build_network
+from repro.methods.losses import ddo_diffusion_loss, ddo_objective, diffusion_logp, edm_weight
+from repro.nets.edm import build_network
 
 F64 = torch.float64
 

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def small_data():
-    from repro.data import load_embedded
+    from repro.datasets.images import load_embedded
 
     d = load_embedded("digits")
     return replace(d, images=d.images[:200], labels=d.labels[:200])  # 7 sampling batches of 32: 4 + 3 per rank
@@ -45,14 +45,14 @@ def small_data():
 def worker(out: Path) -> None:
     """One rank (or the single process): pretrain briefly (stopped once and resumed), then a DDO round and an
     MLE-control round."""
-    from repro import distributed, preempt
-    from repro import train as train_mod
+    from repro.cluster import distributed, preempt
+    from repro.methods import pretrain as train_mod
     from repro.config import load_config
-    from repro.ddo import train_round
-    from repro.evaluate import load_metric
-    from repro.files import write_json
-    from repro.tracking import NullTracker
-    from repro.train import pretrain
+    from repro.methods.ddo.rounds import train_round
+    from repro.evaluation.metric import load_metric
+    from repro.storage.files import write_json
+    from repro.pipeline.tracking import NullTracker
+    from repro.methods.pretrain import pretrain
 
     distributed.init_from_env()
     cfg, data, shared = load_config(preset="micro"), small_data(), out.parent
@@ -91,9 +91,9 @@ def worker(out: Path) -> None:
 def runs(tmp_path_factory):
     """The same work by 1 process and by 2 (started together), from the same base model and metric."""
     from repro.config import load_config
-    from repro.evaluate import build_extractor
-    from repro.tracking import NullTracker
-    from repro.train import pretrain
+    from repro.evaluation.metric import build_extractor
+    from repro.pipeline.tracking import NullTracker
+    from repro.methods.pretrain import pretrain
 
     d = tmp_path_factory.mktemp("ddp")
     cfg, data = load_config(preset="micro"), small_data()
@@ -158,7 +158,7 @@ def test_selection_scores_are_close(runs):
 def test_torchrun_runs_a_stage_on_two_processes(tmp_path, monkeypatch):
     """`torchrun --nproc-per-node 2 -m repro.cli pretrain --preset micro`, as in the README."""
     from repro.config import load_config
-    from repro.stages import run_stage
+    from repro.pipeline.stages import run_stage
 
     sets = {"pretrain.total_nimg": "256", "pretrain.batch": "64"}
     cfg = load_config(preset="micro", overrides=[f"{k}={v}" for k, v in sets.items()])
@@ -178,8 +178,8 @@ def test_torchrun_runs_a_stage_on_two_processes(tmp_path, monkeypatch):
 
 
 def test_only_rank_0_talks_to_mlflow(tmp_path, monkeypatch):
-    from repro import distributed
-    from repro.tracking import NullTracker, stage_run
+    from repro.cluster import distributed
+    from repro.pipeline.tracking import NullTracker, stage_run
 
     monkeypatch.delenv("REPRO_TRACKING", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never-created.db'}")
@@ -191,7 +191,7 @@ def test_only_rank_0_talks_to_mlflow(tmp_path, monkeypatch):
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(monkeypatch):
-    from repro import distributed
+    from repro.cluster import distributed
     from repro.config import ConfigError
 
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
@@ -203,7 +203,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(monkey
 
 def test_sampling_parts_are_whole_batches_of_one_process():
     from repro.config import load_config
-    from repro.sampler import generate_images
+    from repro.sampling.edm import generate_images
 
     sampler = load_config(preset="micro").sampler
     seeds = np.arange(100, 170)  # 5 batches of 16, the last one short
@@ -224,7 +224,7 @@ def test_sampling_parts_are_whole_batches_of_one_process():
 
 
 def test_gather_chunks_restores_the_order_of_one_process(monkeypatch):
-    from repro import distributed
+    from repro.cluster import distributed
 
     # 7 chunks dealt round-robin to 3 ranks: rank r made chunks r, r+3, ...
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [[0, 3, 6], [1, 4], [2, 5]])

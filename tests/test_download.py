@@ -1,4 +1,4 @@
-"""repro.download against a local HTTP server on 127.0.0.1 (random port) with selectable misbehaviours.
+"""repro.storage.download against a local HTTP server on 127.0.0.1 (random port) with selectable misbehaviours.
 
 The server serves bytes the tests generate, under /<mode>/<file name>:
   ok        Range honoured (206), else 200
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from repro import download
-from repro.download import DownloadError, Lock, fetch
+from repro.storage import download
+from repro.storage.download import DownloadError, Lock, fetch
 
 SIZE = 2_000_000 + 123  # not a multiple of the read size
 
@@ -242,7 +242,7 @@ def test_first_download_pins_and_tampered_file_is_refused(server, tmp_path, capl
     lock_path = tmp_path / "checkpoints.lock.json"
     dest = tmp_path / "ckpt" / "model.pkl"
     url = f"{base}/ok/model.pkl"
-    with caplog.at_level(logging.INFO, logger="repro.download"):
+    with caplog.at_level(logging.INFO, logger="repro.storage.download"):
         fetch(url, dest, lock=Lock(lock_path), progress=False, backoff=0)
     assert json.loads(lock_path.read_text()) == {"model.pkl": {"sha256": sha(data), "size": SIZE, "url": url}}
     assert "commit" in caplog.text.lower() and lock_path.name in caplog.text

@@ -1,4 +1,4 @@
-"""repro.edm_pickle on EDM2-format pickles, the EDM2 registry entries, and repro.guidance.
+"""repro.storage.unpickle on EDM2-format pickles, the EDM2 registry entries, and repro.methods.autoguidance.
 
 The pickles are written here without upstream code (see tests/test_edm_pickle.py for the writer): the top
 level is a ``dnnlib.util.EasyDict`` ``{encoder, dataset_kwargs, loss_fn, ema}`` like EDM2's training loop and
@@ -18,11 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from repro import edm_pickle as ep
-from repro import networks_edm2 as e2
-from repro import pretrained, registry
-from repro.files import load_model
-from repro.guidance import autoguidance
+from repro.storage import unpickle as ep
+from repro.nets import edm2 as e2
+from repro.nets import released as pretrained
+from repro.catalog import registry
+from repro.storage.files import load_model
+from repro.methods.autoguidance import autoguidance
 from test_edm_pickle import FakeEasyDict, PlainPersistent, recording_init_args, write_pickle
 
 EDM2_NAMES = {e2.EDM2Precond: "Precond", e2.EDM2UNet: "UNet", e2.EDM2Block: "Block", e2.MPConv: "MPConv",

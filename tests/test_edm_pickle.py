@@ -1,4 +1,4 @@
-"""repro.edm_pickle: EDM persistence pickles are read as data (nothing executed) and convert exactly.
+"""repro.storage.unpickle: EDM persistence pickles are read as data (nothing executed) and convert exactly.
 
 The pickles are written here, without upstream code, the way NVlabs' ``torch_utils.persistence`` writes
 them: every decorated object is reduced to ``torch_utils.persistence._reconstruct_persistent_obj(meta)``
@@ -30,9 +30,9 @@ import pytest
 import torch
 from torch import nn
 
-from repro import edm_pickle as ep
-from repro import networks as N
-from repro.files import load_model, read_model_meta
+from repro.storage import unpickle as ep
+from repro.nets import edm as N
+from repro.storage.files import load_model, read_model_meta
 
 # Upstream class names of the layers our network mirrors (facts about EDM's training/networks.py).
 UPSTREAM_NAMES = {

@@ -19,10 +19,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from repro import evaluate, fidelity
+from repro.evaluation import metric as evaluate, fidelity
 from repro.cli import main
 from repro.config import load_config
-from repro.files import sha256_file
+from repro.storage.files import sha256_file
 
 
 class Quiet(SimpleHTTPRequestHandler):
@@ -126,10 +126,10 @@ def test_fid_on_a_handful_of_images(inception_weights, tmp_path):
 
 def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_path, monkeypatch):
     """The fid stage of a tiny project with metrics.extra [inception], kid and prc (real data cut to 6 images)."""
-    from repro import stages
-    from repro.data import Dataset
-    from repro.files import save_model, write_json
-    from repro.networks import build_network
+    from repro.pipeline import stages
+    from repro.datasets.images import Dataset
+    from repro.storage.files import save_model, write_json
+    from repro.nets.edm import build_network
 
     weights, _ = inception_weights
     cfg = load_config(preset="tiny", overrides=[

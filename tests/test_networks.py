@@ -1,4 +1,4 @@
-"""Tests for repro.networks (DDPM++ SongUNet + EDM / VP preconditioning).
+"""Tests for repro.nets.edm (DDPM++ SongUNet + EDM / VP preconditioning).
 
 How the reference numbers below were established
 -----------------------------------------------
@@ -22,19 +22,10 @@ import math
 import pytest
 import torch
 
-from repro import networks as nw
-from repro.networks import (
-    BASELINE_CIFAR10_DDPMPP_VP,
-    EDM_CIFAR10_DDPMPP_COND,
-    EDM_CIFAR10_DDPMPP_UNCOND,
-    EDMPrecond,
-    SongUNet,
-    VPPrecond,
-    arch_presets,
-    build_network,
-    count_parameters,
-    disable_dropout,
-)
+from repro.nets import edm as nw
+from repro.nets.edm import (BASELINE_CIFAR10_DDPMPP_VP, EDM_CIFAR10_DDPMPP_COND, EDM_CIFAR10_DDPMPP_UNCOND,
+                            EDMPrecond, SongUNet, VPPrecond, arch_presets, build_network, count_parameters,
+                            disable_dropout)
 
 torch.set_num_threads(2)
 

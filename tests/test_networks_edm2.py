@@ -1,4 +1,4 @@
-"""Tests for repro.networks_edm2 (EDM2 magnitude-preserving U-Net + EDM preconditioning).
+"""Tests for repro.nets.edm2 (EDM2 magnitude-preserving U-Net + EDM preconditioning).
 
 How the reference numbers below were established
 -----------------------------------------------
@@ -28,21 +28,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repro import networks_edm2 as e2
-from repro.networks_edm2 import (
-    EDM2_PRESETS,
-    EDM2Block,
-    EDM2Precond,
-    MPConv,
-    MPFourier,
-    build_edm2,
-    count_parameters,
-    disable_dropout,
-    edm2_presets,
-    mp_cat,
-    mp_silu,
-    mp_sum,
-)
+from repro.nets import edm2 as e2
+from repro.nets.edm2 import (EDM2_PRESETS, EDM2Block, EDM2Precond, MPConv, MPFourier, build_edm2, count_parameters,
+                             disable_dropout, edm2_presets, mp_cat, mp_silu, mp_sum)
 
 torch.set_num_threads(2)
 

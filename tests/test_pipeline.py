@@ -71,7 +71,7 @@ def test_dvc_repro_runs_every_stage_and_writes_the_outputs(project):
 
 def test_mlflow_holds_a_run_per_stage_with_nested_rounds_and_artifacts(project):
     d, env, _ = project
-    from repro.tracking import find_runs
+    from repro.pipeline.tracking import find_runs
 
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     try:

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repro import ddo as ddo_mod
-from repro import preempt
-from repro import train as train_mod
-from repro.ddo import train_round
-from repro.preempt import Preempted
-from repro.tracking import NullTracker
-from repro.train import load_state, pretrain
+from repro.methods.ddo import rounds as ddo_mod
+from repro.cluster import preempt
+from repro.methods import pretrain as train_mod
+from repro.methods.ddo.rounds import train_round
+from repro.cluster.preempt import Preempted
+from repro.pipeline.tracking import NullTracker
+from repro.methods.pretrain import load_state, pretrain
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +116,7 @@ def test_ddo_round_stopped_by_a_signal_resumes_bitwise_without_redoing_the_fake_
 
 
 def test_a_preempted_stage_ends_its_mlflow_runs_as_killed(tmp_path, monkeypatch):
-    from repro.tracking import find_runs, stage_run
+    from repro.pipeline.tracking import find_runs, stage_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("REPRO_TRACKING", raising=False)
@@ -135,7 +135,7 @@ def test_a_preempted_stage_ends_its_mlflow_runs_as_killed(tmp_path, monkeypatch)
 
 
 def test_the_same_weights_give_the_same_checkpoint_bytes(tmp_path):
-    from repro.files import read_model_meta, save_model
+    from repro.storage.files import read_model_meta, save_model
 
     net = torch.nn.Linear(3, 2)
     blobs = set()

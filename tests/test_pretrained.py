@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from test_edm_pickle import Evil, edm_container, make_net, outputs, write_pickle
 
 from repro.cli import main
-from repro.files import load_model
-from repro.registry import CHECKPOINTS
+from repro.storage.files import load_model
+from repro.catalog.registry import CHECKPOINTS
 
 NAME = "edm-cifar10-32x32-cond-vp"
 FILE = CHECKPOINTS[NAME].filename

@@ -1,4 +1,4 @@
-"""repro.references: published FID reference files are read exactly, checked, and never executed.
+"""repro.evaluation.references: published FID reference files are read exactly, checked, and never executed.
 
 Reference files are written here in each upstream layout (facts from the writers, no upstream code):
 EDM ``fid.py`` -> ``np.savez(mu=, sigma=)``; EDM2 ``calculate_metrics.py`` -> ``pickle.dump`` of
@@ -15,8 +15,8 @@ import pickle
 import numpy as np
 import pytest
 
-from repro import references as R
-from repro.fidelity import FeatureStats
+from repro.evaluation import references as R
+from repro.evaluation.fidelity import FeatureStats
 
 D = 16
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repro import ddo as ddo_mod
-from repro.ddo import train_round
-from repro.tracking import NullTracker
-from repro.train import pretrain
+from repro.methods.ddo import rounds as ddo_mod
+from repro.methods.ddo.rounds import train_round
+from repro.pipeline.tracking import NullTracker
+from repro.methods.pretrain import pretrain
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -28,7 +28,7 @@ def test_pretrain_resumes_bitwise(tmp_path, cfg, data, caplog):
              progress=False)
     assert not _same(tmp_path / "a.safetensors", tmp_path / "b_half.safetensors")
     # ... then the same command again continues from there.
-    with caplog.at_level(logging.INFO, logger="repro.train"):
+    with caplog.at_level(logging.INFO, logger="repro.methods.pretrain"):
         pretrain(full, data, tmp_path / "b", tmp_path / "b.safetensors", NullTracker(), progress=False)
     assert "resuming pretraining" in caplog.text and "at 640 images" in caplog.text
     assert _same(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
@@ -80,7 +80,7 @@ def test_ddo_round_resumes_after_a_kill_and_matches_an_uninterrupted_round(tmp_p
 
 
 def test_fakes_are_paired_with_the_real_labels_and_differ_per_round(cfg, data, base):
-    from repro.files import load_model
+    from repro.storage.files import load_model
 
     net, arch, _ = load_model(base)
     sub = replace(data, images=data.images[:12], labels=data.labels[:12])
@@ -89,7 +89,7 @@ def test_fakes_are_paired_with_the_real_labels_and_differ_per_round(cfg, data, b
     assert f1.shape == (12, 1, 8, 8) and f1.dtype == np.uint8
     assert not np.array_equal(f1, f2)
     # fake i is generated with real image i's label: same as sampling those seeds with those labels
-    from repro.sampler import generate_images
+    from repro.sampling.edm import generate_images
 
     direct = np.concatenate([x.numpy() for _, x, _ in generate_images(
         net, ddo_mod.fake_seeds(cfg.ddo, 1, 12), img_shape=(1, 8, 8), label_dim=10, sampler=cfg.sampler,

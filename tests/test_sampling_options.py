@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from repro.config import ConfigError, load_config
-from repro.networks import build_network
-from repro.sampler import edm_sampler, generate_images, sampling_denoiser, with_precision
+from repro.nets.edm import build_network
+from repro.sampling.edm import edm_sampler, generate_images, sampling_denoiser, with_precision
 
 SHAPE = (1, 8, 8)
 
@@ -137,7 +137,7 @@ def test_fp16_on_cpu_is_refused_with_the_field_and_the_fix(nets):
 
 def test_compile_on_cpu_is_ignored_with_a_log_line(nets, caplog):
     net, _ = nets
-    with caplog.at_level(logging.INFO, logger="repro.sampler"):
+    with caplog.at_level(logging.INFO, logger="repro.sampling.edm"):
         compiled = latents(net, sampler(compile=True))
     assert "sampler.compile ignored" in caplog.text
     assert torch.equal(compiled, latents(net, sampler()))

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from repro import distributed, evaluate
+from repro.cluster import distributed
+from repro.evaluation import metric as evaluate
 from repro.config import SampleConfig, SamplerConfig
-from repro.evaluate import Shard, plan_shards, range_batches, range_shards, run_shard, sample_models
-from repro.fidelity import FeatureStats
-from repro.files import load_npz, save_model
-from repro.networks import build_network
+from repro.evaluation.metric import Shard, plan_shards, range_batches, range_shards, run_shard, sample_models
+from repro.evaluation.fidelity import FeatureStats
+from repro.storage.files import load_npz, save_model
+from repro.nets.edm import build_network
 
 SAMPLER = SamplerConfig(num_steps=2, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0,
                         S_max=float("inf"), S_noise=1.0, batch=16, label_mode="random")

@@ -71,7 +71,7 @@ def project(slurm, tmp_path_factory):
 
 
 def _runs(d: Path, env: dict) -> list[dict]:
-    from repro.tracking import find_runs
+    from repro.pipeline.tracking import find_runs
 
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
@@ -181,7 +181,7 @@ def test_sample_shards_go_out_as_a_job_array(project):
     import numpy as np
 
     from repro.config import load_config
-    from repro.evaluate import Shard, run_shard
+    from repro.evaluation.metric import Shard, run_shard
 
     cfg = load_config(d / "params.yaml")
     here = run_shard(Shard("base", d / "models/base.safetensors", 96, 192, d / "check.npz"), cfg.sampler,

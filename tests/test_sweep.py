@@ -11,10 +11,10 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from repro import ddo as ddo_mod
+from repro.methods.ddo import rounds as ddo_mod
 from repro.config import ConfigError, config_hash, load_config, preset_dict, stage_dict, to_dict
-from repro.data import load_embedded
-from repro.tracking import NullTracker
+from repro.datasets.images import load_embedded
+from repro.pipeline.tracking import NullTracker
 
 
 class WeightMetric:

@@ -1,4 +1,4 @@
-"""Tests of repro.tables and repro/paper_tables.yaml.
+"""Tests of repro.evaluation.tables and repro/catalog/paper_tables.yaml.
 
 Golden-output tests compare the rendered text exactly with tests/golden/*; on a mismatch they show a
 unified diff. After a deliberate change of the output, regenerate the goldens with
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repro import tables as T
+from repro.evaluation import tables as T
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "results"
@@ -267,7 +267,7 @@ def test_package_tables_schema_and_targets():
 
 
 def test_load_paper_tables_rejects_unquoted_numbers(tmp_path):
-    text = (Path(T.__file__).parent / "paper_tables.yaml").read_text(encoding="utf-8")
+    text = (Path(T.__file__).parents[1] / "catalog" / "paper_tables.yaml").read_text(encoding="utf-8")
     bad = tmp_path / "bad.yaml"
     bad.write_text(text.replace('fid_uncond: "2.92"', "fid_uncond: 2.92", 1), encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.yaml.*cifar10/stylegan2-ada.*quoted string"):
@@ -337,7 +337,7 @@ def _detail_value(row: dict, name: str):
 
 @pytest.mark.skipif(not SHARED_TABLES.exists(), reason=f"{SHARED_TABLES} (project research notes) is absent")
 def test_headline_cells_match_research_notes():
-    """Every cell of the research notes' paper_tables.yaml is in repro/paper_tables.yaml, same number."""
+    """Every cell of the research notes' paper_tables.yaml is in repro/catalog/paper_tables.yaml, same number."""
     shared = yaml.safe_load(SHARED_TABLES.read_text(encoding="utf-8"))
     ours = T.load_paper_tables()["papers"]
     checked = 0

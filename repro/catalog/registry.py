@@ -1,0 +1,102 @@
+"""Registry: every released checkpoint the paper presets start from, in one place.
+
+Each entry: file name, URL, family and format, the architecture it carries, the paper number it should
+reproduce, its licence, and its sha256 where known. Nothing here has been downloaded on the machine that
+wrote this file (no internet), so no hash is known yet: the first download pins it in
+``checkpoints.lock.json`` (commit that file), and later downloads must match (repro.storage.download.Lock).
+
+Licences: EDM, EDM2 and DDO weights are CC BY-NC-SA 4.0 (non-commercial, share-alike). They and anything
+derived from them (converted or fine-tuned weights) are downloaded at run time and never committed.
+
+Latent models (EDM2 ImageNet-512) name the decoder their samples need (``decoder``): an entry of
+:data:`DECODERS`, fetched and verified the same way (repro.nets.sd_vae builds it from our config, no hub call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EDM = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"
+EDM2 = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
+DDO = "https://huggingface.co/nvidia/DirectDiscriminativeOptimization/resolve/main"
+VAR = "https://huggingface.co/FoundationVision/var/resolve/main"
+SD_VAE = "https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main"
+CC = "CC BY-NC-SA 4.0"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str           # registry name (the file name without extension)
+    url: str
+    family: str         # edm | edm2 | var
+    fmt: str            # edm-pickle (torch_utils.persistence) | torch-pth
+    arch: str           # architecture preset it should match (repro.nets.edm / repro.nets.edm2)
+    paper: str          # the number it should reproduce, with its source
+    licence: str
+    sha256: str | None = None
+    convertible: bool = False  # our converter reads it today
+    decoder: str | None = None  # latent models: the DECODERS entry that turns samples into images
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+_ENTRIES = [
+    Checkpoint("edm-cifar10-32x32-cond-vp", f"{EDM}/edm-cifar10-32x32-cond-vp.pkl", "edm", "edm-pickle",
+               "edm-cifar10-32x32-cond-vp", "FID 1.79 (EDM paper); 1.85 retested in DDO Table 1", CC,
+               convertible=True),
+    Checkpoint("edm-cifar10-32x32-uncond-vp", f"{EDM}/edm-cifar10-32x32-uncond-vp.pkl", "edm", "edm-pickle",
+               "edm-cifar10-32x32-uncond-vp", "FID 1.97 (EDM paper and DDO Table 1)", CC, convertible=True),
+    Checkpoint("edm-cifar10-uncond-vp-ddo", f"{DDO}/edm-cifar10-uncond-vp-ddo.pkl", "edm", "edm-pickle",
+               "edm-cifar10-32x32-uncond-vp", "FID 1.38 (DDO Table 1, 12 rounds)", CC, convertible=True),
+    Checkpoint("edm-cifar10-cond-vp-ddo", f"{DDO}/edm-cifar10-cond-vp-ddo.pkl", "edm", "edm-pickle",
+               "edm-cifar10-32x32-cond-vp", "FID 1.30 (DDO Table 1, 16 rounds)", CC, convertible=True),
+    Checkpoint("edm2-img64-s-1073741-0.075", f"{EDM2}/edm2-img64-s-1073741-0.075.pkl", "edm2", "edm-pickle",
+               "img64-s", "FID 1.58 (EDM2 paper); 1.60 retested class-balanced in DDO Table 2", CC,
+               convertible=True),
+    Checkpoint("edm2-img64-s-ddo", f"{DDO}/edm2-img64-s-ddo.pkl", "edm2", "edm-pickle", "img64-s",
+               "FID 0.97 (DDO Table 2, 24 rounds)", CC, convertible=True),
+    Checkpoint("edm2-img512-l-1879048-0.085", f"{EDM2}/edm2-img512-l-1879048-0.085.pkl", "edm2", "edm-pickle",
+               "img512-l", "FID 2.06 (EDM2 preset); 1.96 retested class-balanced in DDO", CC,
+               convertible=True, decoder="sd-vae-ft-mse"),
+    Checkpoint("edm2-img512-xs-0134217-0.165", f"{EDM2}/edm2-img512-xs-0134217-0.165.pkl", "edm2", "edm-pickle",
+               "img512-xs", "autoguidance guide for EDM2-L in DDO (w = 1.1)", CC, convertible=True,
+               decoder="sd-vae-ft-mse"),
+    Checkpoint("edm2-img512-l-ddo", f"{DDO}/edm2-img512-l-ddo.pkl", "edm2", "edm-pickle", "img512-l",
+               "FID 1.26 without guidance, 1.21 with autoguidance (DDO README)", CC,
+               convertible=True, decoder="sd-vae-ft-mse"),
+    Checkpoint("var_d16", f"{VAR}/var_d16.pth", "var", "torch-pth", "var-d16",
+               "FID 3.62/3.30 (VAR); 11.33/3.71 without sampling tricks (DDO Table 3)", "MIT"),
+    Checkpoint("var_d30", f"{VAR}/var_d30.pth", "var", "torch-pth", "var-d30",
+               "FID 2.17/1.90 (VAR); 4.74/1.92 without sampling tricks (DDO Table 3)", "MIT"),
+    Checkpoint("vae_ch160v4096z32", f"{VAR}/vae_ch160v4096z32.pth", "var", "torch-pth", "var-vqvae",
+               "VAR's multi-scale VQ-VAE (tokenizer for the VAR presets)", "MIT"),
+    Checkpoint("var_d16-ddo", f"{DDO}/var_d16-ddo.pth", "var", "torch-pth", "var-d16",
+               "FID 3.12/2.54 (DDO Table 3)", CC),
+    Checkpoint("var_d30-ddo", f"{DDO}/var_d30-ddo.pth", "var", "torch-pth", "var-d30",
+               "FID 1.79/1.73 (DDO Table 3)", CC),
+]
+
+CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in _ENTRIES}
+
+# Latent decoders. sd-vae-ft-mse: Stability AI's kl-f8 VAE with the MSE-finetuned decoder (MIT), the one EDM2
+# trained its ImageNet-512 latents with; 83.65M parameters (decoder + post_quant_conv 49.49M). Saved locally as
+# <name>.safetensors (the URL's file name is generic).
+DECODERS: dict[str, Checkpoint] = {c.name: c for c in [
+    Checkpoint("sd-vae-ft-mse", f"{SD_VAE}/diffusion_pytorch_model.safetensors", "sd-vae", "safetensors",
+               "sd-vae-ft-mse", "decoder of EDM2's ImageNet-512 latents (EDM2 encoders.py StabilityVAEEncoder)",
+               "MIT"),
+]}
+
+
+def get(name: str) -> Checkpoint:
+    if name not in CHECKPOINTS:
+        raise KeyError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}")
+    return CHECKPOINTS[name]
+
+
+def get_decoder(name: str) -> Checkpoint:
+    if name not in DECODERS:
+        raise KeyError(f"unknown decoder {name!r}; known: {', '.join(DECODERS)}")
+    return DECODERS[name]

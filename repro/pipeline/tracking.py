@@ -1,0 +1,201 @@
+"""Tracking: the only module that imports MLflow.
+
+Every stage is an MLflow run tagged with its stage, git commit, config hash, preset and (where set) SLURM job
+id and container image digest; DDO rounds are nested runs. A run stopped by preemption ends as KILLED; with
+several processes only rank 0 logs (the others get a NullTracker). The default store is the sqlite file
+``mlflow.db`` in the project directory (artifacts in ``mlruns/`` beside it); ``MLFLOW_TRACKING_URI``
+overrides it. ``REPRO_TRACKING=off`` disables tracking (the stage still runs and writes its outputs).
+
+See the runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` from the project directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from repro.cluster import distributed
+from repro.cluster.preempt import Preempted
+
+log = logging.getLogger(__name__)
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        # Uncommitted changes, except the files the pipeline itself writes while it runs (dvc.lock, results/).
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)dvc.lock", ":(exclude)results", ":(exclude)*.gitignore"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty and commit != "unknown" else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """A small interface over one active run; NullTracker does nothing (tracking off)."""
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()}, run_id=self.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self.run_id)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        for k, v in tags.items():
+            client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
+        import mlflow
+
+        mlflow.MlflowClient().log_artifact(self.run_id, str(path), subdir)
+
+    def log_image(self, image: np.ndarray, name: str, scale: int = 4) -> None:
+        """Log a uint8 image (H,W) or (H,W,C) as a PNG artifact, upscaled by ``scale`` (nearest)."""
+        from PIL import Image
+
+        img = Image.fromarray(image)
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            img.save(p)
+            self.log_artifact(p, "images")
+
+    def log_figure(self, fig, name: str) -> None:
+        import mlflow
+
+        mlflow.MlflowClient().log_figure(self.run_id, fig, f"plots/{name}")
+
+    @contextlib.contextmanager
+    def child(self, name: str, params: dict | None = None, tags: dict | None = None) -> Iterator["Tracker"]:
+        """A nested run (e.g. one DDO round) under this run."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        parent = client.get_run(self.run_id)
+        run = client.create_run(parent.info.experiment_id, run_name=name,
+                                tags={**{k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")},
+                                      "mlflow.parentRunId": self.run_id, **(tags or {})})
+        child = Tracker(run.info.run_id)
+        if params:
+            child.log_params(params)
+        status = "FAILED"
+        try:
+            yield child
+            status = "FINISHED"
+        except Preempted:
+            status = "KILLED"  # stopped to be resumed, not failed
+            raise
+        finally:
+            client.set_terminated(run.info.run_id, status)
+
+
+class NullTracker(Tracker):
+    def log_params(self, params): pass
+    def log_metrics(self, metrics, step=None): pass
+    def set_tags(self, tags): pass
+    def log_artifact(self, path, subdir=None): pass
+    def log_image(self, image, name, scale=4): pass
+    def log_figure(self, fig, name): pass
+
+    @contextlib.contextmanager
+    def child(self, name, params=None, tags=None):
+        yield NullTracker()
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash: str) -> Iterator[Tracker]:
+    """Open the MLflow run of one stage (experiment ``repro-<preset>``) and yield its Tracker."""
+    if os.environ.get("REPRO_TRACKING", "on").lower() in ("off", "0", "false", "no") or not distributed.is_main():
+        yield NullTracker()  # tracking off, or not rank 0 of several processes (rank 0 logs for all)
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"mlflow|sqlalchemy|alembic")
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    exp_name = f"repro-{preset}"
+    exp = mlflow.get_experiment_by_name(exp_name)
+    if exp is None:
+        artifacts = (root / "mlruns").resolve().as_uri() if uri.startswith("sqlite:///") else None
+        exp_id = mlflow.create_experiment(exp_name, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    tags = {
+        "stage": stage,
+        "preset": preset,
+        "config_hash": config_hash,
+        "git_commit": git_commit(root),
+        "host": platform.node(),
+        # in a job: its id; a stage whose work ran as a job array (sample): the array's id
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("REPRO_SLURM_ARRAY_JOB_ID", ""),
+        "image_digest": os.environ.get("REPRO_IMAGE_DIGEST", ""),
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
+        tracker = Tracker(run.info.run_id)
+        tracker.log_params(params)
+        log.info("MLflow: run %s (stage %s) in %s", run.info.run_id[:8], stage, uri)
+        try:
+            yield tracker
+        except Preempted:
+            mlflow.end_run("KILLED")  # stopped to be resumed (the rerun is a new run), not failed
+            raise
+
+
+def find_runs(root: Path, preset: str) -> list[dict]:
+    """Runs of a preset's experiment as dicts (name, stage, parent, status, metrics keys); for tests and tools."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(f"repro-{preset}")
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    out = []
+    for r in runs:
+        arts = [a.path for a in client.list_artifacts(r.info.run_id)]
+        for d in [a for a in arts if "." not in a]:
+            arts += [a.path for a in client.list_artifacts(r.info.run_id, d)]
+        out.append({"run_id": r.info.run_id, "name": r.info.run_name, "stage": r.data.tags.get("stage"),
+                    "parent": r.data.tags.get("mlflow.parentRunId"), "status": r.info.status,
+                    "metrics": sorted(r.data.metrics), "tags": dict(r.data.tags), "artifacts": sorted(arts)})
+    return out
