@@ -24,8 +24,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from repro.config import load_config  # noqa: E402
-from repro.methods.losses import ddo_diffusion_loss, draw_sigma_noise, edm_loss  # noqa: E402
-from repro.nets.edm import arch_presets, build_network, disable_dropout  # noqa: E402
+from repro.methods.ddo.loss import ddo_diffusion_loss  # noqa: E402
+from repro.methods.losses import draw_sigma_noise, edm_loss  # noqa: E402
+from repro.nets.factory import arch_presets, build_network  # noqa: E402
+from repro.nets.layers import disable_dropout  # noqa: E402
 from repro.sampling.edm import edm_sampler  # noqa: E402
 
 

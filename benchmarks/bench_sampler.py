@@ -28,17 +28,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from repro.config import load_config  # noqa: E402
-from repro.nets.edm import arch_presets, build_network, count_parameters  # noqa: E402
-from repro.nets.edm2 import EDM2_PRESETS  # noqa: E402
-from repro.sampling.edm import edm_sampler, sampling_denoiser  # noqa: E402
+from repro.nets.edm2 import PRESETS  # noqa: E402
+from repro.nets.factory import arch_presets, build_network  # noqa: E402
+from repro.nets.layers import count_parameters  # noqa: E402
+from repro.sampling.edm import edm_sampler  # noqa: E402
+from repro.sampling.generate import sampling_denoiser  # noqa: E402
 
 GUIDE = "edm2-img512-xs-0134217-0.165"
 SETTINGS = {  # name: (architecture, guide architecture, sampler steps of the paper protocol, latent decoder)
     "edm-cifar10-ddpmpp (56M)": (lambda: arch_presets()["edm-cifar10-32x32-cond-vp"], None, 18, False),
-    "edm2-img64-s (280M)": (lambda: dict(EDM2_PRESETS["img64-s"]), None, 32, False),
-    "edm2-img512-l (777M) + vae": (lambda: dict(EDM2_PRESETS["img512-l"]), None, 32, True),
-    "edm2-img512-l + ag xs w=1.1 + vae": (lambda: dict(EDM2_PRESETS["img512-l"]),
-                                          lambda: dict(EDM2_PRESETS["img512-xs"]), 32, True),
+    "edm2-img64-s (280M)": (lambda: dict(PRESETS["img64-s"]), None, 32, False),
+    "edm2-img512-l (777M) + vae": (lambda: dict(PRESETS["img512-l"]), None, 32, True),
+    "edm2-img512-l + ag xs w=1.1 + vae": (lambda: dict(PRESETS["img512-l"]),
+                                          lambda: dict(PRESETS["img512-xs"]), 32, True),
 }
 
 

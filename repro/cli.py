@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 import click  # noqa: E402
 import yaml  # noqa: E402
 
-from repro.config import (ConfigError, dump_yaml, load_config, preset_dict, preset_names, preset_text, stage_dict)  # noqa: E402
+from repro.config import ConfigError, dump_yaml, load_config, preset_dict, preset_names, preset_text, stage_dict  # noqa: E402
 
 log = logging.getLogger("repro")
 
@@ -186,8 +186,8 @@ def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
         cfg = load_config(params, preset, ())
     except ConfigError as e:
         _fail(str(e))
-    from repro.evaluation.metric import eval_ranges, export_samples, plan_shards, range_shards
     from repro.pipeline.stages import Paths, eval_models
+    from repro.sampling.shards import eval_ranges, export_samples, plan_shards, range_shards
 
     root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
     paths = Paths.of(cfg, root)

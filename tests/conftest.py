@@ -67,8 +67,8 @@ def data():
 def base(tmp_path_factory, cfg, data):
     from dataclasses import replace
 
-    from repro.pipeline.tracking import NullTracker
     from repro.methods.pretrain import pretrain
+    from repro.pipeline.tracking import NullTracker
 
     d = tmp_path_factory.mktemp("base")
     pretrain(replace(cfg.pretrain, total_nimg=256), data, d / "run", d / "base.safetensors", NullTracker(),

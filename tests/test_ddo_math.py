@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from repro.methods.losses import ddo_diffusion_loss, ddo_objective, diffusion_logp, edm_weight
-from repro.nets.edm import build_network
+from repro.methods.ddo.loss import ddo_diffusion_loss, ddo_objective, diffusion_logp
+from repro.methods.losses import edm_weight
+from repro.nets.factory import build_network
 
 F64 = torch.float64
 

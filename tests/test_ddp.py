@@ -46,13 +46,13 @@ def worker(out: Path) -> None:
     """One rank (or the single process): pretrain briefly (stopped once and resumed), then a DDO round and an
     MLE-control round."""
     from repro.cluster import distributed, preempt
-    from repro.methods import pretrain as train_mod
     from repro.config import load_config
-    from repro.methods.ddo.rounds import train_round
     from repro.evaluation.metric import load_metric
-    from repro.storage.files import write_json
-    from repro.pipeline.tracking import NullTracker
+    from repro.methods import pretrain as train_mod
+    from repro.methods.ddo.rounds import train_round
     from repro.methods.pretrain import pretrain
+    from repro.pipeline.tracking import NullTracker
+    from repro.storage.files import write_json
 
     distributed.init_from_env()
     cfg, data, shared = load_config(preset="micro"), small_data(), out.parent
@@ -91,9 +91,9 @@ def worker(out: Path) -> None:
 def runs(tmp_path_factory):
     """The same work by 1 process and by 2 (started together), from the same base model and metric."""
     from repro.config import load_config
-    from repro.evaluation.metric import build_extractor
-    from repro.pipeline.tracking import NullTracker
+    from repro.evaluation.extractor import build_extractor
     from repro.methods.pretrain import pretrain
+    from repro.pipeline.tracking import NullTracker
 
     d = tmp_path_factory.mktemp("ddp")
     cfg, data = load_config(preset="micro"), small_data()
@@ -203,7 +203,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error(monkey
 
 def test_sampling_parts_are_whole_batches_of_one_process():
     from repro.config import load_config
-    from repro.sampling.edm import generate_images
+    from repro.sampling.generate import generate_images
 
     sampler = load_config(preset="micro").sampler
     seeds = np.arange(100, 170)  # 5 batches of 16, the last one short

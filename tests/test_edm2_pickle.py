@@ -1,8 +1,8 @@
-"""repro.storage.unpickle on EDM2-format pickles, the EDM2 registry entries, and repro.methods.autoguidance.
+"""repro.storage.unpickle on EDM2-format pickles, the EDM2 registry entries, and repro.sampling.autoguidance.
 
 The pickles are written here without upstream code (see tests/test_edm_pickle.py for the writer): the top
 level is a ``dnnlib.util.EasyDict`` ``{encoder, dataset_kwargs, loss_fn, ema}`` like EDM2's training loop and
-``reconstruct_phema.py`` write it; ``ema`` is our :class:`EDM2Precond` with the constructor arguments recorded
+``reconstruct_phema.py`` write it; ``ema`` is our :class:`Precond` with the constructor arguments recorded
 the way ``torch_utils.persistence`` records them, every class pickled under its upstream name (facts about
 NVlabs/edm2 training/networks_edm2.py: Precond, UNet, Block, MPConv, MPFourier; training/encoders.py:
 StabilityVAEEncoder, StandardRGBEncoder; training/training_loop.py: EDM2Loss), and its weights in float16
@@ -16,17 +16,19 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_edm_pickle import FakeEasyDict, PlainPersistent, recording_init_args, write_pickle
 from torch import nn
 
-from repro.storage import unpickle as ep
+from repro.catalog import registry
+from repro.nets import convert as cv
 from repro.nets import edm2 as e2
 from repro.nets import released as pretrained
-from repro.catalog import registry
-from repro.storage.files import load_model
-from repro.methods.autoguidance import autoguidance
-from test_edm_pickle import FakeEasyDict, PlainPersistent, recording_init_args, write_pickle
+from repro.nets.checkpoint import load_model
+from repro.nets.factory import build_network
+from repro.sampling.autoguidance import autoguidance
+from repro.storage import unpickle as ep
 
-EDM2_NAMES = {e2.EDM2Precond: "Precond", e2.EDM2UNet: "UNet", e2.EDM2Block: "Block", e2.MPConv: "MPConv",
+EDM2_NAMES = {e2.Precond: "Precond", e2.UNet: "UNet", e2.Block: "Block", e2.MPConv: "MPConv",
               e2.MPFourier: "MPFourier"}
 
 # What train_edm2.py records for Precond: network kwargs (model_channels, dropout, use_fp16) + interface kwargs.
@@ -56,7 +58,7 @@ def recording_edm2_init_args(monkeypatch):
 def make_edm2(monkeypatch, seed=0, **kw):
     torch.manual_seed(seed)
     with recording_edm2_init_args(monkeypatch):
-        net = e2.EDM2Precond(**{**TINY_KW, **kw})
+        net = e2.Precond(**{**TINY_KW, **kw})
     with torch.no_grad():  # non-trivial scalar gains (they start at zero) and weights
         for name, p in net.named_parameters():
             if p.ndim == 0:
@@ -96,7 +98,7 @@ def _fp32_copy(ema):
 def test_edm2_convert_matches_direct_fp16_rounded_weights(tmp_path, monkeypatch, protocol):
     ema = make_edm2(monkeypatch)
     src = write_pickle(tmp_path / "edm2-tiny.pkl", edm2_container(ema), names=NAMES, protocol=protocol)
-    summary = ep.convert_edm_pickle(src, tmp_path / "edm2-tiny.safetensors")
+    summary = cv.convert_edm_pickle(src, tmp_path / "edm2-tiny.safetensors")
     assert summary["class_name"] == "Precond" and summary["tensors"] == len(ema.state_dict())
     assert summary["source_dtypes"] == ["torch.float16"]
     assert summary["other_entries"] == ["dataset_kwargs", "encoder", "loss_fn"]
@@ -111,7 +113,7 @@ def test_edm2_convert_matches_direct_fp16_rounded_weights(tmp_path, monkeypatch,
         assert sd[k].dtype == torch.float32 and torch.equal(sd[k], v.float()), k  # fp16 -> fp32 is exact
 
     # The same network with the same (fp16-rounded) weights, loaded directly: identical outputs.
-    direct = e2.build_edm2(arch).eval()
+    direct = build_network(arch).eval()
     direct.load_state_dict(ema.state_dict())
     assert torch.equal(outputs(net), outputs(direct))
     assert torch.equal(outputs(net), outputs(_fp32_copy(ema)))
@@ -140,18 +142,18 @@ def test_edm2_encoder_and_records_are_data(tmp_path, monkeypatch):
     assert unet.submodules["enc"].state["_modules"]["8x8_block0"].class_name == "Block"
     assert data.loss_fn.class_name == "EDM2Loss" and data.loss_fn.state["P_std"] == 1.6
 
-    enc = ep.describe_record(data.encoder)
+    enc = cv.describe_record(data.encoder)
     assert enc["class_name"] == "StabilityVAEEncoder" and enc["init_args"] == [] and enc["init_kwargs"] == {}
     assert enc["attributes"]["vae_name"] == "stabilityai/sd-vae-ft-mse" and enc["attributes"]["batch_size"] == 8
     assert np.allclose(enc["attributes"]["scale"], 0.5 / np.array([4.17, 4.62, 3.71, 3.28]))
     assert "_vae" not in enc["attributes"]
-    summary = ep.convert_edm_pickle(path, tmp_path / "n.safetensors")
+    summary = cv.convert_edm_pickle(path, tmp_path / "n.safetensors")
     assert summary["encoder"] == enc
 
     rgb = PlainPersistent()  # StandardRGBEncoder: no kwargs, no attributes
     path2 = write_pickle(tmp_path / "rgb.pkl", edm2_container(ema, encoder=rgb),
                          names={**EDM2_NAMES, PlainPersistent: "StandardRGBEncoder"})
-    summary2 = ep.convert_edm_pickle(path2, tmp_path / "rgb.safetensors")
+    summary2 = cv.convert_edm_pickle(path2, tmp_path / "rgb.safetensors")
     assert summary2["encoder"]["class_name"] == "StandardRGBEncoder" and summary2["encoder"]["attributes"] == {}
 
 
@@ -178,12 +180,12 @@ def test_edm2_strict_keys_and_shapes(tmp_path, monkeypatch, edit, key, what):
     edit(ema)
     src = write_pickle(tmp_path / "bad.pkl", edm2_container(ema), names=NAMES)
     with pytest.raises(ValueError, match=what) as info:
-        ep.convert_edm_pickle(src, tmp_path / "bad.safetensors")
+        cv.convert_edm_pickle(src, tmp_path / "bad.safetensors")
     assert key in str(info.value)
     assert not (tmp_path / "bad.safetensors").exists()
 
 
-# Upstream defaults our presets leave implicit (build_edm2 has the same defaults).
+# Upstream defaults our presets leave implicit (build_network has the same defaults).
 IMPLICIT = dict(use_fp16=True, channel_mult_noise=None, channel_mult_emb=None, resample_filter=[1, 1])
 
 
@@ -203,27 +205,27 @@ def _record(class_name, kwargs, args=(), modules=None):
                      img_channels=3, label_dim=1000)),
 ])
 def test_edm2_recorded_kwargs_give_the_presets(preset, kwargs):
-    arch = ep.arch_from_record(_record("Precond", kwargs))
-    assert arch == {**e2.EDM2_PRESETS[preset], **IMPLICIT}
+    arch = cv.arch_from_record(_record("Precond", kwargs))
+    assert arch == {**e2.PRESETS[preset], **IMPLICIT}
     assert type(arch["img_resolution"]) is int
 
 
 def test_edm2_arch_defaults_and_errors():
     # Positional args + upstream defaults (use_fp16 defaults to True, model_channels to 192, ...).
-    arch = ep.arch_from_record(_record("Precond", {}, args=(64, 3, 1000)))
-    assert arch == {**e2.EDM2_PRESETS["img64-s"], **IMPLICIT}
+    arch = cv.arch_from_record(_record("Precond", {}, args=(64, 3, 1000)))
+    assert arch == {**e2.PRESETS["img64-s"], **IMPLICIT}
     with pytest.raises(ValueError, match="label_dim"):
-        ep.arch_from_record(_record("Precond", dict(img_resolution=64, img_channels=3)))
+        cv.arch_from_record(_record("Precond", dict(img_resolution=64, img_channels=3)))
     with pytest.raises(ValueError, match="'bogus' has no counterpart"):
-        ep.arch_from_record(_record("Precond", dict(img_resolution=64, img_channels=3, label_dim=0, bogus=1)))
+        cv.arch_from_record(_record("Precond", dict(img_resolution=64, img_channels=3, label_dim=0, bogus=1)))
     with pytest.raises(ValueError, match="given twice"):
-        ep.arch_from_record(_record("Precond", dict(img_resolution=64), args=(64,)))
+        cv.arch_from_record(_record("Precond", dict(img_resolution=64), args=(64,)))
     unet = _record("UNet", dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=256))
     with pytest.raises(ValueError, match="'model_channels' is 192 but its UNet got 256"):
-        ep.arch_from_record(_record("Precond", dict(img_resolution=64, img_channels=3, label_dim=1000,
+        cv.arch_from_record(_record("Precond", dict(img_resolution=64, img_channels=3, label_dim=1000,
                                                     model_channels=192), modules={"unet": unet}))
     with pytest.raises(NotImplementedError, match="whole 'Precond'"):
-        ep.arch_from_record(unet)
+        cv.arch_from_record(unet)
 
 
 def test_edm2_registry_entries_are_convertible():
@@ -232,7 +234,7 @@ def test_edm2_registry_entries_are_convertible():
     for name in names:
         ck = registry.get(name)
         assert ck.convertible and ck.family == "edm2" and ck.fmt == "edm-pickle"
-        assert ck.arch in e2.EDM2_PRESETS
+        assert ck.arch in e2.PRESETS
         pretrained.check(type("Cfg", (), {"source": name})())  # does not refuse
 
 

@@ -30,17 +30,19 @@ import pytest
 import torch
 from torch import nn
 
-from repro.storage import unpickle as ep
+from repro.nets import convert as cv
 from repro.nets import edm as N
-from repro.storage.files import load_model, read_model_meta
+from repro.nets.checkpoint import load_model, read_model_meta
+from repro.nets.factory import arch_presets, build_network
+from repro.storage import unpickle as ep
 
 # Upstream class names of the layers our network mirrors (facts about EDM's training/networks.py).
 UPSTREAM_NAMES = {
-    N.Dense: "Linear",
-    N.Conv: "Conv2d",
-    N.GroupNorm32: "GroupNorm",
+    N.Linear: "Linear",
+    N.Conv2d: "Conv2d",
+    N.GroupNorm: "GroupNorm",
     N.UNetBlock: "UNetBlock",
-    N._SinusoidalEmbedding: "PositionalEmbedding",
+    N.PositionalEmbedding: "PositionalEmbedding",
     N.SongUNet: "SongUNet",
     N.EDMPrecond: "EDMPrecond",
     N.VPPrecond: "VPPrecond",
@@ -181,7 +183,7 @@ def test_convert_matches_direct_weights(tmp_path, monkeypatch, precond, protocol
     ema = make_net(monkeypatch, precond)
     src = write_pickle(tmp_path / "net.pkl", edm_container(ema), protocol=protocol)
     assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
-    summary = ep.convert_edm_pickle(src, tmp_path / "net.safetensors")
+    summary = cv.convert_edm_pickle(src, tmp_path / "net.safetensors")
     assert "torch_utils" not in sys.modules and not [m for m in sys.modules if m.startswith("_imported_module_")]
     assert summary["class_name"] == UPSTREAM_NAMES[type(ema)]
     assert summary["tensors"] == len(ema.state_dict())
@@ -193,7 +195,7 @@ def test_convert_matches_direct_weights(tmp_path, monkeypatch, precond, protocol
         assert torch.equal(net.state_dict()[k], v), k
     assert torch.equal(outputs(net), outputs(ema))
     # a network built from our own arch dict with the same tensors agrees too
-    direct = N.build_network(arch).eval()
+    direct = build_network(arch).eval()
     direct.load_state_dict(ema.state_dict())
     assert torch.equal(outputs(net), outputs(direct))
 
@@ -291,7 +293,7 @@ def test_harmful_reduce_is_refused(tmp_path, monkeypatch, kind, where):
         ep.read_edm_pickle(src)
     assert "nothing from the pickle was executed" in str(info.value)
     with pytest.raises(ep.UnsafePickleError):
-        ep.convert_edm_pickle(src, tmp_path / "out.safetensors")
+        cv.convert_edm_pickle(src, tmp_path / "out.safetensors")
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
     if kind == "builtins.exec" and where == "top":  # control: an ordinary unpickler would have run it
         with fake_upstream_modules():
@@ -305,7 +307,7 @@ def test_module_src_is_never_executed(tmp_path, monkeypatch):
     ema = make_net(monkeypatch)
     path = write_pickle(tmp_path / "net.pkl", edm_container(ema), module_src=src_code)
     data = ep.read_edm_pickle(path)
-    ep.convert_edm_pickle(path, tmp_path / "net.safetensors")
+    cv.convert_edm_pickle(path, tmp_path / "net.safetensors")
     assert not marker.exists()
     assert data["ema"].module_src_sha256 == hashlib.sha256(src_code.encode()).hexdigest()
     exec(compile(src_code, "<module_src>", "exec"), {})  # control: executing that source creates the marker
@@ -364,7 +366,7 @@ def test_strict_keys_and_shapes(tmp_path, monkeypatch, edit, key, what):
     edit(ema)
     src = write_pickle(tmp_path / "bad.pkl", edm_container(ema))
     with pytest.raises(ValueError, match=what) as info:
-        ep.convert_edm_pickle(src, tmp_path / "bad.safetensors")
+        cv.convert_edm_pickle(src, tmp_path / "bad.safetensors")
     assert key in str(info.value)
     assert not (tmp_path / "bad.safetensors").exists()
 
@@ -375,7 +377,7 @@ def test_sha256_checked_before_unpickling(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="sha256 mismatch"):  # not UnsafePickleError: never unpickled
         ep.read_edm_pickle(evil, expected_sha256="0" * 64)
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        ep.convert_edm_pickle(evil, tmp_path / "o.safetensors", expected_sha256="0" * 64)
+        cv.convert_edm_pickle(evil, tmp_path / "o.safetensors", expected_sha256="0" * 64)
     assert not marker.exists()
     src = write_pickle(tmp_path / "net.pkl", edm_container(make_net(monkeypatch)))
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
@@ -386,9 +388,9 @@ def test_roundtrip_through_load_model(tmp_path, monkeypatch):
     ema = make_net(monkeypatch)
     src = write_pickle(tmp_path / "edm-tiny.pkl", edm_container(ema))
     dst = tmp_path / "models" / "edm-tiny.safetensors"
-    summary = ep.convert_edm_pickle(src, dst, expected_sha256=hashlib.sha256(src.read_bytes()).hexdigest())
+    summary = cv.convert_edm_pickle(src, dst, expected_sha256=hashlib.sha256(src.read_bytes()).hexdigest())
     arch, info = read_model_meta(dst)
-    assert arch == summary["arch"] and arch == ep.arch_from_record(ep.read_edm_pickle(src)["ema"])
+    assert arch == summary["arch"] and arch == cv.arch_from_record(ep.read_edm_pickle(src)["ema"])
     assert info["source_file"] == "edm-tiny.pkl" and info["source_sha256"] == summary["sha256"]
     net, arch2, info2 = load_model(dst)
     assert arch2 == arch and info2 == info
@@ -431,12 +433,12 @@ def test_edm2_layout_reads_and_is_checked_strictly(tmp_path):
     assert list(sd) == ["unet.conv.weight"] and sd["unet.conv.weight"].dtype == torch.float16
     assert torch.equal(sd["unet.conv.weight"], ema.unet.conv.weight)
     with pytest.raises(ValueError, match="'unet' submodule is 'torch.nn.modules.container.ModuleDict'"):
-        ep.arch_from_record(data.ema)
+        cv.arch_from_record(data.ema)
     with pytest.raises(ValueError, match="expected EDM2's 'UNet'"):
-        ep.convert_edm_pickle(path, tmp_path / "edm2.safetensors")
+        cv.convert_edm_pickle(path, tmp_path / "edm2.safetensors")
     assert not (tmp_path / "edm2.safetensors").exists()
     del data.ema.state["_modules"]["unet"]  # without it, upstream defaults give the img64-s layout
-    arch = ep.arch_from_record(data.ema)
+    arch = cv.arch_from_record(data.ema)
     assert arch["precond"] == "edm2" and arch["model_channels"] == 192 and arch["use_fp16"] is True
 
 
@@ -445,7 +447,7 @@ def test_edmprecond_default_model_type_is_dhariwal(tmp_path, monkeypatch):
     rec = ep.read_edm_pickle(write_pickle(tmp_path / "n.pkl", edm_container(ema)))["ema"]
     del rec.state["_init_kwargs"]["model_type"]  # upstream EDMPrecond defaults to DhariwalUNet
     with pytest.raises(NotImplementedError, match="DhariwalUNet"):
-        ep.arch_from_record(rec)
+        cv.arch_from_record(rec)
 
 
 def test_cifar10_init_kwargs_give_the_preset_layout():
@@ -456,10 +458,10 @@ def test_cifar10_init_kwargs_give_the_preset_layout():
         augment_dim=9, dropout=0.13, use_fp16=False, img_resolution=np.int64(32), img_channels=3, label_dim=10),
         "_parameters": {}, "_buffers": {}, "_modules": {}}
     rec = ep.PersistentRecord("EDMPrecond", "training.networks", 6, state)
-    arch = ep.arch_from_record(rec)
+    arch = cv.arch_from_record(rec)
     assert arch["img_resolution"] == 32 and type(arch["img_resolution"]) is int
     with torch.device("meta"):
-        ours = N.build_network(arch).state_dict()
-        preset = N.build_network(N.arch_presets()["edm-cifar10-32x32-cond-vp"]).state_dict()
+        ours = build_network(arch).state_dict()
+        preset = build_network(arch_presets()["edm-cifar10-32x32-cond-vp"]).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in preset.items()}
     assert sum(v.numel() for v in ours.values()) > 55_000_000

@@ -19,9 +19,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from repro.evaluation import metric as evaluate, fidelity
 from repro.cli import main
 from repro.config import load_config
+from repro.evaluation import extractor, fidelity
+from repro.evaluation import metric as evaluate
 from repro.storage.files import sha256_file
 
 
@@ -71,7 +72,7 @@ def test_extractor_stage_with_a_published_reference(served, inception_weights, t
     url = f"{base}/cifar10-32x32.npz"
     cfg = load_config(preset="cifar10-cond", overrides=[f"extractor.weights={weights}", f"extractor.reference={url}"])
     root, out, ref = tmp_path / "proj", tmp_path / "proj/models/extractor.safetensors", tmp_path / "proj/models/ref.npz"
-    got = evaluate.build_extractor(cfg.extractor, None, out, ref, None, progress=False, root=root)
+    got = extractor.build_extractor(cfg.extractor, None, out, ref, None, progress=False, root=root)
     assert got["weights_source_sha256"] == info["sha256"] and got["reference"] == url
     stats = fidelity.FeatureStats.load(ref)
     assert np.array_equal(stats.mu, mu) and np.array_equal(stats.sigma, sigma)
@@ -90,11 +91,11 @@ def test_extractor_stage_with_a_published_reference(served, inception_weights, t
     (root / "checkpoints/fid-refs/cifar10-32x32.npz").unlink()
     _edm_reference(www / "cifar10-32x32.npz", seed=1)
     with pytest.raises(Exception, match="no longer matches the pinned"):
-        evaluate.build_extractor(cfg.extractor, None, out, ref, None, progress=False, root=root)
+        extractor.build_extractor(cfg.extractor, None, out, ref, None, progress=False, root=root)
     bad = load_config(preset="cifar10-cond", overrides=[f"extractor.weights={weights}", f"extractor.reference={url}",
                                                         "extractor.weights_sha256=" + "ab" * 32])
     with pytest.raises(ValueError, match="extractor.weights_sha256"):
-        evaluate.build_extractor(bad.extractor, None, out, ref, None, progress=False, root=root)
+        extractor.build_extractor(bad.extractor, None, out, ref, None, progress=False, root=root)
 
 
 def test_missing_or_unset_weights_are_clear_errors(tmp_path, monkeypatch):
@@ -115,7 +116,7 @@ def test_fid_on_a_handful_of_images(inception_weights, tmp_path):
     weights, _ = inception_weights
     real, other = _digits(6), _digits(6, start=600)
     ref = tmp_path / "ref.npz"
-    evaluate.data_statistics(fidelity.INCEPTION_EXTRACTOR, weights, real).save(ref)
+    extractor.data_statistics(fidelity.INCEPTION_EXTRACTOR, weights, real).save(ref)
     metric = evaluate.Metric("fid", fidelity.INCEPTION_EXTRACTOR, weights, ref)
     (same,), _ = evaluate.evaluate_range([metric], [torch.as_tensor(real[:4]), torch.as_tensor(real[4:])])
     (diff,), _ = evaluate.evaluate_range([metric], [torch.as_tensor(other)])
@@ -126,10 +127,11 @@ def test_fid_on_a_handful_of_images(inception_weights, tmp_path):
 
 def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_path, monkeypatch):
     """The fid stage of a tiny project with metrics.extra [inception], kid and prc (real data cut to 6 images)."""
-    from repro.pipeline import stages
     from repro.datasets.images import Dataset
-    from repro.storage.files import save_model, write_json
-    from repro.nets.edm import build_network
+    from repro.nets.checkpoint import save_model
+    from repro.nets.factory import build_network
+    from repro.pipeline import stages
+    from repro.storage.files import write_json
 
     weights, _ = inception_weights
     cfg = load_config(preset="tiny", overrides=[

@@ -12,10 +12,15 @@ import os
 import pytest
 import torch
 
-from repro.evaluation.fidelity import (INCEPTION_EXTRACTOR, compute_statistics, extract_features,
-                                       frechet_distance_from_stats, inception_state_dict_template, make_extractor)
-from repro.evaluation.inception import (DEFAULT_TOLERANCE, SOURCE_PACKAGE, SOURCE_VERSION, convert_state_dict,
-                                        torchscript_path)
+from repro.evaluation.fidelity import (
+    INCEPTION_EXTRACTOR,
+    compute_statistics,
+    extract_features,
+    frechet_distance_from_stats,
+    inception_state_dict_template,
+    make_extractor,
+)
+from repro.evaluation.inception import DEFAULT_TOLERANCE, SOURCE_PACKAGE, SOURCE_VERSION, convert_state_dict, torchscript_path
 
 # Max |feature difference| (2048-d pool3) allowed between the TorchScript and torch-fidelity with
 # the built file: DEFAULT_TOLERANCE = 1e-4. Observed: 1.4e-6 (build check, 16 images, seed 0) and

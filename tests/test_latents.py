@@ -18,13 +18,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_edm2_pickle import NAMES, edm2_container, make_edm2, write_pickle
 
-from repro.nets import sd_vae as latents, released as pretrained
 from repro.catalog import registry
 from repro.cli import main
 from repro.config import load_config
+from repro.nets import released as pretrained
+from repro.nets import sd_vae as latents
+from repro.nets.checkpoint import load_model
+from repro.sampling.generate import generate_images
 from repro.storage.download import DownloadError
-from repro.storage.files import load_model
-from repro.sampling.edm import generate_images
 
 SMALL_VAE = dict(latents.SD_VAE_FT_MSE, block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
                  up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8)

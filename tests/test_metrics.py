@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from repro.evaluation.classifier import (load_classifier, read_classifier_metadata, save_classifier,
-                                         train_classifier, u8_to_float)
-from repro.evaluation.fidelity import (DIGITS_EXTRACTOR, FeatureStats, compute_statistics, default_feature,
-                                       extract_features, frechet_distance, frechet_distance_from_stats,
-                                       make_extractor)
+from repro.evaluation.classifier import load_classifier, read_classifier_metadata, save_classifier, train_classifier, u8_to_float
+from repro.evaluation.fidelity import (
+    DIGITS_EXTRACTOR,
+    FeatureStats,
+    compute_statistics,
+    default_feature,
+    extract_features,
+    frechet_distance,
+    frechet_distance_from_stats,
+    make_extractor,
+)
 
 TRAIN_KW = dict(steps=300, batch=64, lr=3e-3, seed=0, feature_dim=64, width=32, progress=False)
 
@@ -94,6 +100,7 @@ def test_fd_matches_torch_fidelity_on_random_spd():
 
 def test_fd_rank_deficient_and_fallback(monkeypatch):
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
     import repro.evaluation.fidelity as fidelity
 
     rng = np.random.default_rng(3)
@@ -200,8 +207,8 @@ def test_classifier_training_deterministic(digits):
 
 
 def test_save_load_roundtrip_and_wrong_shape(trained, digits, tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     model, info, path = trained
     loaded = load_classifier(path)
@@ -387,7 +394,8 @@ def test_every_safetensors_writer_gives_the_same_bytes_in_every_process(tmp_path
 import sys, torch
 from pathlib import Path
 from repro.evaluation.classifier import DigitsClassifier, save_classifier
-from repro.storage.files import save_model, save_safetensors
+from repro.nets.checkpoint import save_model
+from repro.storage.files import save_safetensors
 out = Path(sys.argv[1])
 torch.manual_seed(0)
 net = DigitsClassifier()

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from repro.nets import edm as nw
-from repro.nets.edm import (BASELINE_CIFAR10_DDPMPP_VP, EDM_CIFAR10_DDPMPP_COND, EDM_CIFAR10_DDPMPP_UNCOND,
-                            EDMPrecond, SongUNet, VPPrecond, arch_presets, build_network, count_parameters,
-                            disable_dropout)
+from repro.nets.edm import BASELINE_CIFAR10_DDPMPP_VP, EDM_CIFAR10_DDPMPP_COND, EDM_CIFAR10_DDPMPP_UNCOND, EDMPrecond, SongUNet, VPPrecond
+from repro.nets.factory import arch_presets, build_network
+from repro.nets.layers import count_parameters, disable_dropout
 
 torch.set_num_threads(2)
 

@@ -28,13 +28,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repro.nets import edm2 as e2
-from repro.nets.edm2 import (EDM2_PRESETS, EDM2Block, EDM2Precond, MPConv, MPFourier, build_edm2, count_parameters,
-                             disable_dropout, edm2_presets, mp_cat, mp_silu, mp_sum)
+from repro.nets.edm2 import PRESETS, Block, MPConv, MPFourier, Precond, mp_cat, mp_silu, mp_sum
+from repro.nets.factory import arch_presets, build_network
+from repro.nets.layers import count_parameters, disable_dropout
 
 torch.set_num_threads(2)
 
-TINY = dict(img_resolution=8, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2],
+TINY = dict(precond="edm2", img_resolution=8, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[4], channels_per_head=8)
 TINY_UNCOND = dict(TINY, label_dim=0)
 
@@ -46,7 +46,7 @@ def _listing_digest(sd) -> str:
 
 def _build_meta(arch):
     with torch.device("meta"):
-        return build_edm2(arch)
+        return build_network(arch)
 
 
 def _fill_deterministic(net):
@@ -66,7 +66,7 @@ def _fill_deterministic(net):
 
 def _tiny(arch=TINY, seed=0):
     torch.manual_seed(seed)
-    return build_edm2(arch)
+    return build_network(arch)
 
 
 def _set_gains(net, value):
@@ -101,13 +101,13 @@ UPSTREAM_LISTINGS = {
 
 
 def test_every_preset_has_an_upstream_listing():
-    assert set(EDM2_PRESETS) == set(UPSTREAM_LISTINGS)
+    assert set(PRESETS) == set(UPSTREAM_LISTINGS)
 
 
 @pytest.mark.parametrize("name", sorted(UPSTREAM_LISTINGS))
 def test_param_count_and_state_dict_listing_match_upstream(name):
     n_params, n_keys, digest = UPSTREAM_LISTINGS[name]
-    net = _build_meta(EDM2_PRESETS[name])
+    net = _build_meta(PRESETS[name])
     sd = net.state_dict()
     assert count_parameters(net) == n_params
     assert len(sd) == n_keys
@@ -116,14 +116,14 @@ def test_param_count_and_state_dict_listing_match_upstream(name):
 
 def test_paper_sizes_round_to_published_counts():
     # DDO README / model card: edm2-img64-s-ddo 280M, edm2-img512-l-ddo 777M.
-    assert round(count_parameters(_build_meta(EDM2_PRESETS["img64-s"])) / 1e6) == 280
-    assert round(count_parameters(_build_meta(EDM2_PRESETS["img512-l"])) / 1e6) == 777
+    assert round(count_parameters(_build_meta(PRESETS["img64-s"])) / 1e6) == 280
+    assert round(count_parameters(_build_meta(PRESETS["img512-l"])) / 1e6) == 777
     # The XS autoguidance net (edm2-img512-xs-0134217-0.165.pkl): 124,713,253 ~ 125M.
-    assert round(count_parameters(_build_meta(EDM2_PRESETS["img512-xs"])) / 1e6) == 125
+    assert round(count_parameters(_build_meta(PRESETS["img512-xs"])) / 1e6) == 125
 
 
 def test_paper_size_representative_keys():
-    sd = _build_meta(EDM2_PRESETS["img64-s"]).state_dict()
+    sd = _build_meta(PRESETS["img64-s"]).state_dict()
     expected = {
         "unet.out_gain": [],
         "unet.emb_fourier.freqs": [192],
@@ -151,11 +151,11 @@ def test_paper_size_representative_keys():
               "unet.enc.64x64_block0.conv_skip.weight", "unet.enc.64x64_conv.bias", "unet.emb_noise.bias"]
     for key in absent:
         assert key not in sd, key
-    big = _build_meta(EDM2_PRESETS["img512-l"]).state_dict()
+    big = _build_meta(PRESETS["img512-l"]).state_dict()
     assert list(big["unet.enc.64x64_conv.weight"].shape) == [320, 5, 3, 3]  # 4 latent channels + ones
     assert list(big["unet.out_conv.weight"].shape) == [4, 320, 3, 3]
     assert list(big["unet.dec.8x8_in0.attn_qkv.weight"].shape) == [3840, 1280, 1, 1]
-    assert "unet.emb_label.weight" not in _build_meta(EDM2_PRESETS["img512-xs-uncond"]).state_dict()
+    assert "unet.emb_label.weight" not in _build_meta(PRESETS["img512-xs-uncond"]).state_dict()
 
 
 # ---------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_tiny_state_dict_representative_keys():
     assert "unet.enc.8x8_block0.conv_skip.weight" not in sd
     assert "unet.dec.4x4_in1.attn_qkv.weight" not in sd
     # Heads of `channels_per_head` channels: with the default 64 the 32-channel tiny net has no attention.
-    no_attn = build_edm2(dict(TINY, channels_per_head=64)).state_dict()
+    no_attn = build_network(dict(TINY, channels_per_head=64)).state_dict()
     assert not any("attn" in k for k in no_attn)
     assert _tiny().unet.enc["4x4_block0"].num_heads == 4
 
@@ -236,7 +236,7 @@ def _golden_inputs(n=3):
 @pytest.mark.parametrize("kind", ["cond", "uncond"])
 def test_outputs_match_upstream_golden_values(kind):
     arch = TINY if kind == "cond" else TINY_UNCOND
-    net = _fill_deterministic(build_edm2(arch)).eval()
+    net = _fill_deterministic(build_network(arch)).eval()
     x, sigma, labels = _golden_inputs()
     labels = labels if kind == "cond" else None
     g = GOLDEN[kind]
@@ -302,7 +302,7 @@ def test_mp_block_keeps_unit_magnitude_at_init(cin, cout, kw):
     # the block output RMS must stay within 15% of 1 (measured 0.90-0.999; attention
     # blocks sit near 0.91).  Plain SiLU or an unnormalised sum would give ~0.6-0.8.
     torch.manual_seed(1)
-    blk = EDM2Block(cin, cout, emb_channels=128, channels_per_head=16, **kw).eval()
+    blk = Block(cin, cout, emb_channels=128, channels_per_head=16, **kw).eval()
     x = torch.randn(8, cin, 16, 16)
     emb = torch.randn(8, 128)
     with torch.no_grad():
@@ -480,7 +480,7 @@ def test_labels_change_the_output_and_label_forms_agree():
 
 def test_fp16_flag_is_ignored_on_cpu():
     a = _tiny(seed=10).eval()
-    b = build_edm2(dict(TINY, use_fp16=True)).eval()
+    b = build_network(dict(TINY, use_fp16=True)).eval()
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -491,7 +491,7 @@ def test_fp16_flag_is_ignored_on_cpu():
 
 def test_disable_dropout():
     net = _set_gains(_tiny(dict(TINY, dropout=0.5), seed=11), 1.0)
-    assert all(m.dropout == 0.5 for m in net.modules() if isinstance(m, EDM2Block))
+    assert all(m.dropout == 0.5 for m in net.modules() if isinstance(m, Block))
     x = torch.randn(2, 3, 8, 8)
     net.train()
     with torch.no_grad():
@@ -502,7 +502,7 @@ def test_disable_dropout():
         y2 = net(x, 1.0)
     assert (y1 - y2).abs().max() > 1e-4
     disable_dropout(net)
-    assert all(m.dropout == 0.0 for m in net.modules() if isinstance(m, EDM2Block))
+    assert all(m.dropout == 0.0 for m in net.modules() if isinstance(m, Block))
     with torch.no_grad():
         torch.manual_seed(0)
         y1 = net(x, 1.0)
@@ -516,9 +516,9 @@ def test_disable_dropout():
 # ---------------------------------------------------------------------------
 
 def test_presets_are_json_able_and_follow_edm2():
-    presets = json.loads(json.dumps(edm2_presets()))
-    assert presets == EDM2_PRESETS
-    assert edm2_presets() is not EDM2_PRESETS
+    presets = json.loads(json.dumps(arch_presets()))
+    assert {k: presets[k] for k in PRESETS} == PRESETS
+    assert arch_presets()["img64-s"] is not PRESETS["img64-s"]  # copies
     s, l, xs = presets["img64-s"], presets["img512-l"], presets["img512-xs"]
     assert (s["img_resolution"], s["img_channels"], s["label_dim"]) == (64, 3, 1000)
     assert (l["img_resolution"], l["img_channels"], l["label_dim"]) == (64, 4, 1000)
@@ -528,19 +528,20 @@ def test_presets_are_json_able_and_follow_edm2():
         assert arch["channel_mult"] == [1, 2, 3, 4] and arch["num_blocks"] == 3
         assert arch["attn_resolutions"] == [16, 8] and arch["sigma_data"] == 0.5
         assert arch["label_balance"] == 0.5 and arch["concat_balance"] == 0.5
-    assert isinstance(_build_meta(presets["img64-s"]), EDM2Precond)
+    assert isinstance(_build_meta(presets["img64-s"]), Precond)
 
 
-def test_build_edm2_rejects_bad_arch():
+def test_factory_rejects_bad_edm2_arch():
     with pytest.raises(ValueError, match="bogus_key"):
-        build_edm2(dict(TINY, bogus_key=1))
+        build_network(dict(TINY, bogus_key=1))
     with pytest.raises(ValueError, match="img_channels"):
-        build_edm2({k: v for k, v in TINY.items() if k != "img_channels"})
-    with pytest.raises(ValueError, match="edm2"):
-        build_edm2(dict(TINY, precond="edm"))
-    with pytest.raises(ValueError, match=r"EDM2UNet: img_resolution=6 is not divisible by 2\^2"):
-        build_edm2(dict(TINY, img_resolution=6, channel_mult=[1, 2, 2]))
-    with pytest.raises(ValueError, match="EDM2UNet: channel_mult must not be empty"):
-        build_edm2(dict(TINY, channel_mult=[]))
-    assert isinstance(build_edm2(dict(TINY, precond="edm2")), EDM2Precond)
-    assert e2.build_edm2 is build_edm2
+        build_network({k: v for k, v in TINY.items() if k != "img_channels"})
+    with pytest.raises(ValueError, match="unknown architecture key 'channels_per_head' for precond='edm'"):
+        build_network(dict(TINY, precond="edm"))
+    with pytest.raises(ValueError, match="must be one of"):
+        build_network(dict(TINY, precond="edm3"))
+    with pytest.raises(ValueError, match=r"EDM2 UNet: img_resolution=6 is not divisible by 2\^2"):
+        build_network(dict(TINY, img_resolution=6, channel_mult=[1, 2, 2]))
+    with pytest.raises(ValueError, match="EDM2 UNet: channel_mult must not be empty"):
+        build_network(dict(TINY, channel_mult=[]))
+    assert isinstance(build_network(TINY), Precond)

@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repro.methods.ddo import rounds as ddo_mod
 from repro.cluster import preempt
-from repro.methods import pretrain as train_mod
-from repro.methods.ddo.rounds import train_round
 from repro.cluster.preempt import Preempted
+from repro.methods import pretrain as train_mod
+from repro.methods.ddo import rounds as ddo_mod
+from repro.methods.ddo.rounds import train_round
+from repro.methods.pretrain import pretrain
+from repro.methods.training import load_state
 from repro.pipeline.tracking import NullTracker
-from repro.methods.pretrain import load_state, pretrain
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +136,7 @@ def test_a_preempted_stage_ends_its_mlflow_runs_as_killed(tmp_path, monkeypatch)
 
 
 def test_the_same_weights_give_the_same_checkpoint_bytes(tmp_path):
-    from repro.storage.files import read_model_meta, save_model
+    from repro.nets.checkpoint import read_model_meta, save_model
 
     net = torch.nn.Linear(3, 2)
     blobs = set()

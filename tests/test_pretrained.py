@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 from test_edm_pickle import Evil, edm_container, make_net, outputs, write_pickle
 
-from repro.cli import main
-from repro.storage.files import load_model
 from repro.catalog.registry import CHECKPOINTS
+from repro.cli import main
+from repro.nets.checkpoint import load_model
 
 NAME = "edm-cifar10-32x32-cond-vp"
 FILE = CHECKPOINTS[NAME].filename

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from repro.methods.ddo import rounds as ddo_mod
 from repro.methods.ddo.rounds import train_round
-from repro.pipeline.tracking import NullTracker
 from repro.methods.pretrain import pretrain
+from repro.pipeline.tracking import NullTracker
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -80,7 +80,7 @@ def test_ddo_round_resumes_after_a_kill_and_matches_an_uninterrupted_round(tmp_p
 
 
 def test_fakes_are_paired_with_the_real_labels_and_differ_per_round(cfg, data, base):
-    from repro.storage.files import load_model
+    from repro.nets.checkpoint import load_model
 
     net, arch, _ = load_model(base)
     sub = replace(data, images=data.images[:12], labels=data.labels[:12])
@@ -89,7 +89,7 @@ def test_fakes_are_paired_with_the_real_labels_and_differ_per_round(cfg, data, b
     assert f1.shape == (12, 1, 8, 8) and f1.dtype == np.uint8
     assert not np.array_equal(f1, f2)
     # fake i is generated with real image i's label: same as sampling those seeds with those labels
-    from repro.sampling.edm import generate_images
+    from repro.sampling.generate import generate_images
 
     direct = np.concatenate([x.numpy() for _, x, _ in generate_images(
         net, ddo_mod.fake_seeds(cfg.ddo, 1, 12), img_shape=(1, 8, 8), label_dim=10, sampler=cfg.sampler,

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from repro.config import load_config
-from repro.nets.edm import build_network
-from repro.sampling.edm import SeedStack, edm_sampler, from_uint8, generate_images, sigma_steps, to_uint8
+from repro.nets.factory import build_network
+from repro.sampling.edm import edm_sampler, sigma_steps
+from repro.sampling.generate import SeedStack, from_uint8, generate_images, to_uint8
 
 
 def test_sigma_schedule_matches_formula():

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from repro.config import ConfigError, load_config
-from repro.nets.edm import build_network
-from repro.sampling.edm import edm_sampler, generate_images, sampling_denoiser, with_precision
+from repro.nets.factory import build_network
+from repro.sampling.edm import edm_sampler
+from repro.sampling.generate import generate_images, sampling_denoiser, with_precision
 
 SHAPE = (1, 8, 8)
 
@@ -137,7 +138,7 @@ def test_fp16_on_cpu_is_refused_with_the_field_and_the_fix(nets):
 
 def test_compile_on_cpu_is_ignored_with_a_log_line(nets, caplog):
     net, _ = nets
-    with caplog.at_level(logging.INFO, logger="repro.sampling.edm"):
+    with caplog.at_level(logging.INFO, logger="repro.sampling.generate"):
         compiled = latents(net, sampler(compile=True))
     assert "sampler.compile ignored" in caplog.text
     assert torch.equal(compiled, latents(net, sampler()))

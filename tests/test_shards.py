@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from repro.cluster import distributed
-from repro.evaluation import metric as evaluate
 from repro.config import SampleConfig, SamplerConfig
-from repro.evaluation.metric import Shard, plan_shards, range_batches, range_shards, run_shard, sample_models
 from repro.evaluation.fidelity import FeatureStats
-from repro.storage.files import load_npz, save_model
-from repro.nets.edm import build_network
+from repro.nets.checkpoint import save_model
+from repro.nets.factory import build_network
+from repro.sampling import shards as shards_mod
+from repro.sampling.shards import Shard, plan_shards, range_batches, range_shards, run_shard, sample_models
+from repro.storage.files import load_npz
 
 SAMPLER = SamplerConfig(num_steps=2, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=0.0, S_min=0.0,
                         S_max=float("inf"), S_noise=1.0, batch=16, label_mode="random")
@@ -76,14 +77,14 @@ def test_images_do_not_depend_on_the_shard_size(model, tmp_path):
     assert imgs_a.dtype == np.uint8 and imgs_a.shape == (60, 1, 8, 8) and imgs_a.std() > 0
     assert np.array_equal(imgs_a, imgs_b)
     # Statistics from the stream of shards: bit for bit the same whatever the shard size.
-    for lo, hi in evaluate.eval_ranges(_cfg(7)):
+    for lo, hi in shards_mod.eval_ranges(_cfg(7)):
         x, y = _stats(sa, "base", lo, hi), _stats(sb, "base", lo, hi)
         assert x.n == hi - lo and np.array_equal(x.mu, y.mu) and np.array_equal(x.sigma, y.sigma)
 
 
 def test_killed_run_resumes_without_recomputing_and_gives_the_same_statistics(model, tmp_path, monkeypatch):
     cfg = _cfg(7, batch=4)
-    real = evaluate.generate_images
+    real = shards_mod.generate_images
     started = []
 
     def crashing(*args, **kwargs):  # dies in the middle of the 4th shard, after its first batch
@@ -93,7 +94,7 @@ def test_killed_run_resumes_without_recomputing_and_gives_the_same_statistics(mo
                 raise KeyboardInterrupt("killed")
             yield out
 
-    monkeypatch.setattr(evaluate, "generate_images", crashing)
+    monkeypatch.setattr(shards_mod, "generate_images", crashing)
     with pytest.raises(KeyboardInterrupt):
         sample_models({"base": model}, cfg, SAMPLER, tmp_path / "run", NoTracker(), progress=False)
     shards = plan_shards({"base": model}, cfg, SAMPLER, tmp_path / "run")
@@ -108,7 +109,7 @@ def test_killed_run_resumes_without_recomputing_and_gives_the_same_statistics(mo
         made.append(tuple(np.asarray(args[1])[[0, -1]]))
         yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate_images", counting)
+    monkeypatch.setattr(shards_mod, "generate_images", counting)
     sample_models({"base": model}, cfg, SAMPLER, tmp_path / "run", NoTracker(), progress=False)
     assert made == [(s.lo, s.hi - 1) for s in shards[3:]]  # only the unfinished shards were generated
     assert {s.out: (os.stat(s.out).st_ino, os.stat(s.out).st_mtime_ns) for s in finished} == before
@@ -117,10 +118,10 @@ def test_killed_run_resumes_without_recomputing_and_gives_the_same_statistics(mo
     sample_models({"base": model}, cfg, SAMPLER, tmp_path / "run", NoTracker(), progress=False)
     assert made == []
 
-    monkeypatch.setattr(evaluate, "generate_images", real)
+    monkeypatch.setattr(shards_mod, "generate_images", real)
     sample_models({"base": model}, cfg, SAMPLER, tmp_path / "clean", NoTracker(), progress=False)
     clean = plan_shards({"base": model}, cfg, SAMPLER, tmp_path / "clean")
-    for lo, hi in evaluate.eval_ranges(cfg):
+    for lo, hi in shards_mod.eval_ranges(cfg):
         x, y = _stats(shards, "base", lo, hi), _stats(clean, "base", lo, hi)
         assert np.array_equal(x.mu, y.mu) and np.array_equal(x.sigma, y.sigma)
 
@@ -130,13 +131,13 @@ def test_a_shard_from_other_settings_or_damaged_is_made_again(model, tmp_path):
     (shard,) = plan_shards({"base": model}, cfg, SAMPLER, tmp_path)
     run_shard(shard, SAMPLER, 4)
     first = load_npz(shard.out)
-    assert evaluate.shard_done(shard, SAMPLER)
+    assert shards_mod.shard_done(shard, SAMPLER)
     other = SamplerConfig(**{**SAMPLER.__dict__, "num_steps": 3})
-    assert not evaluate.shard_done(shard, other)
+    assert not shards_mod.shard_done(shard, other)
     run_shard(shard, other, 4)
     assert not np.array_equal(load_npz(shard.out)["images"], first["images"])
     shard.out.write_bytes(b"not an npz")
-    assert not evaluate.shard_done(shard, SAMPLER)
+    assert not shards_mod.shard_done(shard, SAMPLER)
     run_shard(shard, SAMPLER, 4)
     assert np.array_equal(load_npz(shard.out)["images"], first["images"])
 
@@ -174,24 +175,24 @@ def test_export_as_one_npz_or_pngs(model, tmp_path):
     for s in shards:
         run_shard(s, SAMPLER, 5)
     seeds, imgs = _images_by_seed(shards)
-    assert evaluate.export_samples(shards, tmp_path / "all.npz", "npz") == 10
+    assert shards_mod.export_samples(shards, tmp_path / "all.npz", "npz") == 10
     with np.load(tmp_path / "all.npz") as z:
         assert np.array_equal(z["arr_0"], imgs.transpose(0, 2, 3, 1)) and np.array_equal(z["seeds"], seeds)
-    evaluate.export_samples(shards, tmp_path / "png", "png")
+    shards_mod.export_samples(shards, tmp_path / "png", "png")
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [f"{s:06d}.png" for s in range(5, 15)]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000007.png")), imgs[2, 0])
     with pytest.raises(ValueError, match="format"):
-        evaluate.export_samples(shards, tmp_path / "x", "jpg")
+        shards_mod.export_samples(shards, tmp_path / "x", "jpg")
 
 
 def test_the_devices_that_made_the_shards_are_read_back(model, tmp_path):
     shards = plan_shards({"base": model}, _cfg(10, n=20, repeats=1), SAMPLER, tmp_path)
     for s in shards:
         run_shard(s, SAMPLER, 8, device="cpu")
-    assert evaluate.sample_devices(shards) == ["cpu"]
+    assert shards_mod.sample_devices(shards) == ["cpu"]
     # a shard as a GPU would record it, and one written before devices were recorded
     d = load_npz(shards[1].out)
     np.savez(shards[1].out, **{**d, "device": np.array("cuda")})
-    assert evaluate.sample_devices(shards) == ["cpu", "cuda"]
+    assert shards_mod.sample_devices(shards) == ["cpu", "cuda"]
     np.savez(shards[1].out, **{k: v for k, v in d.items() if k != "device"})
-    assert evaluate.sample_devices(shards) == ["cpu", "unknown"]
+    assert shards_mod.sample_devices(shards) == ["cpu", "unknown"]

@@ -181,7 +181,7 @@ def test_sample_shards_go_out_as_a_job_array(project):
     import numpy as np
 
     from repro.config import load_config
-    from repro.evaluation.metric import Shard, run_shard
+    from repro.sampling.shards import Shard, run_shard
 
     cfg = load_config(d / "params.yaml")
     here = run_shard(Shard("base", d / "models/base.safetensors", 96, 192, d / "check.npz"), cfg.sampler,

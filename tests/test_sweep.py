@@ -11,9 +11,11 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from repro.methods.ddo import rounds as ddo_mod
 from repro.config import ConfigError, config_hash, load_config, preset_dict, stage_dict, to_dict
 from repro.datasets.images import load_embedded
+from repro.methods.ddo import rounds as ddo_mod
+from repro.methods.ddo import selfplay
+from repro.methods.ddo import sweep as sweep_mod
 from repro.pipeline.tracking import NullTracker
 
 
@@ -45,10 +47,10 @@ def test_sweep_values_are_checked():
             load_config(preset="micro", overrides=[override])
         assert field in str(e.value), (override, str(e.value))
     ok = load_config(preset="micro", overrides=["ddo.sweep_beta=[0.1, 0.3]"])
-    assert ddo_mod.sweep_grid(ok.ddo) == [(ok.ddo.alpha, 0.1), (ok.ddo.alpha, 0.3)]
+    assert sweep_mod.sweep_grid(ok.ddo) == [(ok.ddo.alpha, 0.1), (ok.ddo.alpha, 0.3)]
     both = load_config(preset="micro", overrides=["ddo.sweep_alpha=[1, 2]", "ddo.sweep_beta=[0.1, 0.3]"])
-    assert ddo_mod.sweep_grid(both.ddo) == [(1, 0.1), (1, 0.3), (2, 0.1), (2, 0.3)]
-    assert ddo_mod.sweep_grid(load_config(preset="micro").ddo) == []
+    assert sweep_mod.sweep_grid(both.ddo) == [(1, 0.1), (1, 0.3), (2, 0.1), (2, 0.3)]
+    assert sweep_mod.sweep_grid(load_config(preset="micro").ddo) == []
 
 
 def test_an_empty_sweep_keys_run_directories_as_before():
@@ -68,9 +70,9 @@ def test_a_swept_round_trains_every_candidate_on_one_bank_and_keeps_the_best(tmp
                    sweep_beta=(0.1, 0.3))
     banks = []
     make = ddo_mod.make_fake_bank
-    monkeypatch.setattr(ddo_mod, "make_fake_bank", lambda *a, **k: banks.append(1) or make(*a, **k))
+    monkeypatch.setattr(sweep_mod, "make_fake_bank", lambda *a, **k: banks.append(1) or make(*a, **k))
     run_dir, out = tmp_path / "run", tmp_path / "out"
-    history = ddo_mod.run_rounds(base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), run_dir, out, NullTracker(),
+    history = selfplay.run_rounds(base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), run_dir, out, NullTracker(),
                                  progress=False)
     assert len(banks) == 2  # one fake bank per round, shared by its two candidates
     for r in (1, 2):
@@ -80,19 +82,19 @@ def test_a_swept_round_trains_every_candidate_on_one_bank_and_keeps_the_best(tmp
         assert list(cands) == [(dcfg.alpha, 0.1), (dcfg.alpha, 0.3)]
         scores = {}
         for a, b in cands:
-            cd = ddo_mod.candidate_dir(rd, a, b)
+            cd = sweep_mod.candidate_dir(rd, a, b)
             assert cd.name == f"a{a:g}-b{b:g}"
             cdone = json.loads((cd / "done.json").read_text())
             assert cdone["best_score"] == cands[(a, b)]["best_score"] and cdone["ref_score"] == done["ref_score"]
             assert (cd / "fakes.npz").read_bytes() == (rd / "fakes.npz").read_bytes()
             scores[(a, b)] = cdone["best_score"]
-        w1, w3 = (_tensors(ddo_mod.candidate_dir(rd, dcfg.alpha, b) / "best.safetensors") for b in (0.1, 0.3))
+        w1, w3 = (_tensors(sweep_mod.candidate_dir(rd, dcfg.alpha, b) / "best.safetensors") for b in (0.1, 0.3))
         assert any(not np.array_equal(w1[k].numpy(), w3[k].numpy()) for k in w1)  # beta did change the training
         chosen = min(scores, key=scores.get)
         assert done["chosen"] == {"alpha": chosen[0], "beta": chosen[1]}
         assert done["best_score"] == min(scores.values()) == history["ddo"][r - 1]["best_score"]
         assert (rd / "best.safetensors").read_bytes() == \
-            (ddo_mod.candidate_dir(rd, *chosen) / "best.safetensors").read_bytes()
+            (sweep_mod.candidate_dir(rd, *chosen) / "best.safetensors").read_bytes()
         assert (out / f"ddo-round{r}.safetensors").read_bytes() == (rd / "best.safetensors").read_bytes()
     # round 2 starts from round 1's chosen checkpoint: its reference score is round 1's best score
     prep2 = json.loads((run_dir / "ddo-round2" / "prepare.json").read_text())
@@ -102,13 +104,14 @@ def test_a_swept_round_trains_every_candidate_on_one_bank_and_keeps_the_best(tmp
     # A candidate is exactly the plain round with that beta (same bank, same draws): the sweep changes nothing else.
     plain = ddo_mod.train_round("ddo", 1, base, data, replace(dcfg, beta=0.3, sweep_beta=()), cfg.sampler, 0.5,
                                 WeightMetric(), tmp_path / "plain", NullTracker(), progress=False)
-    swept = ddo_mod.candidate_dir(run_dir / "ddo-round1", dcfg.alpha, 0.3) / "best.safetensors"
+    swept = sweep_mod.candidate_dir(run_dir / "ddo-round1", dcfg.alpha, 0.3) / "best.safetensors"
     assert plain.best_path.read_bytes() == swept.read_bytes()
 
     # Finished: run again, nothing is trained or generated.
     banks.clear()
-    monkeypatch.setattr(ddo_mod, "train_round", lambda *a, **k: pytest.fail("trained again"))
-    again = ddo_mod.run_rounds(base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), run_dir, tmp_path / "out2",
+    for mod in (selfplay, sweep_mod):
+        monkeypatch.setattr(mod, "train_round", lambda *a, **k: pytest.fail("trained again"))
+    again = selfplay.run_rounds(base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), run_dir, tmp_path / "out2",
                                NullTracker(), progress=False)
     assert again == history and banks == []
 
@@ -122,16 +125,16 @@ def test_candidates_can_run_elsewhere_and_selection_waits_for_all(tmp_path, cfg,
     def only_first(round_, ref_path, grid):  # a "job array" that loses its second task
         seen.append((round_, ref_path, grid))
         a, b = grid[0]
-        ddo_mod.train_candidate(round_, ref_path, data, dcfg, cfg.sampler, 0.5, WeightMetric(), rd, a, b,
+        sweep_mod.train_candidate(round_, ref_path, data, dcfg, cfg.sampler, 0.5, WeightMetric(), rd, a, b,
                                 NullTracker(), progress=False)
 
     with pytest.raises(FileNotFoundError, match="candidates not finished"):
-        ddo_mod.swept_round(1, base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), rd, NullTracker(), False,
+        sweep_mod.swept_round(1, base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), rd, NullTracker(), False,
                             run_candidates=only_first)
     assert seen == [(1, base, [(0.5, dcfg.beta), (2.0, dcfg.beta)])] and not (rd / "done.json").exists()
-    res = ddo_mod.swept_round(1, base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), rd, NullTracker(), False)
+    res = sweep_mod.swept_round(1, base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), rd, NullTracker(), False)
     assert res.best_path == rd / "best.safetensors" and res.best_path.is_file()
-    assert (ddo_mod.candidate_dir(rd, 0.5, dcfg.beta) / "done.json").is_file()
+    assert (sweep_mod.candidate_dir(rd, 0.5, dcfg.beta) / "done.json").is_file()
 
 
 def test_the_debug_executor_orchestrates_a_swept_round(tmp_path, monkeypatch):

@@ -249,7 +249,7 @@ class _ShardJob:
 
 
 def _ddo_sweep(cfg: Config) -> bool:
-    from repro.methods.ddo.rounds import sweep_grid
+    from repro.methods.ddo.sweep import sweep_grid
 
     return bool(sweep_grid(cfg.ddo))
 

@@ -73,8 +73,7 @@ from pathlib import Path
 
 import torch
 
-from repro.evaluation.fidelity import (INCEPTION_EXTRACTOR, extract_features, inception_state_dict_template,
-                                       make_extractor)
+from repro.evaluation.fidelity import INCEPTION_EXTRACTOR, extract_features, inception_state_dict_template, make_extractor
 from repro.storage.files import atomic_path
 
 __all__ = [

@@ -65,8 +65,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from repro.storage.unpickle import UnsafePickleError, read_edm_pickle
 from repro.evaluation.fidelity import FeatureStats, frechet_distance
+from repro.storage.unpickle import UnsafePickleError, read_edm_pickle
 
 __all__ = [
     "KINDS",

@@ -14,7 +14,6 @@ dropout > 0 a resumed or multi-process run matches one process only in distribut
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -25,33 +24,13 @@ import torch
 from repro.cluster import distributed, preempt
 from repro.config import PretrainConfig
 from repro.datasets.images import Dataset
-from repro.storage.files import atomic_path, save_model
 from repro.methods.losses import draw_sigma_noise, edm_loss
-from repro.nets.edm import build_network
-from repro.sampling.edm import from_uint8, one_hot
+from repro.methods.training import ema_beta, ema_update, load_state, rampup_lr, save_state, step_generator
+from repro.nets.checkpoint import save_model
+from repro.nets.factory import build_network
+from repro.sampling.generate import from_uint8, one_hot
 
 log = logging.getLogger(__name__)
-
-
-def step_generator(*keys: int) -> torch.Generator:
-    """A generator seeded by a tuple of integers (seed, round, step, ...): draws depend on progress only."""
-    digest = hashlib.sha256(np.asarray(keys, dtype=np.int64).tobytes()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def ema_beta(batch: int, halflife_nimg: int) -> float:
-    """Per-step EMA decay for a half-life given in images (EDM's ema_halflife_kimg, in images)."""
-    return 0.5 ** (batch / max(halflife_nimg, 1e-8)) if halflife_nimg > 0 else 0.0
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
-
-
-def rampup_lr(lr: float, nimg: int, rampup_nimg: int) -> float:
-    return lr * min(nimg / rampup_nimg, 1.0) if rampup_nimg > 0 else lr
 
 
 def arch_from_config(cfg: PretrainConfig, data: Dataset) -> dict:
@@ -70,15 +49,6 @@ def arch_from_config(cfg: PretrainConfig, data: Dataset) -> dict:
         "dropout": net.dropout,
         "sigma_data": cfg.sigma_data,
     }
-
-
-def save_state(path: Path, **state) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def batch_of(data: Dataset, idx: torch.Tensor, label_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:

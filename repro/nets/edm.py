@@ -27,26 +27,23 @@ embedding, standard encoder/decoder, one attention head); NCSN++ options raise
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repro.nets.layers import check_levels
+
 __all__ = [
-    "Dense",
-    "Conv",
-    "GroupNorm32",
+    "Linear",
+    "Conv2d",
+    "GroupNorm",
     "UNetBlock",
     "SongUNet",
     "EDMPrecond",
     "VPPrecond",
-    "build_network",
-    "arch_presets",
-    "disable_dropout",
-    "count_parameters",
     "EDM_CIFAR10_DDPMPP",
     "EDM_CIFAR10_DDPMPP_COND",
     "EDM_CIFAR10_DDPMPP_UNCOND",
@@ -69,7 +66,7 @@ def _xavier_uniform(shape: Sequence[int], fan_in: int, fan_out: int, gain: float
     return torch.empty(*shape).uniform_(-bound, bound)
 
 
-class Dense(nn.Module):
+class Linear(nn.Module):
     """Fully connected layer ``y = x W^T + b`` with parameters ``weight`` [out, in], ``bias`` [out]."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gain: float = 1.0):
@@ -83,7 +80,7 @@ class Dense(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class Conv(nn.Module):
+class Conv2d(nn.Module):
     """Square convolution with optional 2x FIR up- or down-sampling in front.
 
     ``kernel == 0`` gives a pure resampling layer without parameters.  When
@@ -106,7 +103,7 @@ class Conv(nn.Module):
     ):
         super().__init__()
         if up and down:
-            raise ValueError("Conv: up and down are mutually exclusive")
+            raise ValueError("Conv2d: up and down are mutually exclusive")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel = kernel
@@ -144,7 +141,7 @@ class Conv(nn.Module):
         return x
 
 
-class GroupNorm32(nn.Module):
+class GroupNorm(nn.Module):
     """Group normalisation with ``min(32, C // 4)`` groups (at least 4 channels per group)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6, max_groups: int = 32, min_channels_per_group: int = 4):
@@ -152,7 +149,7 @@ class GroupNorm32(nn.Module):
         self.num_groups = min(max_groups, num_channels // min_channels_per_group)
         if self.num_groups < 1 or num_channels % self.num_groups:
             raise ValueError(
-                f"GroupNorm32: {num_channels} channels cannot be split into {self.num_groups} groups; "
+                f"GroupNorm: {num_channels} channels cannot be split into {self.num_groups} groups; "
                 "use channel counts that are multiples of 4 (and of 32 above 128 channels)"
             )
         self.eps = eps
@@ -213,21 +210,21 @@ class UNetBlock(nn.Module):
         self.dropout = float(dropout)
         self.skip_scale = skip_scale
 
-        self.norm0 = GroupNorm32(in_channels, eps=eps)
-        self.conv0 = Conv(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
-        self.affine = Dense(emb_channels, out_channels)
-        self.norm1 = GroupNorm32(out_channels, eps=eps)
-        self.conv1 = Conv(out_channels, out_channels, 3, gain=1e-5)
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
+        self.affine = Linear(emb_channels, out_channels)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, gain=1e-5)
         # DDPM++ always projects the shortcut with a 1x1 conv when the shape changes.
         self.skip = None
         if in_channels != out_channels or up or down:
-            self.skip = Conv(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter)
+            self.skip = Conv2d(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter)
         if self.num_heads:
             if out_channels % self.num_heads:
                 raise ValueError("UNetBlock: out_channels must be divisible by num_heads")
-            self.norm2 = GroupNorm32(out_channels, eps=eps)
-            self.qkv = Conv(out_channels, out_channels * 3, 1, gain=math.sqrt(0.2))
-            self.proj = Conv(out_channels, out_channels, 1, gain=1e-5)
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, 1, gain=math.sqrt(0.2))
+            self.proj = Conv2d(out_channels, out_channels, 1, gain=1e-5)
 
     def _attend(self, h: torch.Tensor) -> torch.Tensor:
         n, c, height, width = h.shape
@@ -328,11 +325,11 @@ class SongUNet(nn.Module):
 
         # Mapping network.  map_noise has no parameters; it is a module so that
         # the attribute exists as in the reference layout.
-        self.map_noise = _SinusoidalEmbedding(noise_channels)
-        self.map_label = Dense(label_dim, noise_channels) if label_dim else None
-        self.map_augment = Dense(augment_dim, noise_channels, bias=False) if augment_dim else None
-        self.map_layer0 = Dense(noise_channels, emb_channels)
-        self.map_layer1 = Dense(emb_channels, emb_channels)
+        self.map_noise = PositionalEmbedding(noise_channels)
+        self.map_label = Linear(label_dim, noise_channels) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels)
+        self.map_layer1 = Linear(emb_channels, emb_channels)
 
         # Encoder: remember the channel count of every activation pushed on the skip stack.
         self.enc = nn.ModuleDict()
@@ -341,7 +338,7 @@ class SongUNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
-                self.enc[f"{res}x{res}_conv"] = Conv(ch, model_channels, 3)
+                self.enc[f"{res}x{res}_conv"] = Conv2d(ch, model_channels, 3)
                 ch = model_channels
             else:
                 self.enc[f"{res}x{res}_down"] = block(ch, ch, down=True)
@@ -369,8 +366,8 @@ class SongUNet(nn.Module):
                 self._takes_skip.add(name)
                 ch = model_channels * mult
             if level == 0:
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm32(ch, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv(ch, out_channels, 3, gain=1e-5)
+                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(ch, eps=1e-6)
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(ch, out_channels, 3, gain=1e-5)
         assert not skip_channels
 
     def _embed(
@@ -422,7 +419,7 @@ class SongUNet(nn.Module):
         return out
 
 
-class _SinusoidalEmbedding(nn.Module):
+class PositionalEmbedding(nn.Module):
     """Transformer-style embedding [sin(c w_i), cos(c w_i)] with w_i = 10000^(-i/(C/2 - 1)), i < C/2.
 
     (The frequencies include both end points 1 and 1/10000; the sine half comes first.)
@@ -719,108 +716,11 @@ TINY_8X8_COND = dict(
     sigma_data=0.5,
 )
 
-_PRESETS = {
+
+
+PRESETS = {
     "edm-cifar10-32x32-cond-vp": EDM_CIFAR10_DDPMPP_COND,
     "edm-cifar10-32x32-uncond-vp": EDM_CIFAR10_DDPMPP_UNCOND,
     "baseline-cifar10-32x32-uncond-vp": BASELINE_CIFAR10_DDPMPP_VP,
     "tiny-8x8-cond": TINY_8X8_COND,
 }
-
-_COMMON_KEYS = {"precond", "img_resolution", "img_channels", "label_dim", "use_fp16"}
-_UNET_KEYS = {
-    "model_type",
-    "augment_dim",
-    "model_channels",
-    "channel_mult",
-    "channel_mult_emb",
-    "num_blocks",
-    "attn_resolutions",
-    "dropout",
-    "label_dropout",
-    "embedding_type",
-    "channel_mult_noise",
-    "encoder_type",
-    "decoder_type",
-    "resample_filter",
-}
-_PRECOND_KEYS = {
-    "edm": (EDMPrecond, {"sigma_min", "sigma_max", "sigma_data"}),
-    "vp": (VPPrecond, {"beta_d", "beta_min", "M", "epsilon_t"}),
-}
-
-
-def arch_presets() -> dict:
-    """Return (deep copies of) the named architecture dictionaries.
-
-    Example::
-
-        net = build_network(arch_presets()["edm-cifar10-32x32-cond-vp"])
-    """
-    return copy.deepcopy(_PRESETS)
-
-
-def build_network(arch: Mapping[str, Any]) -> nn.Module:
-    """Build a preconditioned denoiser from a JSON-able architecture dict.
-
-    Required keys: ``precond`` ("edm" or "vp"), ``img_resolution``,
-    ``img_channels``; everything else is optional (``label_dim``, the
-    :class:`SongUNet` keyword arguments and the preconditioning constants of
-    the chosen wrapper).  Unknown keys raise ``ValueError`` naming the key.
-
-    Example::
-
-        net = build_network(dict(precond="edm", img_resolution=8, img_channels=1, label_dim=10,
-                                 model_channels=16, channel_mult=[1, 2], num_blocks=1,
-                                 attn_resolutions=[4]))
-    """
-    arch = dict(arch)
-    if arch.get("precond") == "edm2":  # EDM2's magnitude-preserving U-Net lives in its own module
-        from repro.nets.edm2 import build_edm2
-
-        return build_edm2(arch)
-    precond = arch.pop("precond", None)
-    if precond not in _PRECOND_KEYS:
-        raise ValueError(f"arch['precond'] must be one of {sorted(_PRECOND_KEYS)}, got {precond!r}")
-    cls, precond_keys = _PRECOND_KEYS[precond]
-    allowed = (_COMMON_KEYS | _UNET_KEYS | precond_keys) - {"precond"}
-    for key in arch:
-        if key not in allowed:
-            raise ValueError(f"unknown architecture key {key!r} for precond={precond!r}")
-    for key in ("img_resolution", "img_channels"):
-        if key not in arch:
-            raise ValueError(f"architecture dict is missing the required key {key!r}")
-    for key in ("channel_mult", "attn_resolutions", "resample_filter"):
-        if key in arch:
-            arch[key] = list(arch[key])
-    return cls(**arch)
-
-
-def disable_dropout(net: nn.Module) -> nn.Module:
-    """Set every dropout probability in ``net`` to zero (in place) and return ``net``.
-
-    Covers the residual-block dropout of :class:`UNetBlock` and EDM2's blocks,
-    the class-label dropout of :class:`SongUNet` (used for classifier-free
-    guidance) and any ``torch.nn`` dropout modules.  DDO fine-tuning runs without dropout.
-    """
-    for module in net.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        for attr in ("dropout", "label_dropout"):  # our blocks keep their probabilities as plain floats
-            if isinstance(getattr(module, attr, None), (int, float)):
-                setattr(module, attr, 0.0)
-    return net
-
-
-def check_levels(net_name: str, channel_mult: Iterable[int], img_resolution: int) -> list[int]:
-    """A U-Net's channel multipliers as ints, one per resolution level; the resolution must halve evenly down them."""
-    channel_mult = [int(m) for m in channel_mult]
-    if not channel_mult:
-        raise ValueError(f"{net_name}: channel_mult must not be empty")
-    if img_resolution % (1 << (len(channel_mult) - 1)):
-        raise ValueError(f"{net_name}: img_resolution={img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
-    return channel_mult
-
-
-def count_parameters(net: nn.Module) -> int:
-    """Number of trainable scalars (buffers such as resample filters excluded)."""
-    return sum(p.numel() for p in net.parameters())

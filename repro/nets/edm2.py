@@ -22,7 +22,7 @@ weights of any scale, activations keep (approximately) unit magnitude:
 * pixel normalisation of the encoder activations and of q/k/v in attention;
   learned scalar gains (``emb_gain``, ``out_gain``) that start at zero.
 
-The wrapper :class:`EDM2Precond` applies the EDM preconditioning of Karras et
+The wrapper :class:`Precond` applies the EDM preconditioning of Karras et
 al. (2022), "Elucidating the Design Space of Diffusion-Based Generative
 Models", Table 1 (c_skip, c_out, c_in, c_noise = ln(sigma)/4, sigma_data 0.5)
 and carries the EDM2 uncertainty head ``u(sigma)`` (EDM2 Eq. 21, Section 2 /
@@ -45,15 +45,14 @@ float16 on CUDA only (CPU always computes in float32).
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repro.nets.edm import check_levels, count_parameters
+from repro.nets.layers import check_levels, count_parameters
 
 __all__ = [
     "mp_silu",
@@ -62,13 +61,10 @@ __all__ = [
     "pixel_norm",
     "MPFourier",
     "MPConv",
-    "EDM2Block",
-    "EDM2UNet",
-    "EDM2Precond",
-    "EDM2_PRESETS",
-    "edm2_presets",
-    "build_edm2",
-    "disable_dropout",
+    "Block",
+    "UNet",
+    "Precond",
+    "PRESETS",
     "count_parameters",
 ]
 
@@ -241,7 +237,7 @@ class MPConv(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class EDM2Block(nn.Module):
+class Block(nn.Module):
     """EDM2 encoder (``flavor='enc'``) or decoder (``flavor='dec'``) block.
 
     Submodules/parameters (names match the reference state_dict): ``emb_gain``
@@ -251,11 +247,11 @@ class EDM2Block(nn.Module):
     and ``attn_proj``.  The number of heads is ``out_channels //
     channels_per_head`` (so a requested attention layer silently disappears
     for fewer than ``channels_per_head`` channels, as in the reference).
-    ``dropout`` is a plain float attribute (see :func:`disable_dropout`).
+    ``dropout`` is a plain float attribute (see :func:`repro.nets.layers.disable_dropout`).
 
     Example::
 
-        blk = EDM2Block(64, 128, emb_channels=256, flavor="enc", resample_mode="down", attention=True)
+        blk = Block(64, 128, emb_channels=256, flavor="enc", resample_mode="down", attention=True)
         y = blk(torch.randn(2, 64, 16, 16), torch.randn(2, 256))   # -> [2, 128, 8, 8]
     """
 
@@ -275,9 +271,9 @@ class EDM2Block(nn.Module):
         clip_act: Optional[float] = 256,
     ):
         if flavor not in ("enc", "dec"):
-            raise ValueError(f"EDM2Block: flavor must be 'enc' or 'dec', got {flavor!r}")
+            raise ValueError(f"Block: flavor must be 'enc' or 'dec', got {flavor!r}")
         if resample_mode not in ("keep", "up", "down"):
-            raise ValueError(f"EDM2Block: resample_mode must be 'keep', 'up' or 'down', got {resample_mode!r}")
+            raise ValueError(f"Block: resample_mode must be 'keep', 'up' or 'down', got {resample_mode!r}")
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -359,18 +355,18 @@ class EDM2Block(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class EDM2UNet(nn.Module):
+class UNet(nn.Module):
     """EDM2 magnitude-preserving U-Net ``F(x, c_noise, class_labels)``.
 
     ``x``: ``[N, img_channels, R, R]``; ``c_noise``: ``[N]``; ``class_labels``:
     ``[N, label_dim]`` (or ``None`` for an unconditional net).  Block keyword
     arguments (``dropout``, ``channels_per_head``, ``res_balance``,
     ``attn_balance``, ``clip_act``, ``resample_filter``) are passed to every
-    :class:`EDM2Block`.
+    :class:`Block`.
 
     Example::
 
-        unet = EDM2UNet(img_resolution=8, img_channels=3, label_dim=10, model_channels=16,
+        unet = UNet(img_resolution=8, img_channels=3, label_dim=10, model_channels=16,
                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
         y = unet(torch.randn(2, 3, 8, 8), torch.zeros(2), torch.eye(10)[:2])   # -> [2, 3, 8, 8]
     """
@@ -390,7 +386,7 @@ class EDM2UNet(nn.Module):
         concat_balance: float = 0.5,
         **block_kwargs: Any,
     ):
-        channel_mult = check_levels("EDM2UNet", channel_mult, img_resolution)
+        channel_mult = check_levels("EDM2 UNet", channel_mult, img_resolution)
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -403,8 +399,8 @@ class EDM2UNet(nn.Module):
         emb_width = model_channels * channel_mult_emb if channel_mult_emb is not None else max(widths)
         self.emb_channels = emb_width
 
-        def block(cin: int, cout: int, **kw: Any) -> EDM2Block:
-            return EDM2Block(cin, cout, emb_width, **kw, **block_kwargs)
+        def block(cin: int, cout: int, **kw: Any) -> Block:
+            return Block(cin, cout, emb_width, **kw, **block_kwargs)
 
         self.out_gain = nn.Parameter(torch.zeros([]))
         self.emb_fourier = MPFourier(noise_width)
@@ -483,8 +479,8 @@ class EDM2UNet(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class EDM2Precond(nn.Module):
-    """EDM-preconditioned EDM2 denoiser ``D(x; sigma)`` around :class:`EDM2UNet` (``.unet``).
+class Precond(nn.Module):
+    """EDM-preconditioned EDM2 denoiser ``D(x; sigma)`` around :class:`UNet` (``.unet``).
 
     ``sigma`` (> 0) may be a float, a 0-d tensor or per-sample ``[N]`` /
     ``[N, 1, 1, 1]``.  ``labels``: one-hot ``[N, label_dim]`` (integer class
@@ -496,7 +492,7 @@ class EDM2Precond(nn.Module):
 
     Example::
 
-        net = EDM2Precond(img_resolution=8, img_channels=3, label_dim=10, model_channels=16,
+        net = Precond(img_resolution=8, img_channels=3, label_dim=10, model_channels=16,
                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
         x = torch.randn(4, 3, 8, 8)
         d = net.denoise(x, torch.tensor([0.1, 0.5, 2.0, 10.0]), torch.eye(10)[:4])   # -> [4, 3, 8, 8]
@@ -521,7 +517,7 @@ class EDM2Precond(nn.Module):
         self.sigma_data = sigma_data
         self.sigma_min = 0.0
         self.sigma_max = float("inf")
-        self.unet = EDM2UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+        self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                              **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
@@ -632,63 +628,6 @@ def _edm2_arch(dataset: str, size: str, label_dim: int = 1000) -> dict:
     )
 
 
-EDM2_PRESETS = {f"{ds}-{size}": _edm2_arch(ds, size) for ds, sizes in _RELEASED.items() for size in sizes}
-EDM2_PRESETS["img512-xs-uncond"] = _edm2_arch("img512", "xs", label_dim=0)
-EDM2_PRESETS["img512-s-uncond"] = _edm2_arch("img512", "s", label_dim=0)
-
-_COMMON_KEYS = {"precond", "img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels"}
-_UNET_KEYS = {"model_channels", "channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks",
-              "attn_resolutions", "label_balance", "concat_balance"}
-_BLOCK_KEYS = {"resample_filter", "channels_per_head", "dropout", "res_balance", "attn_balance", "clip_act"}
-_ARCH_KEYS = _COMMON_KEYS | _UNET_KEYS | _BLOCK_KEYS
-
-
-def edm2_presets() -> dict:
-    """Return (deep copies of) :data:`EDM2_PRESETS`.
-
-    Example::
-
-        net = build_edm2(edm2_presets()["img64-s"])
-    """
-    return copy.deepcopy(EDM2_PRESETS)
-
-
-def build_edm2(arch: Mapping[str, Any]) -> EDM2Precond:
-    """Build an :class:`EDM2Precond` from a JSON-able architecture dict.
-
-    Required keys: ``img_resolution``, ``img_channels``; ``precond`` is
-    optional but must be ``"edm2"`` if given.  All other keys are optional:
-    ``label_dim``, ``use_fp16``, ``sigma_data``, ``logvar_channels``, the
-    :class:`EDM2UNet` arguments and the :class:`EDM2Block` arguments.  Unknown
-    keys raise ``ValueError`` naming the key.  Build big nets on the meta
-    device to inspect them without allocating memory.
-
-    Example::
-
-        with torch.device("meta"):
-            big = build_edm2(EDM2_PRESETS["img512-l"])       # count_parameters(big) -> 777M
-        tiny = build_edm2(dict(img_resolution=8, img_channels=3, label_dim=10, model_channels=16,
-                               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                               channels_per_head=8))
-    """
-    arch = dict(arch)
-    precond = arch.pop("precond", "edm2")
-    if precond != "edm2":
-        raise ValueError(f"arch['precond'] must be 'edm2' for build_edm2, got {precond!r}")
-    for key in arch:
-        if key not in _ARCH_KEYS:
-            raise ValueError(f"unknown architecture key {key!r} for precond='edm2'")
-    for key in ("img_resolution", "img_channels"):
-        if key not in arch:
-            raise ValueError(f"architecture dict is missing the required key {key!r}")
-    for key in ("channel_mult", "attn_resolutions", "resample_filter"):
-        if key in arch:
-            arch[key] = list(arch[key])
-    return EDM2Precond(**arch)
-
-
-def disable_dropout(net: nn.Module) -> nn.Module:
-    """Set every dropout probability in ``net`` to zero (in place); see :func:`repro.nets.edm.disable_dropout`."""
-    from repro.nets.edm import disable_dropout as _disable
-
-    return _disable(net)
+PRESETS = {f"{ds}-{size}": _edm2_arch(ds, size) for ds, sizes in _RELEASED.items() for size in sizes}
+PRESETS["img512-xs-uncond"] = _edm2_arch("img512", "xs", label_dim=0)
+PRESETS["img512-s-uncond"] = _edm2_arch("img512", "s", label_dim=0)

@@ -83,8 +83,8 @@ def check(cfg: PretrainConfig) -> None:
 
 def fetch_and_convert(cfg: PretrainConfig, root: Path, out: Path, progress: bool = True) -> dict:
     """Fetch + verify + convert ``cfg.source`` into ``out``; returns the converter's summary."""
+    from repro.nets.convert import convert_edm_pickle
     from repro.storage.download import Lock, fetch
-    from repro.storage.unpickle import convert_edm_pickle
 
     check(cfg)
     ck = registry.get(cfg.source)
@@ -99,8 +99,8 @@ def fetch_and_convert(cfg: PretrainConfig, root: Path, out: Path, progress: bool
 
 def fetch_guide(cfg: PretrainConfig, name: str, root: Path, progress: bool = True) -> dict:
     """Fetch + verify + convert the guide network ``name`` into ``models/guide.safetensors``."""
+    from repro.nets.convert import convert_edm_pickle
     from repro.storage.download import Lock, fetch
-    from repro.storage.unpickle import convert_edm_pickle
 
     ck = registry.get(name)
     if not ck.convertible:
@@ -115,8 +115,8 @@ def fetch_guide(cfg: PretrainConfig, name: str, root: Path, progress: bool = Tru
 
 def fetch_decoder(cfg: PretrainConfig, name: str, root: Path, progress: bool = True) -> Path:
     """Fetch + verify the decoder ``name`` into ``checkpoints/<name>.safetensors`` and check that it loads strictly."""
-    from repro.storage.download import Lock, fetch
     from repro.nets.sd_vae import load_autoencoder
+    from repro.storage.download import Lock, fetch
 
     ck = registry.get_decoder(name)
     path = fetch(ck.url, decoder_path(root, name), sha256=ck.sha256, lock=Lock(Path(root) / LOCK_FILE), name=ck.name,
@@ -139,7 +139,7 @@ def fetch_extras(cfg: Config, root: Path, progress: bool = True) -> dict:
 
 def load_guide(root: Path, sampler: SamplerConfig, arch: dict, device="cpu"):
     """The converted guide network, checked to be ``sampler.guide`` and to sample the main net's shape and labels."""
-    from repro.storage.files import load_model
+    from repro.nets.checkpoint import load_model
 
     path = guide_path(root)
     if not path.is_file():
@@ -165,9 +165,9 @@ def load_decoder(root: Path, name: str, encoder: dict | None = None, device="cpu
     """
     import numpy as np
 
+    from repro.nets.sd_vae import LatentDecoder, edm2_scale_bias, load_autoencoder
     from repro.storage.download import Lock
     from repro.storage.files import sha256_file
-    from repro.nets.sd_vae import LatentDecoder, edm2_scale_bias, load_autoencoder
 
     ck = registry.get_decoder(name)
     path = decoder_path(root, name)

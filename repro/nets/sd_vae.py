@@ -85,7 +85,7 @@ def load_autoencoder(path: Path | str, arch: str = "sd-vae-ft-mse", device="cpu"
         raise ImportError("the SD-VAE decoder needs diffusers: pip install -r requirements.txt") from e
     from safetensors.torch import load_file
 
-    from repro.storage.files import load_state_strict
+    from repro.nets.checkpoint import load_state_strict
 
     if arch not in CONFIGS:
         raise KeyError(f"unknown autoencoder {arch!r}; known: {', '.join(CONFIGS)}")

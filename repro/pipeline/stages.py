@@ -116,7 +116,7 @@ def stage_data(cfg: Config, paths: Paths, progress: bool) -> None:
 
 
 def stage_extractor(cfg: Config, paths: Paths, progress: bool) -> None:
-    from repro.evaluation.metric import build_extractor, inception_weights
+    from repro.evaluation.extractor import build_extractor, inception_weights
 
     if cfg.extractor.kind == "inception":
         inception_weights(cfg.extractor, paths.root)  # a missing or changed weights file: an error before any run
@@ -132,8 +132,8 @@ def stage_extractor(cfg: Config, paths: Paths, progress: bool) -> None:
 def stage_pretrain(cfg: Config, paths: Paths, progress: bool) -> None:
     """Train the base model here (source 'train'), or fetch + verify + convert a released checkpoint."""
     from repro.cluster import distributed
-    from repro.methods.ddo.rounds import sample_grid
-    from repro.storage.files import load_model
+    from repro.nets.checkpoint import load_model
+    from repro.sampling.generate import sample_grid
 
     if cfg.pretrain.source != "train":
         from repro.nets.released import check
@@ -201,10 +201,11 @@ def stage_ddo(cfg: Config, paths: Paths, progress: bool, round: int | None = Non
     With a sweep (ddo.sweep_alpha / sweep_beta), ``step`` runs one step of swept DDO round ``round`` only:
     'prepare', 'candidate' (with ``alpha``, ``beta``) or 'select' (the launcher's jobs; see repro.methods.ddo.rounds).
     """
-    from repro.methods.ddo.rounds import (KINDS, prepare_round, run_rounds, select_round, sweep_grid, swept_round,
-                                          train_candidate, train_round)
     from repro.evaluation.metric import load_metric
-    from repro.storage.files import read_model_meta
+    from repro.methods.ddo.rounds import KINDS, train_round
+    from repro.methods.ddo.selfplay import run_rounds
+    from repro.methods.ddo.sweep import prepare_round, select_round, sweep_grid, swept_round, train_candidate
+    from repro.nets.checkpoint import read_model_meta
 
     # DDO's fakes and selection samples come from the models themselves: no autoguidance (as in the paper).
     sampler = dataclasses.replace(cfg.sampler, guidance=1.0)
@@ -280,7 +281,7 @@ def ddo_run_dir(cfg: Config, paths: Paths) -> Path:
 def ddo_sweep_todo(cfg: Config, root: Path, round_: int) -> dict:
     """What swept DDO round ``round_`` still needs: {'done': bool, 'prepared': bool, 'candidates': [(a, b), ...]}
     (the launcher sends out only that)."""
-    from repro.methods.ddo.rounds import candidate_dir, prepared, sweep_grid
+    from repro.methods.ddo.sweep import candidate_dir, prepared, sweep_grid
 
     paths = Paths.of(cfg, root)
     _require(paths.data, paths.base, paths.extractor, paths.reference)
@@ -308,7 +309,7 @@ def _sampling_setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
     """The device the sample stage uses, and its guide / latent decoder on that device (if the preset has them)."""
     import torch
 
-    from repro.storage.files import read_model_meta
+    from repro.nets.checkpoint import read_model_meta
     from repro.nets.released import sampling_extras
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -317,7 +318,7 @@ def _sampling_setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
 
 
 def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
-    from repro.evaluation.metric import sample_models
+    from repro.sampling.shards import sample_models
     from repro.storage.files import atomic_dir, link_or_copy
 
     models = eval_models(cfg, paths)
@@ -337,7 +338,7 @@ def stage_sample(cfg: Config, paths: Paths, progress: bool) -> None:
 
 def sample_shards(cfg: Config, root: Path, missing_only: bool = True) -> list:
     """The sample stage's shards (not yet finished ones by default): what the launcher sends out as a job array."""
-    from repro.evaluation.metric import plan_shards, shard_done
+    from repro.sampling.shards import plan_shards, shard_done
 
     paths = Paths.of(cfg, root)
     models = eval_models(cfg, paths)
@@ -348,17 +349,16 @@ def sample_shards(cfg: Config, root: Path, missing_only: bool = True) -> list:
 
 def run_sample_shard(cfg: Config, root: Path, shard) -> Path:
     """One shard of the sample stage (one task of its job array)."""
-    from repro.evaluation.metric import run_shard
+    from repro.sampling.shards import run_shard
 
     device, extras = _sampling_setup(cfg, Paths.of(cfg, root))
     return run_shard(shard, cfg.sampler, cfg.sample.batch, progress=False, device=device, **extras)
 
 
 def stage_fid(cfg: Config, paths: Paths, progress: bool) -> None:
-    from repro.evaluation.metric import (METRIC_LABELS, eval_ranges, evaluate_range, extra_metrics, feature_metrics,
-                                         load_metric, model_sha256, plan_shards, range_batches, range_shards,
-                                         reference_features, sample_devices)
+    from repro.evaluation.metric import METRIC_LABELS, evaluate_range, extra_metrics, feature_metrics, load_metric, reference_features
     from repro.pipeline.tracking import git_commit
+    from repro.sampling.shards import eval_ranges, model_sha256, plan_shards, range_batches, range_shards, sample_devices
 
     models = eval_models(cfg, paths)
     _require(paths.samples, paths.ddo / "rounds.json")

@@ -29,7 +29,7 @@ def autoguidance(net: Denoiser, gnet: Denoiser, w: float) -> Denoiser:
     """The guided denoiser ``D(x, sigma, labels) = gnet(...) + w * (net(...) - gnet(...))``.
 
     ``net`` is the main model and ``gnet`` the guide, both called as ``f(x, sigma, labels)`` with the same
-    arguments (e.g. :class:`repro.nets.edm2.EDM2Precond` instances).  The blend is ``torch.lerp(g, d, w)``
+    arguments (e.g. :class:`repro.nets.edm2.Precond` instances).  The blend is ``torch.lerp(g, d, w)``
     in the dtype of ``net``'s output, which is exact at the end points: ``w == 1`` returns ``net``'s output
     and ``w == 0`` returns ``gnet``'s (only that one network is evaluated then, so an unguided run costs
     one network evaluation per call).

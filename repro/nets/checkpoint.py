@@ -1,0 +1,64 @@
+"""Our checkpoint format: safetensors weights + the JSON architecture that rebuilds the network (nets.factory).
+
+Every network the package trains or converts is saved with :func:`save_model` and rebuilt with
+:func:`load_model`; tensors are copied in with a strict key and shape check (:func:`load_state_strict`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from repro.storage.files import save_safetensors
+
+
+def save_model(path: Path, net: torch.nn.Module, arch: dict, info: dict | None = None) -> None:
+    """Save a network's weights (fp32, contiguous) with its architecture and free-form info as metadata."""
+    meta = {"arch": json.dumps(arch, sort_keys=True), "info": json.dumps(info or {}, sort_keys=True)}
+    save_safetensors(path, net.state_dict(), meta)
+
+
+def read_model_meta(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "arch" not in meta:
+        raise ValueError(f"{path}: not a repro checkpoint (no 'arch' metadata); write it with repro.storage.files.save_model")
+    return json.loads(meta["arch"]), json.loads(meta.get("info", "{}"))
+
+
+def load_state_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy tensors into ``net`` after checking that keys and shapes match exactly."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    shape = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
+    if missing or extra or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        if shape:
+            k = shape[0]
+            parts.append(f"shape mismatch for {len(shape)} tensors, e.g. {k}: file {tuple(tensors[k].shape)} "
+                         f"vs network {tuple(own[k].shape)}")
+        raise ValueError(f"{where}: weights do not fit the network: " + "; ".join(parts))
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(tensors[k])
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
+    """Rebuild a network from a checkpoint written by :func:`save_model`; returns (net, arch, info)."""
+    from safetensors.torch import load_file
+
+    from repro.nets.factory import build_network
+
+    arch, info = read_model_meta(path)
+    net = build_network(arch)
+    load_state_strict(net, load_file(str(path)), str(path))
+    return net.to(device).eval(), arch, info
