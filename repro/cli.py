@@ -73,7 +73,7 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
             _fail(str(e))
         root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
         if dry_run:
-            from repro.pipeline.stages import describe
+            from repro.pipeline.run import describe
 
             click.echo(f"# stage {stage}, preset {cfg.preset}; outputs under {root}")
             click.echo(dump_yaml(stage_dict(cfg, stage)), nl=False)
@@ -82,13 +82,14 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
                 click.echo("# would do:")
                 click.echo(yaml.safe_dump({"plan": plan}, sort_keys=False, width=1000), nl=False)
             return
-        from repro.cluster.launcher import EXIT_PREEMPTED, JobFailed, run
+        from repro.cluster.launcher import EXIT_PREEMPTED, JobFailed
         from repro.cluster.preempt import Preempted
+        from repro.pipeline.run import launch
 
         try:
             if round_ is not None and stage != "ddo":
                 _fail(f"--round is an option of the ddo stage only, not of {stage}")
-            run(stage, cfg, root, progress=not no_progress, **({"round": round_} if round_ is not None else {}))
+            launch(stage, cfg, root, progress=not no_progress, **({"round": round_} if round_ is not None else {}))
         except _input_errors() as e:
             _fail(str(e).strip("'\""))
         except JobFailed as e:
@@ -186,7 +187,8 @@ def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
         cfg = load_config(params, preset, ())
     except ConfigError as e:
         _fail(str(e))
-    from repro.pipeline.stages import Paths, eval_models
+    from repro.pipeline.stages.sample import eval_models
+    from repro.storage.layout import Paths
     from repro.sampling.shards import eval_ranges, export_samples, plan_shards, range_shards
 
     root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
@@ -236,7 +238,7 @@ def table_cmd(paper, results_dir, fmt, params, preset, dry_run) -> None:
         if dry_run:
             click.echo(dump_yaml(stage_dict(cfg, "table")), nl=False)
             return
-        from repro.pipeline.stages import run_stage
+        from repro.pipeline.run import run_stage
 
         root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
         try:

@@ -165,7 +165,7 @@ def test_fid_dry_run_prints_the_papers_protocol(tmp_path, monkeypatch):
 
 def test_seed_range_reduction_follows_the_protocol():
     from repro.catalog.protocols import PROTOCOLS
-    from repro.pipeline.stages import reduce_values
+    from repro.pipeline.stages.fid import reduce_values
 
     assert reduce_values([2.0, 1.0, 3.0], "min") == 1.0 and reduce_values([2.0, 1.0, 3.0], "mean") == 2.0
     assert PROTOCOLS["edm-cifar10-fid50k"].reduce == "min" and PROTOCOLS["tiny-fd-digits"].reduce == "mean"

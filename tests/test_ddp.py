@@ -158,7 +158,7 @@ def test_selection_scores_are_close(runs):
 def test_torchrun_runs_a_stage_on_two_processes(tmp_path, monkeypatch):
     """`torchrun --nproc-per-node 2 -m repro.cli pretrain --preset micro`, as in the README."""
     from repro.config import load_config
-    from repro.pipeline.stages import run_stage
+    from repro.pipeline.run import run_stage
 
     sets = {"pretrain.total_nimg": "256", "pretrain.batch": "64"}
     cfg = load_config(preset="micro", overrides=[f"{k}={v}" for k, v in sets.items()])

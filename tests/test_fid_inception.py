@@ -130,7 +130,10 @@ def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_
     from repro.datasets.images import Dataset
     from repro.nets.checkpoint import save_model
     from repro.nets.factory import build_network
-    from repro.pipeline import stages
+    from repro.pipeline import run
+    from repro.pipeline.stages import extractor as extractor_stage
+    from repro.pipeline.stages import fid as fid_stage
+    from repro.storage.layout import Paths
     from repro.storage.files import write_json
 
     weights, _ = inception_weights
@@ -140,11 +143,12 @@ def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_
         "metrics.kid=true", "metrics.prc=true", "metrics.kid_subsets=3"])
     root = tmp_path / "proj"
     real = _digits(6)
-    monkeypatch.setattr(stages, "_data", lambda paths: Dataset(real, np.arange(6) % 10, 10))
-    paths = stages.Paths(root, cfg.preset)
+    for stage in (extractor_stage, fid_stage):
+        monkeypatch.setattr(stage, "load_data", lambda paths: Dataset(real, np.arange(6) % 10, 10))
+    paths = Paths(root, cfg.preset)
     paths.data.parent.mkdir(parents=True)
-    np.savez(paths.data, images=real)  # the stages only check that it exists and hash it (the data: _data above)
-    stages.run_stage("extractor", cfg, root, progress=False)
+    np.savez(paths.data, images=real)  # the stages only check that it exists and hash it (the data: load_data above)
+    run.run_stage("extractor", cfg, root, progress=False)
     torch.manual_seed(0)
     arch = dict(precond="edm", img_resolution=8, img_channels=1, label_dim=10, model_channels=8, channel_mult=[1, 2],
                 num_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -153,8 +157,8 @@ def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_
     save_model(paths.ddo / "ddo-round1.safetensors", build_network(arch), arch)
     write_json(paths.ddo / "rounds.json", {"history": {"ddo": [{"round": 1, "best_score": 1.0,
                                                                  "reference_score": 2.0}]}})
-    stages.run_stage("sample", cfg, root, progress=False)
-    stages.run_stage("fid", cfg, root, progress=False)
+    run.run_stage("sample", cfg, root, progress=False)
+    run.run_stage("fid", cfg, root, progress=False)
     m = json.loads((paths.results / "metrics.json").read_text())
     assert m["metric"] == "fd_digits" and m["extra_metrics"]["fid"]["extractor"] == "inception-v3-compat"
     for e in m["models"]:

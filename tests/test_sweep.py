@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from repro.config import ConfigError, config_hash, load_config, preset_dict, stage_dict, to_dict
 from repro.datasets.images import load_embedded
 from repro.methods.ddo import rounds as ddo_mod
+from repro.storage.layout import RoundDir
 from repro.methods.ddo import selfplay
 from repro.methods.ddo import sweep as sweep_mod
 from repro.pipeline.tracking import NullTracker
@@ -82,19 +83,19 @@ def test_a_swept_round_trains_every_candidate_on_one_bank_and_keeps_the_best(tmp
         assert list(cands) == [(dcfg.alpha, 0.1), (dcfg.alpha, 0.3)]
         scores = {}
         for a, b in cands:
-            cd = sweep_mod.candidate_dir(rd, a, b)
+            cd = RoundDir(rd).candidate(a, b).dir
             assert cd.name == f"a{a:g}-b{b:g}"
             cdone = json.loads((cd / "done.json").read_text())
             assert cdone["best_score"] == cands[(a, b)]["best_score"] and cdone["ref_score"] == done["ref_score"]
             assert (cd / "fakes.npz").read_bytes() == (rd / "fakes.npz").read_bytes()
             scores[(a, b)] = cdone["best_score"]
-        w1, w3 = (_tensors(sweep_mod.candidate_dir(rd, dcfg.alpha, b) / "best.safetensors") for b in (0.1, 0.3))
+        w1, w3 = (_tensors(RoundDir(rd).candidate(dcfg.alpha, b).dir / "best.safetensors") for b in (0.1, 0.3))
         assert any(not np.array_equal(w1[k].numpy(), w3[k].numpy()) for k in w1)  # beta did change the training
         chosen = min(scores, key=scores.get)
         assert done["chosen"] == {"alpha": chosen[0], "beta": chosen[1]}
         assert done["best_score"] == min(scores.values()) == history["ddo"][r - 1]["best_score"]
         assert (rd / "best.safetensors").read_bytes() == \
-            (sweep_mod.candidate_dir(rd, *chosen) / "best.safetensors").read_bytes()
+            (RoundDir(rd).candidate(*chosen).dir / "best.safetensors").read_bytes()
         assert (out / f"ddo-round{r}.safetensors").read_bytes() == (rd / "best.safetensors").read_bytes()
     # round 2 starts from round 1's chosen checkpoint: its reference score is round 1's best score
     prep2 = json.loads((run_dir / "ddo-round2" / "prepare.json").read_text())
@@ -104,7 +105,7 @@ def test_a_swept_round_trains_every_candidate_on_one_bank_and_keeps_the_best(tmp
     # A candidate is exactly the plain round with that beta (same bank, same draws): the sweep changes nothing else.
     plain = ddo_mod.train_round("ddo", 1, base, data, replace(dcfg, beta=0.3, sweep_beta=()), cfg.sampler, 0.5,
                                 WeightMetric(), tmp_path / "plain", NullTracker(), progress=False)
-    swept = sweep_mod.candidate_dir(run_dir / "ddo-round1", dcfg.alpha, 0.3) / "best.safetensors"
+    swept = RoundDir(run_dir / "ddo-round1").candidate(dcfg.alpha, 0.3).dir / "best.safetensors"
     assert plain.best_path.read_bytes() == swept.read_bytes()
 
     # Finished: run again, nothing is trained or generated.
@@ -134,7 +135,7 @@ def test_candidates_can_run_elsewhere_and_selection_waits_for_all(tmp_path, cfg,
     assert seen == [(1, base, [(0.5, dcfg.beta), (2.0, dcfg.beta)])] and not (rd / "done.json").exists()
     res = sweep_mod.swept_round(1, base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), rd, NullTracker(), False)
     assert res.best_path == rd / "best.safetensors" and res.best_path.is_file()
-    assert (sweep_mod.candidate_dir(rd, 0.5, dcfg.beta) / "done.json").is_file()
+    assert (RoundDir(rd).candidate(0.5, dcfg.beta).dir / "done.json").is_file()
 
 
 def test_the_debug_executor_orchestrates_a_swept_round(tmp_path, monkeypatch):

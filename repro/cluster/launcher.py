@@ -1,21 +1,18 @@
-"""Where a stage runs: here (``local``), through submitit in this process (``debug``), or as a SLURM job (``slurm``).
+"""Where work runs: here (``local``), through submitit in this process (``debug``), or as SLURM jobs (``slurm``).
 
-The only module that imports submitit. ``params.yaml`` picks the executor and each stage's resources
-(``launcher:``; see repro/config.py LauncherConfig). The command a DVC stage runs (``repro ddo``) submits the job
-and blocks until it ends, so ``dvc repro`` stays correct: a job that fails fails the stage, with its log tail.
+The only module that imports submitit, and it knows nothing of the pipeline's stages or methods. A stage
+(repro.pipeline) describes its work as **waves**: each :class:`Wave` is a list of picklable callables that can run
+at the same time (one is a job, several are one job array) and that need what the waves before them made;
+``here=True`` marks cheap bookkeeping (a selection, a publication) that runs in this process. :func:`run_waves`
+runs them in order and blocks until each has ended, so ``dvc repro`` stays correct: a job that fails fails the
+stage, with its log tail. ``params.yaml``'s ``launcher:`` section picks the executor and each stage's resources.
 
-Inside a job the stage runs like it does locally (`run_here`), with three additions:
-- torch.distributed is set up from the SLURM task environment (one task per GPU);
-- preemption: SIGUSR1/SIGUSR2 (the warning before the time limit; submitit asks for SIGUSR2) and SIGTERM
-  (preemption, ``scontrol requeue``) become a flag; the training loop saves its state at the next step boundary
-  and stops; on a warning the job requeues itself. The requeued job resumes from that state;
+Inside a job (and for local runs, :func:`run_here`) a callable runs with:
+- preemption handling: SIGUSR1/SIGUSR2 (the warning before the time limit; submitit asks for SIGUSR2) and SIGTERM
+  (preemption, ``scontrol requeue``) become a flag; the training loops save their state at the next step boundary
+  and stop; on a warning the job requeues itself, and the requeued job resumes from that state;
 - a job never submits another: inside one (SLURM_JOB_ID set) every stage runs here.
-
-The sample stage goes out as a job array, one task per shard of seeds; the stage then publishes the shards.
-A ddo stage with an alpha/beta sweep (ddo.sweep_alpha / sweep_beta) is orchestrated from here, round by round:
-the round's fake bank and reference score as one job, its candidates as one job array, then the selection here
-(file copies); finally the ordinary ddo stage as one job, which finds every swept round finished and trains the MLE
-control, writes models/ddo and logs the stage to MLflow.
+torch.distributed is joined by the callable itself (repro.cluster.distributed reads the SLURM task environment).
 """
 
 from __future__ import annotations
@@ -27,7 +24,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from repro.config import Config, Resources, resources_for
 
@@ -49,17 +48,16 @@ def in_job() -> bool:
 # Running a stage here (locally, or inside a job).
 
 
-def run_here(stage: str, cfg: Config, root: Path, progress: bool = True, **kwargs) -> None:
-    """Run ``stage`` in this process, with torch.distributed from the environment and preemption handling."""
+def run_here(call: Callable[[], Any], max_requeue: int = 3) -> Any:
+    """Run ``call()`` in this process with preemption handling (see the module docstring)."""
     from repro.cluster import preempt
-    from repro.pipeline.stages import run_stage
 
     with preempt.handle():
         try:
-            run_stage(stage, cfg, root, progress=progress, **kwargs)  # joins torch.distributed if launched so
+            return call()
         except preempt.Preempted as e:
             if os.environ.get("SLURM_JOB_ID"):
-                _leave_for_requeue(e, cfg.launcher.max_requeue)  # does not return
+                _leave_for_requeue(e, max_requeue)  # does not return
             raise
 
 
@@ -96,19 +94,33 @@ def _leave_for_requeue(e: Exception, max_requeue: int) -> None:
     os._exit(0)
 
 
-class StageJob:
-    """What a submitted job runs: one stage of a config (or one step of it), in the job's process."""
+@dataclass(frozen=True)
+class Wave:
+    """Work that can run at the same time: one callable is one job, several are one job array.
 
-    def __init__(self, stage: str, cfg: Config, root: str, kwargs: dict | None = None):
-        self.stage, self.cfg, self.root, self.kwargs = stage, cfg, root, dict(kwargs or {})
+    ``name`` names the jobs (``repro-<preset>-<name>``) and the log lines; ``stage`` says whose resources the jobs
+    get (``launcher.stages.<stage>`` over ``launcher.resources``); ``here``: run the callables in this process
+    instead (cheap bookkeeping between waves), never submitted. Each callable must be picklable.
+    """
 
-    def __call__(self) -> str:
+    name: str
+    stage: str
+    calls: tuple
+    here: bool = False
+
+
+class _InJob:
+    """What a submitted job runs: the job's environment and logging, then one callable with preemption handling."""
+
+    def __init__(self, call: Callable[[], Any], cfg: Config):
+        self.call, self.cfg = call, cfg
+
+    def __call__(self) -> Any:
         _enter_job(self.cfg)
-        run_here(self.stage, self.cfg, Path(self.root), progress=False, **self.kwargs)
-        return f"{self.stage} done"
+        return run_here(self.call, self.cfg.launcher.max_requeue)
 
     def __repr__(self) -> str:
-        return f"StageJob({self.stage}, preset {self.cfg.preset})"
+        return f"_InJob({self.call!r})"
 
 
 def _enter_job(cfg: Config) -> None:
@@ -205,92 +217,26 @@ def submission_script(cfg: Config, stage: str, root: Path) -> str:
     return _slurm._make_sbatch_string(command=command, folder=log_folder(cfg, root), **params)
 
 
-def run(stage: str, cfg: Config, root: Path, progress: bool = True, **kwargs) -> None:
-    """Run ``stage`` where the config says: here, or as a job that this call waits for."""
-    if cfg.launcher.executor == "local" or in_job():
-        run_here(stage, cfg, root, progress=progress, **kwargs)
-        return
+def run_waves(waves: Iterable[Wave], cfg: Config, root: Path) -> None:
+    """Run the waves in order, each as jobs this call waits for (or here, for ``Wave.here``).
+
+    ``waves`` may be a generator: a wave is planned only after the ones before it have ended.
+    """
     root = Path(root).resolve()
-    if stage == "sample" and cfg.launcher.executor == "slurm":
-        _run_sample_array(cfg, root, kwargs)
-        return
-    if stage == "ddo" and _ddo_sweep(cfg):
-        _run_ddo_sweep(cfg, root, kwargs)
-        return
-    ex = make_executor(cfg, stage, root)
-    job = ex.submit(StageJob(stage, cfg, str(root), kwargs))
-    wait([job], cfg.launcher.poll_s, what=f"stage {stage}")
-
-
-def _run_sample_array(cfg: Config, root: Path, kwargs: dict) -> None:
-    """Sample shards as one job array (one task per shard not yet made), then publish them here."""
-    from repro.pipeline import stages
-
-    shards = stages.sample_shards(cfg, root)
-    if shards:
-        ex = make_executor(cfg, "sample", root, job_name=f"repro-{cfg.preset}-sample-shards")
-        jobs = ex.map_array(_ShardJob(cfg, str(root)), shards)
-        array = jobs[0].job_id.split("_")[0]
-        log.info("sample: %d shards as job array %s", len(shards), array)
-        wait(jobs, cfg.launcher.poll_s, what="sample shards")
-        os.environ["REPRO_SLURM_ARRAY_JOB_ID"] = array  # the sample stage's MLflow run records it
-    run_here("sample", cfg, root, progress=False, **kwargs)  # every shard exists: this only publishes
-
-
-class _ShardJob:
-    def __init__(self, cfg: Config, root: str):
-        self.cfg, self.root = cfg, root
-
-    def __call__(self, shard) -> str:
-        from repro.pipeline import stages
-
-        _enter_job(self.cfg)
-        return str(stages.run_sample_shard(self.cfg, Path(self.root), shard))
-
-
-def _ddo_sweep(cfg: Config) -> bool:
-    from repro.methods.ddo.sweep import sweep_grid
-
-    return bool(sweep_grid(cfg.ddo))
-
-
-def _run_ddo_sweep(cfg: Config, root: Path, kwargs: dict) -> None:
-    """Swept DDO rounds: per round a prepare job, the candidates as one job array, the selection here; then the
-    ddo stage itself as one job (it reuses the finished rounds)."""
-    from repro.pipeline import stages
-
-    rounds = [kwargs["round"]] if kwargs.get("round") is not None else range(1, cfg.ddo.rounds + 1)
-    name = f"repro-{cfg.preset}-ddo"
-    for r in rounds:
-        todo = stages.ddo_sweep_todo(cfg, root, r)
-        if todo["done"]:
-            log.info("ddo round %d: already finished", r)
+    for wave in waves:
+        if wave.here or in_job():
+            for call in wave.calls:
+                run_here(call, cfg.launcher.max_requeue)
             continue
-        if not todo["prepared"]:
-            ex = make_executor(cfg, "ddo", root, job_name=f"{name}-round{r}-prepare")
-            job = ex.submit(StageJob("ddo", cfg, str(root), {"round": r, "step": "prepare"}))
-            wait([job], cfg.launcher.poll_s, what=f"ddo round {r}: fake bank and reference score")
-        if todo["candidates"]:
-            ex = make_executor(cfg, "ddo", root, job_name=f"{name}-round{r}-candidates")
-            jobs = ex.map_array(_CandidateJob(cfg, str(root), r), todo["candidates"])
-            log.info("ddo round %d: %d (alpha, beta) candidates as job array %s", r, len(jobs),
-                     jobs[0].job_id.split("_")[0])
-            wait(jobs, cfg.launcher.poll_s, what=f"ddo round {r} candidates")
-        run_here("ddo", cfg, root, progress=False, round=r, step="select")
-    ex = make_executor(cfg, "ddo", root)
-    wait([ex.submit(StageJob("ddo", cfg, str(root), kwargs))], cfg.launcher.poll_s, what="stage ddo")
-
-
-class _CandidateJob:
-    """One task of a swept round's job array: the candidate (alpha, beta)."""
-
-    def __init__(self, cfg: Config, root: str, round_: int):
-        self.cfg, self.root, self.round = cfg, root, round_
-
-    def __call__(self, candidate: tuple[float, float]) -> str:
-        alpha, beta = candidate
-        return StageJob("ddo", self.cfg, self.root, {"round": self.round, "step": "candidate", "alpha": alpha,
-                                                     "beta": beta})()
+        ex = make_executor(cfg, wave.stage, root, job_name=f"repro-{cfg.preset}-{wave.name}")
+        if len(wave.calls) == 1:
+            jobs = [ex.submit(_InJob(wave.calls[0], cfg))]
+        else:
+            with ex.batch():  # one job array
+                jobs = [ex.submit(_InJob(call, cfg)) for call in wave.calls]
+            log.info("%s: %d tasks as job array %s", wave.name, len(jobs), str(jobs[0].job_id).split("_")[0])
+            os.environ["REPRO_SLURM_ARRAY_JOB_ID"] = str(jobs[0].job_id).split("_")[0]  # MLflow records it
+        wait(jobs, cfg.launcher.poll_s, what=wave.name)
 
 
 def wait(jobs: list, poll_s: float, what: str) -> list:

@@ -103,11 +103,11 @@ def read_cifar10_binary(archive: Path) -> Dataset:
 
 
 def _fetch_cifar10(cfg: DataConfig, root: Path, progress: bool) -> tuple[Path, str]:
-    from repro.nets.released import LOCK_FILE
+    from repro.storage.layout import Paths
     from repro.storage.download import Lock, fetch
 
-    dest = Path(root) / "checkpoints" / CIFAR10_URL.rsplit("/", 1)[-1]
-    path = fetch(CIFAR10_URL, dest, lock=Lock(Path(root) / LOCK_FILE), mirror=cfg.mirror or None, progress=progress)
+    dest = Paths(root).checkpoint(CIFAR10_URL.rsplit("/", 1)[-1])
+    path = fetch(CIFAR10_URL, dest, lock=Lock(Paths(root).lock), mirror=cfg.mirror or None, progress=progress)
     return path, sha256_file(path)
 
 

@@ -19,6 +19,7 @@ from repro.datasets.images import Dataset
 from repro.evaluation import fidelity
 from repro.evaluation.metric import Metric, _device
 from repro.storage.files import sha256_file
+from repro.storage.layout import Paths
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ def inception_weights(cfg: ExtractorConfig, root: Path) -> tuple[Path, str]:
     Checked against ``extractor.weights_sha256`` when set, else against the pin in checkpoints.lock.json
     (written on first use, like a download's).
     """
-    from repro.nets.released import LOCK_FILE
     from repro.storage.download import Lock
 
     if not cfg.weights:
@@ -52,7 +52,7 @@ def inception_weights(cfg: ExtractorConfig, root: Path) -> tuple[Path, str]:
                              f"{cfg.weights_sha256}. Fix: rebuild it with `repro inception-weights --out {path}`, or "
                              "update extractor.weights_sha256 if the file changed on purpose")
         return path, sha
-    lock = Lock(Path(root) / LOCK_FILE)
+    lock = Lock(Paths(root).lock)
     pinned = lock.get(INCEPTION_PIN)
     if pinned is None:
         lock.pin(INCEPTION_PIN, url=str(path), sha256=sha, size=path.stat().st_size)
@@ -79,7 +79,6 @@ def copy_inception_weights(src: Path, sha: str, out: Path) -> None:
 
 def fetch_reference(cfg: ExtractorConfig, root: Path, progress: bool = True) -> Path:
     """``extractor.reference`` (URL or path) fetched into checkpoints/fid-refs/, sha256-checked or pinned."""
-    from repro.nets.released import LOCK_FILE
     from repro.storage.download import Lock, fetch
 
     source = cfg.reference
@@ -87,8 +86,8 @@ def fetch_reference(cfg: ExtractorConfig, root: Path, progress: bool = True) -> 
         p = Path(os.path.expanduser(source))
         source = str(p if p.is_absolute() else Path(root) / p)
     name = source.rsplit("/", 1)[-1]
-    return fetch(source, Path(root) / "checkpoints" / "fid-refs" / name, sha256=cfg.reference_sha256 or None,
-                 lock=Lock(Path(root) / LOCK_FILE), name=f"fid-ref-{name}", progress=progress)
+    return fetch(source, Paths(root).fid_ref(name), sha256=cfg.reference_sha256 or None,
+                 lock=Lock(Paths(root).lock), name=f"fid-ref-{name}", progress=progress)
 
 
 def published_reference(path: Path, source: str) -> "fidelity.FeatureStats":

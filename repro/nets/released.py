@@ -19,16 +19,16 @@ from pathlib import Path
 
 from repro.catalog import registry
 from repro.config import Config, PretrainConfig, SamplerConfig
+from repro.storage.layout import LOCK_FILE, Paths
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "checkpoints.lock.json"
 
 
 def _plan_one(ck: registry.Checkpoint, cfg: PretrainConfig, root: Path, dest: Path) -> dict:
     from repro.storage.download import Lock
 
-    lock_path = root / LOCK_FILE
+    lock_path = Paths(root).lock
     pinned = Lock(lock_path).get(ck.name) if lock_path.is_file() else None
     source = f"{cfg.mirror.rstrip('/')}/{ck.filename}" if cfg.mirror else ck.url
     return {
@@ -47,24 +47,16 @@ def _plan_one(ck: registry.Checkpoint, cfg: PretrainConfig, root: Path, dest: Pa
 def plan(cfg: PretrainConfig, root: Path, out: Path, sampler: SamplerConfig | None = None) -> dict:
     """What the stage would fetch, from where, and what it would write; touches nothing."""
     ck = registry.get(cfg.source)
-    out_plan = {**_plan_one(ck, cfg, root, root / "checkpoints" / ck.filename), "convert_to": str(out),
+    out_plan = {**_plan_one(ck, cfg, root, Paths(root).checkpoint(ck.filename)), "convert_to": str(out),
                 "supported": ck.convertible}
     if sampler is not None and sampler.guide:
         g = registry.get(sampler.guide)
-        out_plan["guide"] = {**_plan_one(g, cfg, root, root / "checkpoints" / g.filename),
-                             "convert_to": str(guide_path(root)), "guidance": sampler.guidance}
+        out_plan["guide"] = {**_plan_one(g, cfg, root, Paths(root).checkpoint(g.filename)),
+                             "convert_to": str(Paths(root).guide), "guidance": sampler.guidance}
     if decoder_name(cfg):
         d = registry.get_decoder(decoder_name(cfg))
-        out_plan["decoder"] = _plan_one(d, cfg, root, decoder_path(root, d.name))
+        out_plan["decoder"] = _plan_one(d, cfg, root, Paths(root).decoder(d.name))
     return out_plan
-
-
-def guide_path(root: Path) -> Path:
-    return Path(root) / "models" / "guide.safetensors"
-
-
-def decoder_path(root: Path, name: str) -> Path:
-    return Path(root) / "checkpoints" / f"{name}.safetensors"
 
 
 def decoder_name(cfg: PretrainConfig) -> str | None:
@@ -88,8 +80,8 @@ def fetch_and_convert(cfg: PretrainConfig, root: Path, out: Path, progress: bool
 
     check(cfg)
     ck = registry.get(cfg.source)
-    dest = root / "checkpoints" / ck.filename
-    path = fetch(ck.url, dest, sha256=ck.sha256, lock=Lock(root / LOCK_FILE), name=ck.name,
+    dest = Paths(root).checkpoint(ck.filename)
+    path = fetch(ck.url, dest, sha256=ck.sha256, lock=Lock(Paths(root).lock), name=ck.name,
                  mirror=cfg.mirror or None, progress=progress)
     summary = convert_edm_pickle(path, out)
     log.info("converted %s (%s parameters, sha256 %s) into %s", path, summary.get("parameters"),
@@ -106,10 +98,10 @@ def fetch_guide(cfg: PretrainConfig, name: str, root: Path, progress: bool = Tru
     if not ck.convertible:
         raise ValueError(f"sampler.guide {name}: {ck.family} checkpoints ({ck.fmt}) cannot be converted yet. Fix: "
                          "name an EDM/EDM2 checkpoint, e.g. edm2-img512-xs-0134217-0.165")
-    path = fetch(ck.url, Path(root) / "checkpoints" / ck.filename, sha256=ck.sha256, lock=Lock(Path(root) / LOCK_FILE),
+    path = fetch(ck.url, Paths(root).checkpoint(ck.filename), sha256=ck.sha256, lock=Lock(Paths(root).lock),
                  name=ck.name, mirror=cfg.mirror or None, progress=progress)
-    summary = convert_edm_pickle(path, guide_path(root))
-    log.info("guide %s converted into %s (%s parameters)", name, guide_path(root), summary.get("parameters"))
+    summary = convert_edm_pickle(path, Paths(root).guide)
+    log.info("guide %s converted into %s (%s parameters)", name, Paths(root).guide, summary.get("parameters"))
     return summary
 
 
@@ -119,7 +111,7 @@ def fetch_decoder(cfg: PretrainConfig, name: str, root: Path, progress: bool = T
     from repro.storage.download import Lock, fetch
 
     ck = registry.get_decoder(name)
-    path = fetch(ck.url, decoder_path(root, name), sha256=ck.sha256, lock=Lock(Path(root) / LOCK_FILE), name=ck.name,
+    path = fetch(ck.url, Paths(root).decoder(name), sha256=ck.sha256, lock=Lock(Paths(root).lock), name=ck.name,
                  mirror=cfg.mirror or None, progress=progress)
     load_autoencoder(path, ck.arch)  # refuses a file whose tensors do not fit, before any sampling starts
     return path
@@ -141,7 +133,7 @@ def load_guide(root: Path, sampler: SamplerConfig, arch: dict, device="cpu"):
     """The converted guide network, checked to be ``sampler.guide`` and to sample the main net's shape and labels."""
     from repro.nets.checkpoint import load_model
 
-    path = guide_path(root)
+    path = Paths(root).guide
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: sampler.guide is {sampler.guide}; run the pretrain stage first "
                                 "(`repro pretrain`), which fetches and converts it")
@@ -170,11 +162,11 @@ def load_decoder(root: Path, name: str, encoder: dict | None = None, device="cpu
     from repro.storage.files import sha256_file
 
     ck = registry.get_decoder(name)
-    path = decoder_path(root, name)
+    path = Paths(root).decoder(name)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the samples are latents and need the {name} decoder; run the "
                                 "pretrain stage first (`repro pretrain`), which fetches and verifies it")
-    lock_path = Path(root) / LOCK_FILE
+    lock_path = Paths(root).lock
     want = ck.sha256 or ((Lock(lock_path).get(name) or {}).get("sha256") if lock_path.is_file() else None)
     if not want:
         raise ValueError(f"{path}: no pinned sha256 for {name} in {lock_path}. Fix: rerun the pretrain stage, "

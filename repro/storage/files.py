@@ -122,3 +122,13 @@ def _sort_safetensors_header(path: Path) -> None:
             f.write(text.ljust(n))
 
 
+
+
+def save_png(path: Path, image: np.ndarray, scale: int = 4) -> None:
+    """A uint8 image (H, W) or (H, W, C) as a PNG, upscaled ``scale`` times (nearest), written atomically."""
+    from PIL import Image
+
+    img = Image.fromarray(image)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -51,6 +51,7 @@ from repro.methods.training import ema_beta, ema_update, load_state, rampup_lr, 
 from repro.nets.checkpoint import load_model, save_model
 from repro.nets.layers import disable_dropout
 from repro.sampling.generate import from_uint8, generate_images, image_grid, one_hot
+from repro.storage.layout import RoundDir
 from repro.storage.files import load_npz, save_npz, write_json
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
 
     assert kind in KINDS, kind
     run_dir.mkdir(parents=True, exist_ok=True)
-    done_path, best_path, state_path = run_dir / "done.json", run_dir / "best.safetensors", run_dir / "state.pt"
+    rd = RoundDir(run_dir)
+    done_path, best_path, state_path = rd.done, rd.best, rd.state
     if done_path.is_file():
         d = json.loads(done_path.read_text())
         log.info("%s round %d already finished (%s): best %.4f at %d images", kind, round_, run_dir,
@@ -119,7 +121,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     # 1. The fake bank of this round, from the reference (DDO only); saved as soon as it is complete.
     fakes = None
     if kind == "ddo":
-        bank = run_dir / "fakes.npz"
+        bank = rd.fakes
         if bank.is_file():
             fakes = load_npz(bank)["images"]
         else:

@@ -13,6 +13,7 @@ from repro.methods.ddo.sweep import sweep_grid, swept_round
 from repro.nets.checkpoint import load_model
 from repro.sampling.generate import sample_grid
 from repro.storage.files import write_json
+from repro.storage.layout import RoundDir, round_name
 
 
 def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig, sigma_data: float, metric,
@@ -29,14 +30,14 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
         ref_path, ref_score = base_path, None
         results[kind] = []
         for r in range(1, cfg.rounds + 1):
-            with tracker.child(f"{kind}-round{r}", params={"round": r, "kind": kind},
+            with tracker.child(round_name(kind, r), params={"round": r, "kind": kind},
                                tags={"round": r, "kind": kind}) as child:
                 if kind == "ddo" and sweep_grid(cfg):
-                    res = swept_round(r, ref_path, data, cfg, sampler, sigma_data, metric, run_dir / f"ddo-round{r}",
+                    res = swept_round(r, ref_path, data, cfg, sampler, sigma_data, metric, RoundDir.of(run_dir, "ddo", r).dir,
                                       child, progress, ref_score, run_candidates)
                 else:
                     res = train_round(kind, r, ref_path, data, cfg, sampler, sigma_data, metric,
-                                      run_dir / f"{kind}-round{r}", child, progress, ref_score=ref_score)
+                                      RoundDir.of(run_dir, kind, r).dir, child, progress, ref_score=ref_score)
                 child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score,
                                    "round_seconds": res.seconds})
                 if distributed.is_main():  # a picture for MLflow: rank 0's job
@@ -55,7 +56,7 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
         with atomic_dir(out_dir) as tmp:
             for kind, rs in results.items():
                 for x in rs:
-                    (tmp / f"{kind}-round{x.round}.safetensors").write_bytes(x.best_path.read_bytes())
+                    (tmp / f"{round_name(kind, x.round)}.safetensors").write_bytes(x.best_path.read_bytes())
             write_json(tmp / "rounds.json", {"selection_metric": metric.name, "selection_seeds":
                                              [int(cfg.selection_first_seed), int(cfg.selection_first_seed
                                                                                  + cfg.selection_samples)],

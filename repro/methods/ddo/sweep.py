@@ -14,6 +14,7 @@ from repro.datasets.images import Dataset
 from repro.methods.ddo.rounds import RoundResult, fake_seeds, make_fake_bank, selection_seeds, train_round
 from repro.nets.checkpoint import load_model
 from repro.nets.layers import disable_dropout
+from repro.storage.layout import RoundDir, candidate_name, round_name
 from repro.storage.files import atomic_path, link_or_copy, save_npz, write_json
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,10 @@ def sweep_grid(cfg: DDOConfig) -> list[tuple[float, float]]:
     return [(a, b) for a in cfg.sweep_alpha or (cfg.alpha,) for b in cfg.sweep_beta or (cfg.beta,)]
 
 
-def candidate_dir(round_dir: Path, alpha: float, beta: float) -> Path:
-    return Path(round_dir) / f"a{alpha:g}-b{beta:g}"
-
-
 def prepared(round_dir: Path) -> dict | None:
     """What prepare_round saved for this round ({"ref_score", "reference"}), or None if it has not finished."""
-    p = Path(round_dir) / "prepare.json"
-    return json.loads(p.read_text()) if p.is_file() and (Path(round_dir) / "fakes.npz").is_file() else None
+    rd = RoundDir(round_dir)
+    return json.loads(rd.prepared.read_text()) if rd.prepared.is_file() and rd.fakes.is_file() else None
 
 
 def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig, metric,
@@ -49,7 +46,7 @@ def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sa
     ref, arch, _ = load_model(ref_path, device)
     disable_dropout(ref)
     ref.requires_grad_(False)
-    bank, n = round_dir / "fakes.npz", len(data.images)
+    bank, n = RoundDir(round_dir).fakes, len(data.images)
     if not bank.is_file():
         log.info("ddo round %d (sweep): generating %d fakes from the reference into %s", round_, n, bank)
         fakes = make_fake_bank(ref, data, arch["label_dim"], fake_seeds(cfg, round_, n), sampler, progress, device)
@@ -60,7 +57,7 @@ def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sa
     if ref_score is None:
         ref_score = metric.score(ref, selection_seeds(cfg), arch["label_dim"], data.shape, sampler)
     if distributed.is_main():
-        write_json(round_dir / "prepare.json", {"ref_score": ref_score, "reference": str(ref_path)})
+        write_json(RoundDir(round_dir).prepared, {"ref_score": ref_score, "reference": str(ref_path)})
     distributed.barrier()
     return ref_score
 
@@ -74,24 +71,25 @@ def train_candidate(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, 
     if prep is None:
         raise FileNotFoundError(f"ddo round {round_}: {round_dir} has no fake bank / prepare.json; run "
                                 "prepare_round first")
-    out = candidate_dir(round_dir, alpha, beta)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "fakes.npz").is_file() and not (out / "done.json").is_file() and distributed.is_main():
-        link_or_copy(Path(round_dir) / "fakes.npz", out / "fakes.npz")  # train_round finds it: not made again
+    out = RoundDir(round_dir).candidate(alpha, beta)
+    out.dir.mkdir(parents=True, exist_ok=True)
+    if not out.fakes.is_file() and not out.done.is_file() and distributed.is_main():
+        link_or_copy(RoundDir(round_dir).fakes, out.fakes)  # train_round finds it: not made again
     distributed.barrier()
     return train_round("ddo", round_, ref_path, data, dataclasses.replace(cfg, alpha=alpha, beta=beta), sampler,
-                       sigma_data, metric, out, tracker, progress, ref_score=prep["ref_score"])
+                       sigma_data, metric, out.dir, tracker, progress, ref_score=prep["ref_score"])
 
 
 def select_round(round_: int, round_dir: Path, cfg: DDOConfig, tracker=None) -> RoundResult:
     """The swept round's result: the candidate with the lowest selection score (ties: the first in grid order);
     its checkpoint becomes the round's ``best.safetensors`` and ``done.json`` lists every candidate."""
     round_dir = Path(round_dir)
-    done_path, best_path = round_dir / "done.json", round_dir / "best.safetensors"
+    rd = RoundDir(round_dir)
+    done_path, best_path = rd.done, rd.best
     if not done_path.is_file():
         cands, missing = [], []
         for a, b in sweep_grid(cfg):
-            p = candidate_dir(round_dir, a, b) / "done.json"
+            p = rd.candidate(a, b).done
             if not p.is_file():
                 missing.append(str(p.parent))
                 continue
@@ -104,8 +102,7 @@ def select_round(round_: int, round_dir: Path, cfg: DDOConfig, tracker=None) -> 
         prep = prepared(round_dir) or {}
         if distributed.is_main():
             with atomic_path(best_path) as tmp:
-                tmp.write_bytes((candidate_dir(round_dir, chosen["alpha"], chosen["beta"])
-                                 / "best.safetensors").read_bytes())
+                tmp.write_bytes(rd.candidate(chosen["alpha"], chosen["beta"]).best.read_bytes())
             write_json(done_path, {"best_score": chosen["best_score"], "best_nimg": chosen["best_nimg"],
                                    "ref_score": prep.get("ref_score"), "evals": chosen["evals"],
                                    "seconds": round(sum(c["seconds"] for c in cands), 1),
@@ -127,8 +124,9 @@ def run_candidates_here(round_: int, ref_path: Path, data: Dataset, cfg: DDOConf
                         sigma_data: float, metric, round_dir: Path, tracker, progress: bool = True) -> None:
     """The candidates of a swept round, one after another in this process, each a nested MLflow run."""
     for a, b in sweep_grid(cfg):
-        with tracker.child(f"ddo-round{round_}-a{a:g}-b{b:g}", params={"round": round_, "alpha": a, "beta": b},
-                           tags={"round": round_, "kind": "ddo", "candidate": f"a{a:g}-b{b:g}"}) as child:
+        name = candidate_name(a, b)
+        with tracker.child(f"{round_name('ddo', round_)}-{name}", params={"round": round_, "alpha": a, "beta": b},
+                           tags={"round": round_, "kind": "ddo", "candidate": name}) as child:
             res = train_candidate(round_, ref_path, data, cfg, sampler, sigma_data, metric, round_dir, a, b, child,
                                   progress)
             child.log_metrics({"best_selection_score": res.best_score, "best_nimg": res.best_nimg})
@@ -142,7 +140,7 @@ def swept_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, samp
     ``run_candidates(round_, ref_path, grid)`` runs the candidates elsewhere (e.g. as a job array) and returns once
     they are finished; None: one after another here (run_candidates_here).
     """
-    if not (Path(round_dir) / "done.json").is_file():
+    if not RoundDir(round_dir).done.is_file():
         prepare_round(round_, ref_path, data, cfg, sampler, metric, round_dir, progress, ref_score)
         if run_candidates is None:
             run_candidates_here(round_, ref_path, data, cfg, sampler, sigma_data, metric, round_dir, tracker,

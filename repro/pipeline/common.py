@@ -1,0 +1,65 @@
+"""What every stage does the same way: its project paths, its MLflow run, its run directory, its inputs.
+
+Each stage reads only its params (config.STAGE_PARAMS, declared the same way in dvc.yaml), reads its inputs,
+writes its outputs atomically, and is one MLflow run. Paths are relative to the project directory (the one
+holding params.yaml), never to the current working directory; every name comes from repro.storage.layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+from repro.cluster import distributed
+from repro.config import Config, config_hash, stage_dict
+from repro.datasets.images import Dataset, load_prepared
+from repro.pipeline.tracking import stage_run
+from repro.storage.files import sha256_file
+from repro.storage.layout import Paths
+
+log = logging.getLogger("repro.pipeline")
+
+
+@contextlib.contextmanager
+def stage_context(stage: str, cfg: Config, root: Path | str) -> Iterator[Paths]:
+    """Run (part of) ``stage`` here: join torch.distributed if launched so (torchrun, srun), yield the paths.
+
+    A preempted stage raises repro.cluster.preempt.Preempted after saving its state; the launcher catches it.
+    """
+    t0 = time.time()
+    if distributed.init_from_env() and not distributed.is_main():
+        logging.getLogger("repro").setLevel(logging.WARNING)  # rank 0 tells the progress, for all ranks
+    try:
+        yield Paths.of(cfg, root)
+    finally:
+        distributed.shutdown()
+    log.info("stage %s done in %.1fs", stage, time.time() - t0)
+
+
+def tracked(stage: str, cfg: Config, paths: Paths, extra_hash: dict | None = None):
+    """The stage's MLflow run (a context manager yielding its Tracker)."""
+    params = stage_dict(cfg, stage)
+    return stage_run(stage, root=paths.root, preset=cfg.preset, params=params,
+                     config_hash=config_hash({**params, **(extra_hash or {})}))
+
+
+def run_dir(stage: str, cfg: Config, paths: Paths, inputs: dict[str, Path]) -> Path:
+    """The stage's run directory, keyed by its params and the sha256 of its inputs: resume only the same work."""
+    key = config_hash({"params": stage_dict(cfg, stage), "inputs": {k: sha256_file(p) for k, p in inputs.items()}})
+    return paths.run_dir(stage, key)
+
+
+def require(*files: Path) -> None:
+    """Every input exists, or a clear error saying which stage makes it."""
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found: run the stage that makes it first (`dvc repro` runs them in order)")
+
+
+def load_data(paths: Paths) -> Dataset:
+    """The data stage's output, checked against its manifest."""
+    return load_prepared(paths.data, json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else None)

@@ -1,0 +1,175 @@
+"""Stage `ddo`: DDO's self-play rounds and the MLE control (repro.methods.ddo), then models/ddo.
+
+Rounds resume and are reused through their run directories, so `repro ddo --round 1`, `--round 2`, ... (one SLURM
+job each, chained with --dependency=afterok) followed by `repro ddo` trains nothing twice. On a cluster a swept round
+(ddo.sweep_alpha / sweep_beta) is three waves (:func:`waves`): the round's fake bank and reference score as one job,
+its (alpha, beta) candidates as one job array, the choice here; then the whole stage as one job, which finds every
+swept round finished, trains the MLE control and writes models/ddo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from repro.cluster.launcher import Wave
+from repro.config import Config
+from repro.evaluation.metric import load_metric
+from repro.methods.ddo.rounds import KINDS, train_round
+from repro.methods.ddo.selfplay import run_rounds
+from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep_grid, swept_round, train_candidate
+from repro.nets.checkpoint import read_model_meta
+from repro.pipeline.common import load_data, require, run_dir, stage_context, tracked
+from repro.storage.layout import Paths, RoundDir, round_name
+
+log = logging.getLogger("repro.pipeline")
+
+
+def ddo_run_dir(cfg: Config, paths: Paths) -> Path:
+    """The ddo stage's run directory (keyed by its params and the sha256 of its inputs)."""
+    return run_dir("ddo", cfg, paths, {"data": paths.data, "base": paths.base, "extractor": paths.extractor,
+                                       "reference": paths.reference})
+
+
+def _inputs(cfg: Config, paths: Paths):
+    """The round's data, the selection metric and the sampler of fakes and selection (no autoguidance, as in the
+    paper: DDO's fakes and selection samples come from the models themselves)."""
+    require(paths.data, paths.base, paths.extractor, paths.reference)
+    read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
+    return (load_data(paths), load_metric(cfg.extractor.kind, paths.extractor, paths.reference),
+            dataclasses.replace(cfg.sampler, guidance=1.0))
+
+
+def _check_round(cfg: Config, round_: int) -> None:
+    if not 1 <= round_ <= cfg.ddo.rounds:
+        raise ValueError(f"--round {round_}: the preset has rounds 1..{cfg.ddo.rounds} (ddo.rounds)")
+
+
+def _reference(paths: Paths, rd: Path, kind: str, round_: int) -> tuple[Path, float | None]:
+    """Round ``round_``'s reference: the base model, or the previous round's best (which must be finished)."""
+    if round_ == 1:
+        return paths.base, None
+    prev = RoundDir.of(rd, kind, round_ - 1)
+    if not prev.done.is_file():
+        raise FileNotFoundError(f"{kind} round {round_ - 1} is not finished ({prev.dir}): run `repro ddo --round "
+                                f"{round_ - 1}` first")
+    return prev.best, json.loads(prev.done.read_text())["best_score"]
+
+
+def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> None:  # noqa: A002
+    """All DDO rounds (and the MLE control), then models/ddo; or with ``round``, only that round of each kind."""
+    if round is not None:
+        _check_round(cfg, round)
+    data, metric, sampler = _inputs(cfg, paths)
+    rd = ddo_run_dir(cfg, paths)
+    if round is None:
+        with tracked("ddo", cfg, paths) as t:
+            t.set_tags({"run_dir": rd})
+            log.info("ddo: %d rounds%s%s; run directory %s", cfg.ddo.rounds,
+                     " + MLE control" if cfg.ddo.control else "",
+                     f", {len(sweep_grid(cfg.ddo))} (alpha, beta) candidates each" if sweep_grid(cfg.ddo) else "", rd)
+            run_rounds(paths.base, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric, rd, paths.ddo, t, progress)
+        return
+    kinds = KINDS if cfg.ddo.control else ("ddo",)
+    refs = {kind: _reference(paths, rd, kind, round) for kind in kinds}  # every kind checked before any work
+    with tracked("ddo", cfg, paths, extra_hash={"round": round}) as t:
+        t.set_tags({"run_dir": rd, "round": round})
+        for kind in kinds:
+            ref_path, ref_score = refs[kind]
+            with t.child(round_name(kind, round), params={"round": round, "kind": kind},
+                         tags={"round": round, "kind": kind}) as child:
+                where = RoundDir.of(rd, kind, round).dir
+                if kind == "ddo" and sweep_grid(cfg.ddo):
+                    res = swept_round(round, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
+                                      where, child, progress, ref_score)
+                else:
+                    res = train_round(kind, round, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
+                                      where, child, progress, ref_score=ref_score)
+                child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score})
+            log.info("ddo --round %d: %s best %.4f at %d images -> %s", round, kind, res.best_score, res.best_nimg,
+                     res.best_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A swept round on a cluster: prepare (fake bank + reference score), candidates (a job array), select (here).
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Job: swept round ``round``'s fake bank and the reference's selection score."""
+
+    cfg: Config
+    root: str
+    round: int
+
+    def __call__(self) -> None:
+        with stage_context("ddo", self.cfg, self.root) as paths:
+            data, metric, sampler = _inputs(self.cfg, paths)
+            rd = ddo_run_dir(self.cfg, paths)
+            ref_path, ref_score = _reference(paths, rd, "ddo", self.round)
+            prepare_round(self.round, ref_path, data, self.cfg.ddo, sampler, metric, RoundDir.of(rd, "ddo", self.round).dir,
+                          False, ref_score)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Job: one (alpha, beta) candidate of swept round ``round``, on the round's fake bank."""
+
+    cfg: Config
+    root: str
+    round: int
+    alpha: float
+    beta: float
+
+    def __call__(self) -> None:
+        cfg, r = self.cfg, self.round
+        with stage_context("ddo", cfg, self.root) as paths:
+            data, metric, sampler = _inputs(cfg, paths)
+            rd = ddo_run_dir(cfg, paths)
+            ref_path, _ = _reference(paths, rd, "ddo", r)
+            with tracked("ddo", cfg, paths, extra_hash={"round": r, "alpha": self.alpha, "beta": self.beta}) as t:
+                t.set_tags({"run_dir": rd, "round": r, "alpha": self.alpha, "beta": self.beta})
+                res = train_candidate(r, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
+                                      RoundDir.of(rd, "ddo", r).dir, self.alpha, self.beta, t, False)
+                t.log_metrics({"best_selection_score": res.best_score, "best_nimg": res.best_nimg})
+
+
+@dataclass(frozen=True)
+class Select:
+    """Here, after the candidates: the best candidate becomes swept round ``round``'s best (file copies)."""
+
+    cfg: Config
+    root: str
+    round: int
+
+    def __call__(self) -> None:
+        paths = Paths.of(self.cfg, self.root)
+        select_round(self.round, RoundDir.of(ddo_run_dir(self.cfg, paths), "ddo", self.round).dir, self.cfg.ddo)
+
+
+def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave], round: int | None = None) -> Iterator[Wave]:  # noqa: A002
+    """The stage as waves of jobs: each swept round as prepare -> candidates -> select, then the whole stage."""
+    if round is not None:
+        _check_round(cfg, round)
+    grid = sweep_grid(cfg.ddo)
+    for r in ([round] if round is not None else range(1, cfg.ddo.rounds + 1)) if grid else ():
+        paths = Paths.of(cfg, root)
+        require(paths.data, paths.base, paths.extractor, paths.reference)
+        rd = ddo_run_dir(cfg, paths)
+        _reference(paths, rd, "ddo", r)  # the previous round must be finished: refuse before submitting anything
+        this = RoundDir.of(rd, "ddo", r)
+        if this.done.is_file():
+            log.info("ddo round %d: already finished", r)
+            continue
+        name = round_name("ddo", r)
+        if prepared(this.dir) is None:
+            yield Wave(f"{name}-prepare", "ddo", (Prepare(cfg, str(root), r),))
+        todo = [(a, b) for a, b in grid if not this.candidate(a, b).done.is_file()]
+        if todo:
+            yield Wave(f"{name}-candidates", "ddo", tuple(Candidate(cfg, str(root), r, a, b) for a, b in todo))
+        yield Wave(f"{name}-select", "ddo", (Select(cfg, str(root), r),), here=True)
+    yield whole(False)

@@ -1,0 +1,149 @@
+"""Stage `fid`: the metric of every model on the evaluation seeds, from the sample shards; results/<preset>/.
+
+The protocol (samples, seed ranges and how they reduce, labels, sampler, extractor and reference) is data
+(repro.catalog.protocols) and is written beside the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+from repro.catalog import protocols
+from repro.config import Config, to_dict
+from repro.evaluation.extractor import extra_metrics
+from repro.evaluation.metric import METRIC_LABELS, evaluate_range, feature_metrics, load_metric, reference_features
+from repro.pipeline.common import load_data, require, tracked
+from repro.pipeline.stages.sample import eval_models
+from repro.pipeline.tracking import git_commit
+from repro.sampling.shards import eval_ranges, model_sha256, plan_shards, range_batches, range_shards, sample_devices
+from repro.storage.files import sha256_file, write_json, write_text
+from repro.storage.layout import Paths
+
+log = logging.getLogger("repro.pipeline")
+
+
+def run(cfg: Config, paths: Paths, progress: bool) -> None:
+    models = eval_models(cfg, paths)
+    require(paths.samples, paths.rounds_json)
+    metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
+    history = json.loads(paths.rounds_json.read_text())["history"]
+    reduce = "mean"  # over the seed ranges; a paper protocol says how it reduces (EDM: the minimum of three)
+    if cfg.sample.protocol != "custom":
+        reduce = protocols.get(cfg.sample.protocol).reduce
+    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.samples)
+    m = cfg.metrics
+    data = load_data(paths) if paths.data.is_file() else None
+    extras = extra_metrics(m.extra, cfg.extractor, paths.root, data.images if data else None,
+                           sha256_file(paths.data) if data else "", paths.runs, progress) if m.extra else []
+    keep = m.kid or m.prc
+    if keep and data is None:
+        raise FileNotFoundError(f"metrics.kid/prc compare with the real images: {paths.data} not found; run `repro data`")
+    ref_feats = reference_features(metric, data.images) if keep else None
+    suffix = "" if metric.name == "fid" else "_" + metric.name.removeprefix("fd_")
+    with tracked("fid", cfg, paths) as t:
+        entries = []
+        for name in models:
+            kind, _, r = name.partition("-round")
+            values, more = [], {}
+            for lo, hi in eval_ranges(cfg.sample):
+                # The range's shards streamed through the extractors: one set of statistics each, no PNGs.
+                batches = range_batches(range_shards(shards, name, lo, hi), model_sha=model_sha256(models[name]))
+                stats, feats = evaluate_range([metric, *extras], batches, keep)
+                values.append(metric.distance(stats[0]))
+                for x, st in zip(extras, stats[1:]):
+                    more.setdefault(x.name, []).append(x.distance(st))
+                if keep:
+                    for k, v in feature_metrics(feats, ref_feats, m.kid, m.prc, m.kid_subsets, m.kid_subset_size,
+                                                suffix).items():
+                        more.setdefault(k, []).append(v)
+            devices = sample_devices(s for s in shards if s.model == name)
+            if len(devices) > 1:
+                log.warning("fid: %s's sample shards were made on %s; a seed's image differs between devices. To "
+                            "use one device, delete %s and rerun `repro sample` there", name, " and ".join(devices),
+                            paths.samples_work / name)
+            entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values,
+                     "sample_devices": devices}
+            if more:  # other metrics: the protocol's reduction for distances, the mean for KID and precision/recall
+                entry["extra"] = {k: {"value": reduce_values(v, reduce if k == "fid" else "mean"), "values": v}
+                                  for k, v in more.items()}
+                t.log_metrics({f"{k}/{name}": e["value"] for k, e in entry["extra"].items()})
+            if kind in history:
+                entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
+            if kind == "control":
+                entry["note"] = ("MLE control: the same rounds, steps, optimizer and selection as DDO, "
+                                 "with the EDM loss on real images instead of the DDO loss")
+            entries.append(entry)
+            t.log_metrics({f"{metric.name}/{name}": entry["value"]})
+            log.info("fid: %s %s = %.4f (%s)", name, metric.name, entry["value"],
+                     ", ".join(f"{v:.4f}" for v in values))
+        sampler = to_dict(cfg.sampler)
+        metrics = {
+            "preset": cfg.preset,
+            "paper": "ddo",
+            "metric": metric.name,
+            "metric_label": METRIC_LABELS.get(metric.name, metric.name),
+            "protocol": {
+                "n_samples": cfg.sample.n_samples, "seed_ranges": [list(r) for r in eval_ranges(cfg.sample)],
+                "name": cfg.sample.protocol, "reduce": reduce, "label_mode": cfg.sampler.label_mode,
+                **metric.protocol(),
+                "sampler": {"name": "edm-heun", "num_steps": sampler["num_steps"],
+                            "nfe": 2 * sampler["num_steps"] - 1, "S_churn": sampler["S_churn"]},
+                "reference": (cfg.extractor.reference if cfg.extractor.reference
+                              else f"{paths.data.relative_to(paths.root)} (all real images)"),
+                "selection_seeds": [cfg.ddo.selection_first_seed,
+                                    cfg.ddo.selection_first_seed + cfg.ddo.selection_samples],
+                "full": True,
+            },
+            "run": {"command": "repro fid", "git_commit": git_commit(paths.root),
+                    "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
+            "models": entries,
+            **({"extra_metrics": {x.name: {"label": METRIC_LABELS.get(x.name, x.name), **x.protocol(),
+                                           "reference": "the data set's images"} for x in extras}} if extras else {}),
+            **({"feature_metrics": {"space": metric.name, "kid_subsets": m.kid_subsets, "kid_subset_size":
+                                    m.kid_subset_size, "prc_k": 3, "reference": "the data set's images"}}
+               if keep else {}),
+            "final": {"base": entries[0]["value"], "ddo": entries[cfg.ddo.rounds]["value"]},
+        }
+        write_json(paths.metrics, metrics)
+        rows = ["round\tddo\tcontrol"]
+        ctrl = {x["round"]: x["best_score"] for x in history.get("control", [])}
+        sel = {x["round"]: x["best_score"] for x in history["ddo"]}
+        base_sel = history["ddo"][0]["reference_score"]
+        rows.append(f"0\t{base_sel:.6f}\t{base_sel:.6f}")
+        for r in range(1, cfg.ddo.rounds + 1):
+            rows.append(f"{r}\t{sel[r]:.6f}\t{ctrl.get(r, float('nan')):.6f}")
+        write_text(paths.rounds_tsv, "\n".join(rows) + "\n")
+        _plot_rounds(t, metric.name, history, base_sel)
+
+
+def reduce_values(values: list[float], how: str) -> float:
+    """One number from the values of several seed ranges: their mean, or their minimum (EDM's protocol)."""
+    if how == "min":
+        return float(min(values))
+    if how == "mean":
+        return float(sum(values) / len(values))
+    raise ValueError(f"unknown reduction {how!r}: use 'mean' or 'min'")
+
+
+def _plot_rounds(tracker, metric_name: str, history: dict, base_score: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, rs in history.items():
+        ax.plot([0] + [x["round"] for x in rs], [base_score] + [x["best_score"] for x in rs], marker="o", label=kind)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"{metric_name} (selection seeds)")
+    ax.legend()
+    fig.tight_layout()
+    tracker.log_figure(fig, "metric_per_round.png")
+    plt.close(fig)
+
+
+def describe(cfg: Config, paths: Paths) -> dict | None:
+    """The evaluation protocol (--dry-run)."""
+    return None if cfg.sample.protocol == "custom" else {"protocol": protocols.get(cfg.sample.protocol).to_dict()}

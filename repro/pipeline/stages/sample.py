@@ -1,0 +1,85 @@
+"""Stage `sample`: the final evaluation's images of every model, as shard files of seeds (repro.sampling.shards).
+
+Shards are made in a resumable work directory, then published atomically as samples/ (exactly the shards of this
+plan). On a cluster the shards not yet made go out as one job array (:func:`waves`), then the stage publishes them
+here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from repro.cluster.launcher import Wave
+from repro.config import Config
+from repro.nets.checkpoint import read_model_meta
+from repro.nets.released import sampling_extras
+from repro.pipeline.common import require, stage_context, tracked
+from repro.sampling.shards import Shard, plan_shards, run_shard, sample_models, shard_done
+from repro.storage.files import atomic_dir, link_or_copy
+from repro.storage.layout import Paths
+
+
+def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
+    """The models the final evaluation compares: base, each DDO round's best, the control's last round."""
+    models = {"base": paths.base}
+    for r in range(1, cfg.ddo.rounds + 1):
+        models[f"ddo-round{r}"] = paths.round_model("ddo", r)
+    if cfg.ddo.control:
+        models[f"control-round{cfg.ddo.rounds}"] = paths.round_model("control", cfg.ddo.rounds)
+    return models
+
+
+def _sampling_setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
+    """The device the sample stage uses, and its guide / latent decoder on that device (if the preset has them)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    arch, info = read_model_meta(paths.base)
+    return device, sampling_extras(cfg, paths.root, arch, info, device=device)
+
+
+def run(cfg: Config, paths: Paths, progress: bool) -> None:
+    models = eval_models(cfg, paths)
+    require(*models.values())
+    device, extras = _sampling_setup(cfg, paths)  # guide (sampler.guidance != 1), latent decoder
+    with tracked("sample", cfg, paths) as t:
+        # Shards of another shard size or seed range left in the work directory are not published.
+        written = sample_models(models, cfg.sample, cfg.sampler, paths.samples_work, t, progress, device, **extras)
+        with atomic_dir(paths.samples) as tmp:
+            for name, files in written.items():
+                (tmp / name).mkdir()
+                for f in map(Path, files):
+                    link_or_copy(f, tmp / name / f.name)
+
+
+def shards(cfg: Config, paths: Paths, missing_only: bool = True) -> list[Shard]:
+    """The stage's shards (not yet finished ones by default)."""
+    models = eval_models(cfg, paths)
+    require(*models.values())
+    planned = plan_shards(models, cfg.sample, cfg.sampler, paths.samples_work)
+    return [s for s in planned if not (missing_only and shard_done(s, cfg.sampler))]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Job: one shard of the sample stage (one task of its job array)."""
+
+    cfg: Config
+    root: str
+    shard: Shard
+
+    def __call__(self) -> str:
+        with stage_context("sample", self.cfg, self.root) as paths:
+            device, extras = _sampling_setup(self.cfg, paths)
+            return str(run_shard(self.shard, self.cfg.sampler, self.cfg.sample.batch, progress=False, device=device,
+                                 **extras))
+
+
+def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave]) -> Iterator[Wave]:
+    """The shards not yet made as one job array, then the stage here (it only publishes them)."""
+    todo = shards(cfg, Paths.of(cfg, root))
+    if todo:
+        yield Wave("sample-shards", "sample", tuple(ShardJob(cfg, str(root), s) for s in todo))
+    yield whole(True)

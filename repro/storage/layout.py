@@ -1,0 +1,139 @@
+"""Every on-disk name of the package, in one place: the project's files and the inside of a run directory.
+
+A project directory (the one holding params.yaml) looks like this::
+
+    params.yaml, dvc.yaml, dvc.lock        what DVC tracks
+    checkpoints.lock.json                  sha256 pins of every downloaded file (commit it)
+    checkpoints/                           downloads: released checkpoints, decoders, fid-refs/ (git-ignored)
+    data/<dataset>.npz, data/manifest.json the data stage's output
+    models/                                extractor, reference statistics, base model, guide, ddo/ (one file
+                                           per round and kind, rounds.json)
+    samples/<model>/seeds-*.npz            the final evaluation's images (published copy of runs/samples-work)
+    results/<preset>/                      metrics.json (numbers), protocol.json, rounds.tsv, table.md
+    runs/<stage>-<key>/                    resumable work of a stage, keyed by its params and inputs
+    runs/slurm/<job id>/                   submitit's scripts and logs
+
+Inside a ddo run directory, round r of kind k ('ddo' or 'control') lives in ``<k>-round<r>/`` (:class:`RoundDir`);
+a swept round keeps one sub-directory per (alpha, beta) candidate. Nothing else in the package spells these names:
+ask :class:`Paths` or :class:`RoundDir`.
+
+Example::
+
+    paths = Paths.of(cfg, root)
+    paths.data, paths.round_model("ddo", 2)           # data/digits.npz, models/ddo/ddo-round2.safetensors
+    RoundDir.of(paths.runs / "ddo-1a2b", "ddo", 2).fakes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCK_FILE = "checkpoints.lock.json"
+
+
+def round_name(kind: str, round_: int) -> str:
+    """The name of round ``round_`` of ``kind``: its run sub-directory, its model file's stem, its MLflow run."""
+    return f"{kind}-round{round_}"
+
+
+def candidate_name(alpha: float, beta: float) -> str:
+    """The name of one (alpha, beta) candidate of a swept DDO round (its sub-directory, its MLflow run)."""
+    return f"a{alpha:g}-b{beta:g}"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, under the project directory ``root``."""
+
+    root: Path
+    preset: str = ""
+    dataset: str = "digits"
+
+    @classmethod
+    def of(cls, cfg, root: Path) -> "Paths":
+        return cls(Path(root).resolve(), cfg.preset, cfg.data.dataset)
+
+    # downloads and their pins
+    @property
+    def lock(self) -> Path: return self.root / LOCK_FILE
+    @property
+    def checkpoints(self) -> Path: return self.root / "checkpoints"
+    def checkpoint(self, filename: str) -> Path: return self.checkpoints / filename
+    def decoder(self, name: str) -> Path: return self.checkpoints / f"{name}.safetensors"
+    def fid_ref(self, filename: str) -> Path: return self.checkpoints / "fid-refs" / filename
+
+    # the data stage
+    @property
+    def data(self) -> Path: return self.root / "data" / f"{self.dataset}.npz"
+    @property
+    def manifest(self) -> Path: return self.root / "data" / "manifest.json"
+
+    # models
+    @property
+    def extractor(self) -> Path: return self.root / "models" / "extractor.safetensors"
+    @property
+    def extractor_info(self) -> Path: return self.root / "models" / "extractor.json"
+    @property
+    def reference(self) -> Path: return self.root / "models" / "reference_stats.npz"
+    @property
+    def base(self) -> Path: return self.root / "models" / "base.safetensors"
+    @property
+    def base_grid(self) -> Path: return self.root / "models" / "base_grid.png"
+    @property
+    def guide(self) -> Path: return self.root / "models" / "guide.safetensors"
+    @property
+    def ddo(self) -> Path: return self.root / "models" / "ddo"
+    @property
+    def rounds_json(self) -> Path: return self.ddo / "rounds.json"
+    def round_model(self, kind: str, round_: int) -> Path: return self.ddo / f"{round_name(kind, round_)}.safetensors"
+
+    # samples and results
+    @property
+    def samples(self) -> Path: return self.root / "samples"
+    @property
+    def results_root(self) -> Path: return self.root / "results"
+    @property
+    def results(self) -> Path: return self.results_root / self.preset
+    @property
+    def metrics(self) -> Path: return self.results / "metrics.json"
+    @property
+    def protocol(self) -> Path: return self.results / "protocol.json"
+    @property
+    def rounds_tsv(self) -> Path: return self.results / "rounds.tsv"
+    @property
+    def table(self) -> Path: return self.results / "table.md"
+    def paper_tables(self, paper: str) -> Path: return self.results_root / f"{paper}_tables.md"
+
+    # resumable work
+    @property
+    def runs(self) -> Path: return self.root / "runs"
+    def run_dir(self, stage: str, key: str) -> Path: return self.runs / f"{stage}-{key}"
+    @property
+    def samples_work(self) -> Path: return self.runs / "samples-work"  # finished shards; samples/ is their copy
+
+
+@dataclass(frozen=True)
+class RoundDir:
+    """The files of one DDO round (or one candidate of a swept round) in its run directory."""
+
+    dir: Path
+
+    @classmethod
+    def of(cls, run_dir: Path, kind: str, round_: int) -> "RoundDir":
+        return cls(Path(run_dir) / round_name(kind, round_))
+
+    @property
+    def fakes(self) -> Path: return self.dir / "fakes.npz"          # the round's fake bank
+    @property
+    def state(self) -> Path: return self.dir / "state.pt"           # training state to resume from
+    @property
+    def best(self) -> Path: return self.dir / "best.safetensors"    # the round's best checkpoint
+    @property
+    def done(self) -> Path: return self.dir / "done.json"           # written last: the round is finished
+    @property
+    def prepared(self) -> Path: return self.dir / "prepare.json"    # a swept round's reference score
+
+    def candidate(self, alpha: float, beta: float) -> "RoundDir":
+        """One (alpha, beta) candidate of a swept round."""
+        return RoundDir(self.dir / candidate_name(alpha, beta))
