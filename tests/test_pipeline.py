@@ -92,6 +92,11 @@ def test_mlflow_holds_a_run_per_stage_with_nested_rounds_and_artifacts(project):
     assert "plots/metric_per_round.png" in fid["artifacts"]
     pretrain = next(r for r in runs if r["stage"] == "pretrain")
     assert "loss" in pretrain["metrics"]
+    # The UI opens the experiment on its training runs; the runs that train or evaluate on the data name it.
+    assert runs[0]["experiment_tags"]["mlflow.experimentKind"] == "custom_model_development"
+    sha = json.loads((d / "data/manifest.json").read_text())["sha256"]
+    for r in (pretrain, ddo, next(r for r in runs if r["stage"] == "extractor")):
+        assert r["inputs"] == [("digits", sha[:16])]
 
 
 def test_second_dvc_repro_does_nothing(project):

@@ -63,3 +63,9 @@ def require(*files: Path) -> None:
 def load_data(paths: Paths) -> Dataset:
     """The data stage's output, checked against its manifest."""
     return load_prepared(paths.data, json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else None)
+
+
+def log_data_input(tracker, paths: Paths, context: str = "training") -> None:
+    """Record the data set (name and sha256 from its manifest) as an input of the stage's MLflow run."""
+    if paths.manifest.is_file():
+        tracker.log_dataset(paths.data, paths.dataset, json.loads(paths.manifest.read_text())["sha256"], context)

@@ -27,6 +27,9 @@ from repro.cluster.preempt import Preempted
 
 log = logging.getLogger(__name__)
 
+# The MLflow UI opens an experiment on the view its kind names; ours are training runs, not GenAI traces.
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
+
 
 def git_commit(root: Path) -> str:
     try:
@@ -96,6 +99,17 @@ class Tracker:
 
         mlflow.MlflowClient().log_figure(self.run_id, fig, f"plots/{name}")
 
+    def log_dataset(self, path: Path, name: str, digest: str, context: str = "training") -> None:
+        """Record a data set this run read as one of its inputs (MLflow's Datasets column): name, digest, file."""
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = MetaDataset(source=resolve_dataset_source(str(path)), name=name, digest=digest[:16])
+        mlflow.MlflowClient().log_inputs(self.run_id, [DatasetInput(ds._to_mlflow_entity(),
+                                                                    [InputTag("mlflow.data.context", context)])])
+
     @contextlib.contextmanager
     def child(self, name: str, params: dict | None = None, tags: dict | None = None) -> Iterator["Tracker"]:
         """A nested run (e.g. one DDO round) under this run."""
@@ -127,6 +141,7 @@ class NullTracker(Tracker):
     def log_artifact(self, path, subdir=None): pass
     def log_image(self, image, name, scale=4): pass
     def log_figure(self, fig, name): pass
+    def log_dataset(self, path, name, digest, context="training"): pass
 
     @contextlib.contextmanager
     def child(self, name, params=None, tags=None):
@@ -156,9 +171,11 @@ def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash:
     exp = mlflow.get_experiment_by_name(exp_name)
     if exp is None:
         artifacts = (root / "mlruns").resolve().as_uri() if uri.startswith("sqlite:///") else None
-        exp_id = mlflow.create_experiment(exp_name, artifact_location=artifacts)
+        exp_id = mlflow.create_experiment(exp_name, artifact_location=artifacts, tags={EXPERIMENT_KIND: TRAINING})
     else:
         exp_id = exp.experiment_id
+        if exp.tags.get(EXPERIMENT_KIND) != TRAINING:  # the UI opens an experiment on the view its kind names
+            mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND, TRAINING)
     tags = {
         "stage": stage,
         "preset": preset,
@@ -197,5 +214,7 @@ def find_runs(root: Path, preset: str) -> list[dict]:
             arts += [a.path for a in client.list_artifacts(r.info.run_id, d)]
         out.append({"run_id": r.info.run_id, "name": r.info.run_name, "stage": r.data.tags.get("stage"),
                     "parent": r.data.tags.get("mlflow.parentRunId"), "status": r.info.status,
-                    "metrics": sorted(r.data.metrics), "tags": dict(r.data.tags), "artifacts": sorted(arts)})
+                    "metrics": sorted(r.data.metrics), "tags": dict(r.data.tags), "artifacts": sorted(arts),
+                    "inputs": [(d.dataset.name, d.dataset.digest) for d in r.inputs.dataset_inputs],
+                    "experiment_tags": dict(exp.tags)})
     return out

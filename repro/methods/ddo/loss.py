@@ -30,15 +30,21 @@ def diffusion_logp(denoise: Denoiser, x: torch.Tensor, labels: torch.Tensor | No
 
 def ddo_diffusion_loss(net: Denoiser, ref: Denoiser, x_real: torch.Tensor, y_real: torch.Tensor | None,
                        x_fake: torch.Tensor, y_fake: torch.Tensor | None, sigma: torch.Tensor, eps: torch.Tensor,
-                       *, alpha: float, beta: float, sigma_data: float) -> tuple[torch.Tensor, dict]:
+                       *, alpha: float, beta: float, sigma_data: float,
+                       net_fake: Denoiser | None = None) -> tuple[torch.Tensor, dict]:
     """The diffusion DDO loss of a batch of pairs (real_i, fake_i); returns (mean loss, diagnostics).
 
     The same (sigma_i, eps_i) is used for real_i and fake_i and for theta and the reference (common random
     numbers). The reference runs without gradient. Call it in fp32 with dropout disabled.
+
+    ``net_fake``: theta as called on the fakes (default ``net``). The paper's code, as a third party transcribes
+    Appendix D (research/ddo.md 1.3), runs theta's fake pass in eval mode; with dropout off that only matters for
+    EDM2, whose train-mode forward rewrites its weights in place (forced weight normalisation), which a second
+    train-mode pass before the backward pass must not do.
     """
     # 1. log-likelihood surrogates under theta (with gradient) and the reference (without).
     logp_real = diffusion_logp(net, x_real, y_real, sigma, eps, sigma_data)
-    logp_fake = diffusion_logp(net, x_fake, y_fake, sigma, eps, sigma_data)
+    logp_fake = diffusion_logp(net_fake or net, x_fake, y_fake, sigma, eps, sigma_data)
     with torch.no_grad():
         ref_real = diffusion_logp(ref, x_real, y_real, sigma, eps, sigma_data)
         ref_fake = diffusion_logp(ref, x_fake, y_fake, sigma, eps, sigma_data)

@@ -33,6 +33,7 @@ they go out as one job array (repro.cluster.launcher); here they run one after a
 from __future__ import annotations
 
 import copy
+from functools import partial
 import json
 import logging
 import time
@@ -52,7 +53,7 @@ from repro.nets.checkpoint import load_model, save_model
 from repro.nets.layers import disable_dropout
 from repro.sampling.generate import from_uint8, generate_images, image_grid, one_hot
 from repro.storage.layout import RoundDir
-from repro.storage.files import load_npz, save_npz, write_json
+from repro.storage.files import atomic_path, load_npz, save_npz, write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,16 @@ def fake_seeds(cfg: DDOConfig, round_: int, n: int) -> np.ndarray:
 
 def selection_seeds(cfg: DDOConfig) -> np.ndarray:
     return cfg.selection_first_seed + np.arange(cfg.selection_samples)
+
+
+def eval_forward(net: torch.nn.Module, *args):
+    """``net(*args)`` in eval mode (gradients still flow), then back to the mode it was in."""
+    mode = net.training
+    net.eval()
+    try:
+        return net(*args)
+    finally:
+        net.train(mode)
 
 
 def make_fake_bank(ref: torch.nn.Module, data: Dataset, label_dim: int, seeds: np.ndarray, sampler: SamplerConfig,
@@ -138,8 +149,14 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     train_net = distributed.wrap_ddp(net)  # several processes: averaged gradients
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_nimg > 0 else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    if ref_score is None:
+        ref_score = metric.score(ref, selection_seeds(cfg), label_dim, data.shape, sampler)
+    # The reference is a candidate of its own round: a round whose checkpoints are all worse keeps it.
     nimg, step, evals = 0, 0, []
-    best = {"score": float("inf"), "nimg": -1}
+    best = {"score": ref_score, "nimg": 0}
+    if distributed.is_main() and not state_path.is_file():
+        with atomic_path(best_path) as tmp:
+            tmp.write_bytes(Path(ref_path).read_bytes())
     if state_path.is_file():
         s = load_state(state_path)
         net.load_state_dict(s["net"]), opt.load_state_dict(s["opt"])
@@ -155,9 +172,6 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             save_state(state_path, net=net.state_dict(), opt=opt.state_dict(), nimg=nimg, step=step,
                        evals=json.dumps(evals), best=json.dumps(best),
                        **({"ema": ema.state_dict()} if ema is not None else {}))
-
-    if ref_score is None:
-        ref_score = metric.score(ref, selection_seeds(cfg), label_dim, data.shape, sampler)
 
     beta_ema = ema_beta(cfg.batch, cfg.ema_halflife_nimg)
     kind_id = KINDS.index(kind)
@@ -177,7 +191,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             y_real = y_real.to(device) if y_real is not None else None
             loss, stats = ddo_diffusion_loss(train_net, ref, x_real, y_real, x_fake, y_real, sigma[mine].to(device),
                                              eps[mine].to(device), alpha=cfg.alpha, beta=cfg.beta,
-                                             sigma_data=sigma_data)
+                                             sigma_data=sigma_data, net_fake=partial(eval_forward, train_net))
         else:
             idx2 = torch.randint(n, [cfg.batch], generator=g)
             sigma, eps = draw_sigma_noise((2 * cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)

@@ -100,22 +100,29 @@ def select_round(round_: int, round_dir: Path, cfg: DDOConfig, tracker=None) -> 
             raise FileNotFoundError(f"ddo round {round_}: candidates not finished: {', '.join(missing)}")
         chosen = min(cands, key=lambda c: c["best_score"])  # min keeps the first of equal scores
         prep = prepared(round_dir) or {}
+        # The reference is a candidate too (each candidate already keeps it unless beaten; this says so here).
+        keep_ref = prep.get("ref_score") is not None and not chosen["best_score"] < prep["ref_score"]
         if distributed.is_main():
+            source = Path(prep["reference"]) if keep_ref else rd.candidate(chosen["alpha"], chosen["beta"]).best
             with atomic_path(best_path) as tmp:
-                tmp.write_bytes(rd.candidate(chosen["alpha"], chosen["beta"]).best.read_bytes())
-            write_json(done_path, {"best_score": chosen["best_score"], "best_nimg": chosen["best_nimg"],
+                tmp.write_bytes(source.read_bytes())
+            write_json(done_path, {"best_score": prep["ref_score"] if keep_ref else chosen["best_score"],
+                                   "best_nimg": 0 if keep_ref else chosen["best_nimg"],
                                    "ref_score": prep.get("ref_score"), "evals": chosen["evals"],
                                    "seconds": round(sum(c["seconds"] for c in cands), 1),
                                    "candidates": [{k: c[k] for k in ("alpha", "beta", "best_score", "best_nimg")}
                                                   for c in cands],
-                                   "chosen": {"alpha": chosen["alpha"], "beta": chosen["beta"]}})
+                                   "chosen": "reference" if keep_ref else {"alpha": chosen["alpha"],
+                                                                           "beta": chosen["beta"]}})
         distributed.barrier()
-        log.info("ddo round %d: chose alpha %g, beta %g (selection score %.4f) among %s", round_, chosen["alpha"],
-                 chosen["beta"], chosen["best_score"],
+        log.info("ddo round %d: chose %s among %s", round_,
+                 "the reference (no candidate beat it)" if keep_ref else
+                 f"alpha {chosen['alpha']:g}, beta {chosen['beta']:g} (selection score {chosen['best_score']:.4f})",
                  ", ".join(f"(alpha {c['alpha']:g}, beta {c['beta']:g}): {c['best_score']:.4f}" for c in cands))
     d = json.loads(done_path.read_text())
     if tracker is not None:
-        tracker.log_params({"chosen_alpha": d["chosen"]["alpha"], "chosen_beta": d["chosen"]["beta"]})
+        chosen = d["chosen"] if isinstance(d["chosen"], dict) else {"alpha": "reference", "beta": "reference"}
+        tracker.log_params({"chosen_alpha": chosen["alpha"], "chosen_beta": chosen["beta"]})
     return RoundResult("ddo", round_, best_path, d["best_score"], d["best_nimg"], d.get("ref_score"), d["evals"],
                        d["seconds"])
 

@@ -23,7 +23,7 @@ from repro.methods.ddo.rounds import KINDS, train_round
 from repro.methods.ddo.selfplay import run_rounds
 from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep_grid, swept_round, train_candidate
 from repro.nets.checkpoint import read_model_meta
-from repro.pipeline.common import load_data, require, run_dir, stage_context, tracked
+from repro.pipeline.common import load_data, log_data_input, require, run_dir, stage_context, tracked
 from repro.storage.layout import Paths, RoundDir, round_name
 
 log = logging.getLogger("repro.pipeline")
@@ -69,6 +69,7 @@ def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> 
     if round is None:
         with tracked("ddo", cfg, paths) as t:
             t.set_tags({"run_dir": rd})
+            log_data_input(t, paths)
             log.info("ddo: %d rounds%s%s; run directory %s", cfg.ddo.rounds,
                      " + MLE control" if cfg.ddo.control else "",
                      f", {len(sweep_grid(cfg.ddo))} (alpha, beta) candidates each" if sweep_grid(cfg.ddo) else "", rd)
@@ -78,6 +79,7 @@ def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> 
     refs = {kind: _reference(paths, rd, kind, round) for kind in kinds}  # every kind checked before any work
     with tracked("ddo", cfg, paths, extra_hash={"round": round}) as t:
         t.set_tags({"run_dir": rd, "round": round})
+        log_data_input(t, paths)
         for kind in kinds:
             ref_path, ref_score = refs[kind]
             with t.child(round_name(kind, round), params={"round": round, "kind": kind},
@@ -133,6 +135,7 @@ class Candidate:
             ref_path, _ = _reference(paths, rd, "ddo", r)
             with tracked("ddo", cfg, paths, extra_hash={"round": r, "alpha": self.alpha, "beta": self.beta}) as t:
                 t.set_tags({"run_dir": rd, "round": r, "alpha": self.alpha, "beta": self.beta})
+                log_data_input(t, paths)
                 res = train_candidate(r, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
                                       RoundDir.of(rd, "ddo", r).dir, self.alpha, self.beta, t, False)
                 t.log_metrics({"best_selection_score": res.best_score, "best_nimg": res.best_nimg})

@@ -10,7 +10,7 @@ from repro.config import Config
 from repro.methods.pretrain import pretrain
 from repro.nets import released
 from repro.nets.checkpoint import load_model
-from repro.pipeline.common import load_data, require, run_dir, tracked
+from repro.pipeline.common import load_data, log_data_input, require, run_dir, tracked
 from repro.sampling.generate import sample_grid
 from repro.storage.files import save_png
 from repro.storage.layout import Paths
@@ -27,6 +27,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             data = load_data(paths)
             rd = run_dir("pretrain", cfg, paths, {"data": paths.data})
             t.set_tags({"run_dir": rd})
+            log_data_input(t, paths)
             info = pretrain(cfg.pretrain, data, rd, paths.base, t, progress)
             t.log_metrics({"seconds": info["seconds_this_run"]})
         else:
