@@ -188,8 +188,8 @@ def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
     except ConfigError as e:
         _fail(str(e))
     from repro.pipeline.stages.sample import eval_models
-    from repro.storage.layout import Paths
     from repro.sampling.shards import eval_ranges, export_samples, plan_shards, range_shards
+    from repro.storage.layout import Paths
 
     root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
     paths = Paths.of(cfg, root)

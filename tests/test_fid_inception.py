@@ -133,8 +133,8 @@ def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_
     from repro.pipeline import run
     from repro.pipeline.stages import extractor as extractor_stage
     from repro.pipeline.stages import fid as fid_stage
-    from repro.storage.layout import Paths
     from repro.storage.files import write_json
+    from repro.storage.layout import Paths
 
     weights, _ = inception_weights
     cfg = load_config(preset="tiny", overrides=[

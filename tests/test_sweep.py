@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from repro.config import ConfigError, config_hash, load_config, preset_dict, stage_dict, to_dict
 from repro.datasets.images import load_embedded
 from repro.methods.ddo import rounds as ddo_mod
-from repro.storage.layout import RoundDir
 from repro.methods.ddo import selfplay
 from repro.methods.ddo import sweep as sweep_mod
 from repro.pipeline.tracking import NullTracker
+from repro.storage.layout import RoundDir
 
 
 class WeightMetric:

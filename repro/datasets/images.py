@@ -103,8 +103,8 @@ def read_cifar10_binary(archive: Path) -> Dataset:
 
 
 def _fetch_cifar10(cfg: DataConfig, root: Path, progress: bool) -> tuple[Path, str]:
-    from repro.storage.layout import Paths
     from repro.storage.download import Lock, fetch
+    from repro.storage.layout import Paths
 
     dest = Paths(root).checkpoint(CIFAR10_URL.rsplit("/", 1)[-1])
     path = fetch(CIFAR10_URL, dest, lock=Lock(Paths(root).lock), mirror=cfg.mirror or None, progress=progress)

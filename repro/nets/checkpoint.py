@@ -2,6 +2,9 @@
 
 Every network the package trains or converts is saved with :func:`save_model` and rebuilt with
 :func:`load_model`; tensors are copied in with a strict key and shape check (:func:`load_state_strict`).
+Tensors keep the dtype they were saved in: a released EDM2 snapshot converted here keeps its float16 weights, so
+it computes exactly as upstream samples it (EDM2 computes each layer's gain / sqrt(fan_in) in the gain's dtype);
+a network trained here is float32.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from repro.nets.factory import build_network
 from repro.storage.files import save_safetensors
 
 
 def save_model(path: Path, net: torch.nn.Module, arch: dict, info: dict | None = None) -> None:
-    """Save a network's weights (fp32, contiguous) with its architecture and free-form info as metadata."""
+    """Save a network's weights (their dtypes, contiguous) with its architecture and free-form info as metadata."""
     meta = {"arch": json.dumps(arch, sort_keys=True), "info": json.dumps(info or {}, sort_keys=True)}
     save_safetensors(path, net.state_dict(), meta)
 
@@ -30,9 +34,14 @@ def read_model_meta(path: Path) -> tuple[dict, dict]:
     return json.loads(meta["arch"]), json.loads(meta.get("info", "{}"))
 
 
-def load_state_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy tensors into ``net`` after checking that keys and shapes match exactly."""
-    own = net.state_dict()
+def load_state_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
+                      keep_dtype: bool = False) -> None:
+    """Copy tensors into ``net`` after checking that keys and shapes match exactly.
+
+    ``keep_dtype``: each parameter and buffer takes the dtype of its tensor (e.g. float16 weights stay float16);
+    otherwise the values are cast to the network's dtypes.
+    """
+    own = net.state_dict(keep_vars=True)
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     shape = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
@@ -49,16 +58,27 @@ def load_state_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
         raise ValueError(f"{where}: weights do not fit the network: " + "; ".join(parts))
     with torch.no_grad():
         for k, v in own.items():
-            v.copy_(tensors[k])
+            if keep_dtype and v.dtype != tensors[k].dtype:
+                v.data = tensors[k].to(v.device).clone()
+            else:
+                v.copy_(tensors[k])
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
-    """Rebuild a network from a checkpoint written by :func:`save_model`; returns (net, arch, info)."""
+    """Rebuild a network from a checkpoint written by :func:`save_model`, in the dtypes it was saved in; returns
+    (net, arch, info). Cast it (``net.float()``) where a computation needs one dtype, as DDO's fp32 training does."""
     from safetensors.torch import load_file
-
-    from repro.nets.factory import build_network
 
     arch, info = read_model_meta(path)
     net = build_network(arch)
-    load_state_strict(net, load_file(str(path)), str(path))
+    load_state_strict(net, load_file(str(path)), str(path), keep_dtype=True)
     return net.to(device).eval(), arch, info
+
+
+def weight_dtypes(path: Path) -> list[str]:
+    """The dtypes a checkpoint's tensors are stored in (the protocol records them: float16 = as released)."""
+    from safetensors import safe_open
+
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+    with safe_open(str(path), framework="pt") as f:
+        return sorted({names.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype().lower()) for k in f.keys()})

@@ -13,7 +13,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from repro.nets.factory import arch_keys
+from repro.nets.checkpoint import load_state_strict, save_model
+from repro.nets.factory import arch_keys, build_network
+from repro.nets.layers import count_parameters
+from repro.storage.files import sha256_file
 from repro.storage.unpickle import Record, read_edm_pickle, state_dict_from_record
 
 # Facts about upstream constructor signatures (argument order and defaults), used to read init args.
@@ -186,17 +189,14 @@ def describe_record(obj: Any) -> Optional[dict]:
 
 
 def _build_and_load(arch: dict, tensors: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
-    """Build the network for ``arch`` and copy ``tensors`` in with a strict key + shape check (fp32 result).
+    """Build the network for ``arch`` and copy ``tensors`` in with a strict key + shape check, in their dtypes.
 
     EDM2 nets are built on the meta device first (no random init of up to 777M parameters), checked there,
     then materialised: every parameter and buffer is a state_dict entry, so the copy overwrites all memory.
     """
-    from repro.nets.checkpoint import load_state_strict
-    from repro.nets.factory import build_network
-
     if arch.get("precond") != "edm2":
         net = build_network(arch)
-        load_state_strict(net, tensors, where)
+        load_state_strict(net, tensors, where, keep_dtype=True)
         return net
     with torch.device("meta"):
         net = build_network(arch)
@@ -205,7 +205,7 @@ def _build_and_load(arch: dict, tensors: dict[str, torch.Tensor], where: str) ->
     if names != set(net.state_dict()):
         raise RuntimeError(f"{where}: network has tensors outside its state_dict; cannot materialise from the file")
     net = net.to_empty(device="cpu")
-    load_state_strict(net, tensors, where)
+    load_state_strict(net, tensors, where, keep_dtype=True)
     return net
 
 
@@ -220,17 +220,13 @@ def convert_edm_pickle(src: Path | str, dst: Path | str, expected_sha256: Option
 
     EDM2 (``Precond``): the top level is an EasyDict ``{encoder, dataset_kwargs, loss_fn, ema}``; ``ema`` is
     converted and ``encoder`` is described (class, init kwargs, attributes; see :func:`describe_record`) in
-    the summary and the info.  The released EDM2/DDO ``ema`` tensors are float16; they are stored here as
-    float32, which is exact for every value, but it changes one detail of the computation: upstream computes
-    each MPConv's ``gain / sqrt(fan_in)`` from the float16 scalar gains (``emb_gain``, ``out_gain``) in float16,
-    so with float32 gains the outputs differ by about 1e-3 (measured ~1.6e-3 on a real checkpoint).  Loading our
-    file and calling ``net.half()`` restores upstream's float16 parameters (and that rounding) exactly; the
-    U-Net then computes in float32 on CPU, or float16 on CUDA when ``use_fp16`` is set.
+    the summary and the info.  Tensors keep their source dtype: the released EDM2/DDO ``ema`` tensors are
+    float16, and upstream computes each MPConv's ``gain / sqrt(fan_in)`` from the float16 scalar gains
+    (``emb_gain``, ``out_gain``) in float16; with float32 gains the outputs would differ by about 1e-3 (measured
+    ~1.6e-3 on a real checkpoint). Kept in float16 they compute as upstream samples them; the U-Net computes in
+    float32 on CPU, or float16 on CUDA when ``use_fp16`` is set. Training casts them to float32 (DDO trains in
+    fp32, as the paper says).
     """
-    from repro.nets.checkpoint import save_model
-    from repro.nets.layers import count_parameters
-    from repro.storage.files import sha256_file
-
     src, dst = Path(src), Path(dst)
     digest = sha256_file(src)
     if expected_sha256 is not None and digest.lower() != expected_sha256.strip().lower():
@@ -253,7 +249,7 @@ def convert_edm_pickle(src: Path | str, dst: Path | str, expected_sha256: Option
         "source_class": record.class_name,
         "source_format": f"torch_utils.persistence v{record.version}",
         "source_dtypes": source_dtypes,
-        "stored_dtype": "torch.float32",
+        "stored_dtypes": source_dtypes,
     }
     if encoder is not None:
         info["encoder"] = encoder

@@ -33,11 +33,11 @@ they go out as one job array (repro.cluster.launcher); here they run one after a
 from __future__ import annotations
 
 import copy
-from functools import partial
 import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,8 @@ from repro.methods.training import ema_beta, ema_update, load_state, rampup_lr, 
 from repro.nets.checkpoint import load_model, save_model
 from repro.nets.layers import disable_dropout
 from repro.sampling.generate import from_uint8, generate_images, image_grid, one_hot
-from repro.storage.layout import RoundDir
 from repro.storage.files import atomic_path, load_npz, save_npz, write_json
+from repro.storage.layout import RoundDir
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     mine = distributed.batch_slice(cfg.batch, "ddo.batch")  # this rank's part of each step's batch
     device = distributed.device()
     ref, arch, _ = load_model(ref_path, device)
+    ref = ref.float()  # DDO trains in fp32 (the paper disables mixed precision); released EDM2 weights are fp16
     disable_dropout(ref)
     ref.requires_grad_(False)
     label_dim = arch["label_dim"]

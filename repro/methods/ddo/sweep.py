@@ -14,8 +14,8 @@ from repro.datasets.images import Dataset
 from repro.methods.ddo.rounds import RoundResult, fake_seeds, make_fake_bank, selection_seeds, train_round
 from repro.nets.checkpoint import load_model
 from repro.nets.layers import disable_dropout
-from repro.storage.layout import RoundDir, candidate_name, round_name
 from repro.storage.files import atomic_path, link_or_copy, save_npz, write_json
+from repro.storage.layout import RoundDir, candidate_name, round_name
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sa
     round_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.device()
     ref, arch, _ = load_model(ref_path, device)
+    ref = ref.float()  # DDO trains in fp32 (the paper disables mixed precision); released EDM2 weights are fp16
     disable_dropout(ref)
     ref.requires_grad_(False)
     bank, n = RoundDir(round_dir).fakes, len(data.images)
