@@ -144,7 +144,7 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path):
 def test_a_paper_protocol_fixes_the_evaluation_settings():
     with pytest.raises(ConfigError) as e:
         load_config(preset="cifar10-cond", overrides=["sample.n_samples=10000"])
-    assert "sample.n_samples" in str(e.value) and "edm-cifar10-fid50k" in str(e.value)
+    assert "sample.n_samples" in str(e.value) and "ddo-cifar10-fid50k" in str(e.value)
     assert "sample.protocol: custom" in str(e.value)
     with pytest.raises(ConfigError, match="sampler.num_steps"):
         load_config(preset="imagenet64-s", overrides=["sampler.num_steps=18"])

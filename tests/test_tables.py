@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from repro.evaluation import tables as T
+from repro.evaluation.tables import render as R
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "results"
@@ -229,14 +230,14 @@ def test_cell_column_selection(tmp_path):
 
 
 def test_number_formats():
-    assert T._fmt_ours(1.3) == "1.30"
-    assert T._fmt_ours(0.97341) == "0.973"
-    assert T._fmt_ours(0.5) == "0.500"
-    assert T._fmt_ours(16.2449) == "16.24"
-    assert T._fmt_delta(1.41 - 1.30) == "+0.11"
-    assert T._fmt_delta(-0.58) == "-0.58"
-    assert T._fmt_delta(0.0) == "+0.00"
-    assert T._fmt_delta(0.003) == "+0.0030"
+    assert R._fmt_ours(1.3) == "1.30"
+    assert R._fmt_ours(0.97341) == "0.973"
+    assert R._fmt_ours(0.5) == "0.500"
+    assert R._fmt_ours(16.2449) == "16.24"
+    assert R._fmt_delta(1.41 - 1.30) == "+0.11"
+    assert R._fmt_delta(-0.58) == "-0.58"
+    assert R._fmt_delta(0.0) == "+0.00"
+    assert R._fmt_delta(0.003) == "+0.0030"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def test_package_tables_schema_and_targets():
 
 
 def test_load_paper_tables_rejects_unquoted_numbers(tmp_path):
-    text = (Path(T.__file__).parents[1] / "catalog" / "paper_tables.yaml").read_text(encoding="utf-8")
+    text = (Path(T.__file__).parents[2] / "catalog" / "paper_tables.yaml").read_text(encoding="utf-8")
     bad = tmp_path / "bad.yaml"
     bad.write_text(text.replace('fid_uncond: "2.92"', "fid_uncond: 2.92", 1), encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.yaml.*cifar10/stylegan2-ada.*quoted string"):

@@ -1,0 +1,174 @@
+"""One run of ours as a table: the base model against each DDO round (and the MLE control).
+"""
+
+from __future__ import annotations
+
+from repro.evaluation.tables.data import DASH, _check_fmt, _is_number, _validate_metrics
+from repro.evaluation.tables.render import _csv_text, _fmt_delta, _fmt_ours, _Grid, _grid_latex, _grid_md, _num_repr
+
+
+def _seed_label(rng: list, n_samples: int) -> str:
+    start, end = int(rng[0]), int(rng[1])
+    if end - start == n_samples:  # half-open [start, end)
+        end -= 1
+    return f"{start}–{end}"
+
+
+def _find_base(models: list[dict]) -> dict:
+    for m in models:
+        if m["name"] == "base":
+            return m
+    for m in models:
+        if m["round"] == 0:
+            return m
+    return models[0]
+
+
+def _is_control(m: dict) -> bool:
+    return bool(m.get("control")) or "control" in str(m["name"]).lower()
+
+
+def _run_description(metrics: dict) -> tuple[str, list[str]]:
+    """Title and protocol lines of a run table."""
+    prot = metrics["protocol"]
+    label = metrics.get("metric_label") or metrics["metric"]
+    title = f"Run `{metrics['preset']}` ({metrics['paper']}): {metrics['metric']}"
+    if label != metrics["metric"]:
+        title += f", {label}"
+    n = int(prot["n_samples"])
+    ranges = prot.get("seed_ranges") or []
+    reduce = prot.get("reduce", "mean")
+    bits = []
+    if ranges:
+        seeds = ", ".join(_seed_label(r, n) for r in ranges)
+        bits.append(f"{n} samples per seed range, {len(ranges)} seed range{'s' if len(ranges) != 1 else ''} ({seeds}), value = {reduce} over them")
+    else:
+        bits.append(f"{n} samples")
+    if prot.get("label_mode") is not None:
+        bits.append(f"labels {prot['label_mode']}")
+    sampler = prot.get("sampler")
+    if isinstance(sampler, dict):
+        s = str(sampler.get("name", "?"))
+        if sampler.get("num_steps") is not None:
+            s += f", {sampler['num_steps']} steps"
+        if sampler.get("nfe") is not None:
+            s += f", NFE {sampler['nfe']}"
+        if sampler.get("guidance") is not None:
+            s += f", guidance {sampler['guidance']}"
+        bits.append(f"sampler {s}")
+    elif sampler:
+        bits.append(f"sampler {sampler}")
+    if prot.get("guidance") is not None:
+        bits.append(f"guidance {prot['guidance']}")
+    if prot.get("extractor"):
+        e = f"extractor {prot['extractor']}"
+        if prot.get("extractor_sha256"):
+            e += f" (sha256 {str(prot['extractor_sha256'])[:12]})"
+        bits.append(e)
+    r = f"reference {prot['reference']}"
+    if prot.get("reference_sha256"):
+        r += f" (sha256 {str(prot['reference_sha256'])[:12]})"
+    bits.append(r)
+    devices = sorted({d for m in metrics.get("models", []) for d in m.get("sample_devices") or []})
+    if devices:
+        bits.append(f"sampled on {' and '.join(devices)}" + (" (MIXED: a seed's image differs by device)"
+                                                            if len(devices) > 1 else ""))
+    bits.append("full run" if prot["full"] else "REDUCED run (fewer samples than the full protocol)")
+    lines = ["Protocol: " + "; ".join(bits) + "."]
+    run = metrics.get("run")
+    if isinstance(run, dict):
+        rb = []
+        if run.get("command"):
+            rb.append(f"`{run['command']}`")
+        if run.get("git_commit"):
+            rb.append(f"commit {run['git_commit']}")
+        if run.get("finished"):
+            rb.append(f"finished {run['finished']}")
+        if _is_number(run.get("seconds")):
+            rb.append(f"{run['seconds']:.0f} s")
+        if rb:
+            lines.append("Run: " + ", ".join(rb) + ".")
+    return title, lines
+
+
+def _rel_delta(d: float, base: float) -> str:
+    text = _fmt_delta(d)
+    if base:
+        text += f" ({100.0 * d / base:+.1f}%)"
+    return text
+
+
+def render_run(metrics: dict, fmt: str = "md") -> str:
+    """Render the table of one run of ours: one row per model entry, in file order.
+
+    Columns: model, round, the run's value (the protocol's reduction over seed ranges, "mean" unless
+    ``protocol.reduce`` says otherwise), one column per seed range, Δ vs base (absolute and %), Δ vs
+    control (only if the run has a control entry: ``control: true`` or "control" in its name), the
+    paper row a model fills (only if some entry has a ``cell``) and notes (only if some entry has one).
+    A title and a protocol line (n samples, seed ranges, sampler, extractor, reference, full/reduced)
+    precede the table.
+
+    Args:
+        metrics: one metrics.json document (as returned by :func:`load_results`, or parsed JSON).
+        fmt: "md", "csv" or "latex".
+
+    Raises:
+        ValueError: unknown format, or a malformed document (missing fields).
+    """
+    _check_fmt(fmt)
+    _validate_metrics(metrics, str(metrics.get("_path", f"metrics of preset {metrics.get('preset', '?')!r}")))
+    models = metrics["models"]
+    prot = metrics["protocol"]
+    reduce = prot.get("reduce", "mean")
+    base = _find_base(models)
+    controls = [m for m in models if _is_control(m) and m is not base]
+    control = controls[0] if controls else None
+    n_rep = max((len(m.get("values") or []) for m in models), default=0)
+    ranges = prot.get("seed_ranges") or []
+    n = int(prot["n_samples"])
+
+    if fmt == "csv":
+        header = ["preset", "paper", "metric", "model", "round", "reduce", "value"]
+        header += [f"repeat_{i + 1}" for i in range(n_rep)]
+        header += ["delta_vs_base"] + (["delta_vs_control"] if control else []) + ["cell", "note", "n_samples", "full"]
+        recs = []
+        for m in models:
+            vals = list(m.get("values") or [])
+            rec = [metrics["preset"], metrics["paper"], metrics["metric"], m["name"], m["round"], reduce,
+                   _num_repr(m["value"])]
+            rec += [_num_repr(v) for v in vals] + [None] * (n_rep - len(vals))
+            rec.append(None if m is base else _num_repr(m["value"] - base["value"]))
+            if control:
+                ddo_row = m is not base and m is not control and not _is_control(m)
+                rec.append(_num_repr(m["value"] - control["value"]) if ddo_row else None)
+            rec += [m.get("cell"), m.get("note"), n, "yes" if prot["full"] else "no"]
+            recs.append(rec)
+        return _csv_text(header, recs) + "\n"
+
+    title, lines = _run_description(metrics)
+    if len(ranges) == n_rep and n_rep:
+        rep_headers = [f"seeds {_seed_label(r, n)}" for r in ranges]
+    else:
+        rep_headers = [f"repeat {i + 1}" for i in range(n_rep)]
+    has_cell = any(m.get("cell") for m in models)
+    has_note = any(m.get("note") for m in models)
+    header = ["model", "round", f"{metrics['metric']} ({reduce})"] + rep_headers + ["Δ vs base"]
+    header += (["Δ vs control"] if control else []) + (["paper row"] if has_cell else []) + (["note"] if has_note else [])
+    align = ["l", "r", "r"] + ["r"] * n_rep + ["r"] + (["r"] if control else []) + (["l"] if has_cell else []) + (["l"] if has_note else [])
+    grid = _Grid(title=title, header=header, align=align, preamble=lines)
+    for m in models:
+        vals = list(m.get("values") or [])
+        cells = [str(m["name"]), str(m["round"]), _fmt_ours(m["value"])]
+        cells += [_fmt_ours(v) for v in vals] + [DASH] * (n_rep - len(vals))
+        cells.append(DASH if m is base else _rel_delta(m["value"] - base["value"], base["value"]))
+        if control:
+            ddo_row = m is not base and m is not control and not _is_control(m)
+            cells.append(_rel_delta(m["value"] - control["value"], control["value"]) if ddo_row else DASH)
+        if has_cell:
+            cells.append(f"`{m['cell']}`" if m.get("cell") else "")
+        if has_note:
+            cells.append(str(m.get("note") or ""))
+        grid.body.append(("row", cells, False))
+    if fmt == "md":
+        return _grid_md(grid) + "\n"
+    return _grid_latex(grid) + "\n"
