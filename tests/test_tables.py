@@ -20,6 +20,7 @@ import yaml
 
 from repro.evaluation import tables as T
 from repro.evaluation.tables import render as R
+from repro.evaluation.tables.data import read_result, write_result
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "results"
@@ -54,7 +55,9 @@ def check_golden(name: str, text: str) -> None:
 
 
 def fixture_metrics(preset: str) -> dict:
-    return json.loads((FIXTURES / preset / "metrics.json").read_text(encoding="utf-8"))
+    doc = read_result(FIXTURES / preset)
+    doc.pop("_path")
+    return doc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,10 +87,13 @@ def test_render_all_dg_golden():
 
 def test_paper_values_printed_exactly_and_ours_beside_them():
     md = T.render_paper("ddo", FIXTURES)
-    assert "| **EDM + DDO** | 35 | 1.38 | 1.30 | 3.34 (cond) | +2.04 |" in md
+    # the fixture is a reduced run (10k samples, mean of 3 ranges): marked, with the differences, not placed
+    assert "| **EDM + DDO** | 35 | 1.38 | 1.30 | (3.34) (cond) | +2.04 |" in md
+    assert ("NOT the paper's protocol: 10000 samples (paper 50000); mean of 3 seed ranges (paper one seed "
+            "range)") in md
     assert "| DDPM | 250 | 11.0 |" in md  # ImageNet-64 DDPM keeps its one decimal
     assert "| SiT-XL | 250 | 8.3 | 2.06 |" in md
-    assert "reduced run" in md  # the fixture is a reduced run: the paper table says so
+    assert "Paper protocol (ddo-cifar10-fid50k)" in md and "Row EDM: protocol edm-cifar10-fid50k" in md
     assert "Sources:" in md and "[H] arXiv HTML v1" in md
 
 
@@ -140,7 +146,7 @@ def test_csv_and_latex_render():
 
     tex = T.render_paper("ddo", FIXTURES, "latex")
     assert tex.count(r"\begin{tabular}") == 4 and tex.count(r"\end{table}") == 4
-    assert r"\textbf{EDM + DDO} & 35 & 1.38 & 1.30 & 3.34 (cond) & +2.04 &" in tex
+    assert r"\textbf{EDM + DDO} & 35 & 1.38 & 1.30 & (3.34) (cond) & +2.04 &" in tex
     assert "SiD$^{2}$A" in tex
     run_tex = T.render_run(fixture_metrics("tiny"), "latex")
     assert r"fd\_digits (mean)" in run_tex and r"$\Delta$ vs base" in run_tex
@@ -163,11 +169,15 @@ def test_papers_without_tables_render_their_note():
 
 
 def _write(tmp_path: Path, preset: str, data) -> Path:
+    """A run's result files (metrics.json + protocol.json) from a result document, or raw text in both."""
     d = tmp_path / "results" / preset
     d.mkdir(parents=True)
-    path = d / "metrics.json"
-    path.write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
-    return path
+    if isinstance(data, str):
+        for name in ("metrics.json", "protocol.json"):
+            (d / name).write_text(data, encoding="utf-8")
+    else:
+        write_result(d, data)
+    return d / "protocol.json"
 
 
 @pytest.mark.parametrize(
@@ -225,8 +235,8 @@ def test_cell_column_selection(tmp_path):
     var["models"] = [{"name": "ddo-r2", "round": 2, "value": 2.61, "cell": "imagenet256/var-d16-ddo"}]
     _write(tmp_path, "var-d16-ddo", var)
     md = T.render_paper("ddo", tmp_path / "results")
-    assert "| **EDM + DDO** | 35 | 1.38 | 1.30 | 3.34 (uncond) | +1.96 |" in md
-    assert "| **VAR-d16 + DDO** | 10 | 3.12 | 2.54 | 2.61 (w/ G) | +0.07 |" in md
+    assert "| **EDM + DDO** | 35 | 1.38 | 1.30 | (3.34) (uncond) | +1.96 |" in md
+    assert "| **VAR-d16 + DDO** | 10 | 3.12 | 2.54 | (2.61) (w/ G) | +0.07 |" in md
 
 
 def test_number_formats():
@@ -396,3 +406,28 @@ def test_headline_cells_match_research_notes():
     for key in ("improved_dg", "ipm_kernel"):
         assert shared[key] == [] and ours[key]["tables"] == []
     assert checked >= 78  # every numeric field of the notes file (78 when this test was written)
+
+
+def test_a_run_with_the_papers_protocol_is_placed_and_each_difference_is_named(tmp_path):
+    data = fixture_metrics("cifar10-cond-ddo")
+    data["protocol"].update(n_samples=50000, seed_ranges=[[0, 50000]], reduce="mean", cond=True, label_mode="random",
+                            name="ddo-cifar10-fid50k")
+    _write(tmp_path, "cifar10-cond-ddo", data)
+    md = T.render_paper("ddo", tmp_path / "results")
+    assert "| **EDM + DDO** | 35 | 1.38 | 1.30 | 3.34 (cond) | +2.04 |" in md  # placed: the paper's measurement
+    assert "NOT the paper's protocol" not in md.split("Table 2")[0]
+    # each field that differs is named, one at a time
+    paper = T.load_paper_tables()["papers"]["ddo"]
+    table = next(t for t in paper["tables"] if t["id"] == "cifar10")
+    row = next(r for r in table["rows"] if r["id"] == "cifar10/edm-ddo")
+    for change, said in [({"label_mode": "balanced"}, "labels balanced (paper random)"),
+                         ({"seed_ranges": [[1000, 51000]]}, "seeds from 1000 (paper 0)"),
+                         ({"sampler": {"nfe": 19}}, "NFE 19 (paper 35)"),
+                         ({"reference": "data/cifar10.npz (all real images)"}, "ref cifar10.npz (paper cifar10-32x32.npz)"),
+                         ({"seed_ranges": [[0, 50000], [50000, 100000], [100000, 150000]], "reduce": "min"},
+                          "min of 3 seed ranges (paper one seed range)")]:
+        res = {**data, "protocol": {**data["protocol"], **change}}
+        assert T.paper.protocol_differences(res, table, row) == [said]
+    # the EDM row is EDM's own measurement (min of three ranges): our one-range run differs from it
+    edm = next(r for r in table["rows"] if r["id"] == "cifar10/edm")
+    assert T.paper.protocol_differences(data, table, edm) == ["one seed range (paper min of 3 seed ranges)"]

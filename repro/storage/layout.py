@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_FILE = "checkpoints.lock.json"
+METRICS_FILE = "metrics.json"      # results/<preset>/: the numbers (what `dvc metrics show` prints)
+PROTOCOL_FILE = "protocol.json"    # results/<preset>/: what they measure (protocol, models, cells, run)
 
 
 def round_name(kind: str, round_: int) -> str:
@@ -96,9 +98,9 @@ class Paths:
     @property
     def results(self) -> Path: return self.results_root / self.preset
     @property
-    def metrics(self) -> Path: return self.results / "metrics.json"
+    def metrics(self) -> Path: return self.results / METRICS_FILE
     @property
-    def protocol(self) -> Path: return self.results / "protocol.json"
+    def protocol(self) -> Path: return self.results / PROTOCOL_FILE
     @property
     def rounds_tsv(self) -> Path: return self.results / "rounds.tsv"
     @property

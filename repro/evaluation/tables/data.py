@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from repro.catalog import protocols
+from repro.storage.layout import METRICS_FILE, PROTOCOL_FILE
+
 FORMATS = ("md", "csv", "latex")
 
 
@@ -88,6 +91,11 @@ def _validate_paper_tables(data: Any, origin: str) -> None:
                 fail(f"{tw}: duplicate table id {table['id']!r}")
             table_ids.add(table["id"])
             check_tags(table["source"], tw)
+            for where_p, name in [(tw, table.get("eval_protocol"))] + [
+                    (f"{tw}.rows[{ri}]", r.get("eval_protocol")) for ri, r in enumerate(table["rows"])]:
+                if name is not None and name not in protocols.PROTOCOLS:
+                    fail(f"{where_p}: eval_protocol {name!r} is not a protocol of repro/catalog/protocols.py "
+                         f"(known: {', '.join(protocols.PROTOCOLS)})")
             col_keys = []
             for ci, col in enumerate(table["columns"]):
                 if not isinstance(col, dict) or "key" not in col or "label" not in col:
@@ -134,7 +142,8 @@ def _validate_paper_tables(data: Any, origin: str) -> None:
                             check_tags(detail["source"], f"{rw}.details.{dname}")
 
 
-_ROW_KEYS = {"id", "group", "model", "nfe", "values", "source", "status", "target", "note", "details"}
+_ROW_KEYS = {"id", "group", "model", "nfe", "values", "source", "status", "target", "note", "details",
+             "eval_protocol"}
 
 
 _REQUIRED_TOP = ("preset", "paper", "metric", "protocol", "models")
@@ -201,11 +210,98 @@ def _validate_metrics(data: Any, origin: str) -> None:
             fail(f"field 'models[{i}].sample_devices' must be a list of device names, e.g. [\"cuda\"]")
 
 
-def load_results(results_dir: str | Path) -> list[dict]:
-    """Read every ``<results_dir>/*/metrics.json``, sorted by directory name.
+# ----------------------------------------------------------------------------------------------------
+# A run of ours on disk: results/<preset>/metrics.json holds its numbers only (what `dvc metrics show` prints and
+# compares) and protocol.json beside it what they measure. In memory the two are one "result document": the run's
+# preset, paper, metric, protocol, run facts and one entry per model (name, round, value, values per seed range,
+# selection score, extra metrics, cell, note, devices).
 
-    Each returned dict is the parsed JSON plus ``"_path"`` (the file it came from, as a string). A
-    missing ``results_dir`` gives an empty list.
+_MODEL_NUMBERS = ("value", "values", "selection_score", "extra")
+
+
+def _per_range(values: list, ranges: list) -> dict:
+    keys = [f"seeds {int(lo)}-{int(hi) - 1}" for lo, hi in ranges] if len(ranges) == len(values) else \
+        [f"range {i}" for i in range(len(values))]
+    return dict(zip(keys, values))
+
+
+def split_result(doc: dict) -> tuple[dict, dict]:
+    """A result document -> (numbers for metrics.json, description for protocol.json)."""
+    metric, ranges = doc["metric"], doc["protocol"].get("seed_ranges") or []
+    numbers: dict[str, dict] = {metric: {}, f"{metric}_per_range": {}}
+    models = []
+    for m in doc["models"]:
+        name = m.get("name")
+        if "value" in m:
+            numbers[metric][name] = m["value"]
+            numbers[f"{metric}_per_range"][name] = _per_range(m.get("values") or [m["value"]], ranges)
+        if "selection_score" in m:
+            numbers.setdefault("selection_score", {})[name] = m["selection_score"]
+        for key, e in (m.get("extra") or {}).items():
+            numbers.setdefault(key, {})[name] = e["value"]
+            numbers.setdefault(f"{key}_per_range", {})[name] = _per_range(e["values"], ranges)
+        desc = {k: v for k, v in m.items() if k not in _MODEL_NUMBERS}
+        if m.get("extra"):
+            desc["extra_metrics"] = sorted(m["extra"])
+        models.append(desc)
+    description = {k: v for k, v in doc.items() if k not in ("models", "final") and not k.startswith("_")}
+    description["models"] = models
+    return numbers, description
+
+
+def merge_result(numbers: dict, description: dict) -> dict:
+    """(metrics.json, protocol.json) -> the result document (inverse of :func:`split_result`)."""
+    metric = description["metric"]
+    doc = {k: v for k, v in description.items() if k != "models"}
+    models = []
+    for m in description["models"]:
+        name = m.get("name")
+        entry = {k: v for k, v in m.items() if k != "extra_metrics"}
+        if name in numbers.get(metric, {}):  # else the validation names the missing value
+            entry["value"] = numbers[metric][name]
+            entry["values"] = list(numbers[f"{metric}_per_range"][name].values())
+        if name in numbers.get("selection_score", {}):
+            entry["selection_score"] = numbers["selection_score"][name]
+        if m.get("extra_metrics"):
+            entry["extra"] = {k: {"value": numbers[k][name], "values": list(numbers[f"{k}_per_range"][name].values())}
+                              for k in m["extra_metrics"]}
+        models.append(entry)
+    doc["models"] = models
+    return doc
+
+
+def write_result(results: Path, doc: dict) -> None:
+    """Write a run's result document as metrics.json (numbers) + protocol.json, each atomically."""
+    from repro.storage.files import write_json
+
+    numbers, description = split_result(doc)
+    write_json(Path(results) / PROTOCOL_FILE, description)
+    write_json(Path(results) / METRICS_FILE, numbers)
+
+
+def read_result(results: Path) -> dict:
+    """One run's result document from results/<preset>/ (validated; ``_path`` = its protocol.json)."""
+    results = Path(results)
+    docs = []
+    for name in (PROTOCOL_FILE, METRICS_FILE):
+        path = results / name
+        try:
+            docs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read {name}: {exc}") from exc
+    try:
+        doc = merge_result(docs[1], docs[0])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{results}: {METRICS_FILE} and {PROTOCOL_FILE} do not fit together (missing {exc}); "
+                         "rerun `repro fid`") from None
+    _validate_metrics(doc, str(results / PROTOCOL_FILE))
+    doc["_path"] = str(results / PROTOCOL_FILE)
+    return doc
+
+
+def load_results(results_dir: str | Path) -> list[dict]:
+    """Every run of ours under ``results_dir`` (each ``<preset>/`` with protocol.json and metrics.json), sorted by
+    directory name, as result documents (:func:`read_result`). A missing ``results_dir`` gives an empty list.
 
     Raises:
         ValueError: a file is not valid JSON, or a required field is missing or has the wrong type.
@@ -214,16 +310,7 @@ def load_results(results_dir: str | Path) -> list[dict]:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         return []
-    out = []
-    for path in sorted(results_dir.glob("*/metrics.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read metrics.json: {exc}") from exc
-        _validate_metrics(data, str(path))
-        data["_path"] = str(path)
-        out.append(data)
-    return out
+    return [read_result(path.parent) for path in sorted(results_dir.glob(f"*/{PROTOCOL_FILE}"))]
 
 
 def _check_fmt(fmt: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from repro.catalog import protocols
 from repro.evaluation.tables.data import DASH, _check_fmt, _get_paper, _is_number, load_paper_tables, load_results
 from repro.evaluation.tables.render import _csv_text, _fmt_delta, _fmt_ours, _Grid, _grid_latex, _grid_md, _num_repr, _tex
 
@@ -108,20 +109,60 @@ def _ref_name(reference: Any) -> str:
     return head.rstrip("/").rsplit("/", 1)[-1] or head
 
 
-def _protocol_short(match: _Match, table: dict, row: dict) -> str:
-    res = match.result
+def _ranges_text(k: int, reduce: str) -> str:
+    return "one seed range" if k == 1 else f"{'min' if reduce == 'min' else 'mean'} of {k} seed ranges"
+
+
+def protocol_differences(res: dict, table: dict, row: dict) -> list[str]:
+    """How a run's evaluation differs from the protocol of a paper cell's number (empty: the same measurement).
+
+    The cell's protocol is the row's ``eval_protocol`` or its table's (repro.catalog.protocols); compared are the
+    number of samples, the seed ranges and how they reduce, the labels, the NFE, the reference statistics and the
+    metric. A table without a named protocol is compared on its ``n_samples`` and metric only.
+    """
     prot = res["protocol"]
-    n = int(prot["n_samples"])
-    k = len(prot.get("seed_ranges") or [])
-    parts = [f"{n} samples" + (f" × {k} seed ranges ({prot.get('reduce', 'mean')})" if k > 1 else "")]
-    parts.append("full run" if prot["full"] else "reduced run")
-    parts.append(f"ref {_ref_name(prot['reference'])}")
+    diffs = []
     if res["metric"] != table["metric"]:
-        parts.append(f"metric {res['metric']}")
+        diffs.append(f"metric {res['metric']} (paper {table['metric']})")
+    name = row.get("eval_protocol") or table.get("eval_protocol")
+    if not name:
+        if table.get("n_samples") and int(prot["n_samples"]) != table["n_samples"]:
+            diffs.append(f"{int(prot['n_samples'])} samples (paper {table['n_samples']})")
+        return diffs
+    want = protocols.get(name)
+    if int(prot["n_samples"]) != want.n_samples:
+        diffs.append(f"{int(prot['n_samples'])} samples (paper {want.n_samples})")
+    ranges = prot.get("seed_ranges") or []
+    k, reduce = len(ranges), prot.get("reduce", "mean")
+    if k != len(want.seed_ranges) or (k > 1 and reduce != want.reduce):
+        diffs.append(f"{_ranges_text(k, reduce)} (paper {_ranges_text(len(want.seed_ranges), want.reduce)})")
+    elif ranges and int(ranges[0][0]) != want.seed_ranges[0][0]:
+        diffs.append(f"seeds from {int(ranges[0][0])} (paper {want.seed_ranges[0][0]})")
+    labels = prot.get("label_mode")
+    if prot.get("cond", labels not in (None, "none")) and want.label_mode != "none" and labels != want.label_mode:
+        diffs.append(f"labels {labels} (paper {want.label_mode})")
     sampler = prot.get("sampler") if isinstance(prot.get("sampler"), dict) else {}
     nfe = sampler.get("nfe")
-    if nfe is not None and row.get("nfe") is not None and nfe != row["nfe"]:
-        parts.append(f"NFE {nfe}")
+    if nfe is not None and nfe != (row.get("nfe") or want.nfe):
+        diffs.append(f"NFE {nfe} (paper {row.get('nfe') or want.nfe})")
+    if _ref_name(prot.get("reference", "")) != _ref_name(want.reference):
+        diffs.append(f"ref {_ref_name(prot.get('reference', ''))} (paper {_ref_name(want.reference)})")
+    return diffs
+
+
+def _protocol_short(match: _Match, table: dict, row: dict) -> str:
+    """The protocol column: the run, its evaluation, and where it differs from the paper's (then marked)."""
+    res = match.result
+    prot = res["protocol"]
+    diffs = protocol_differences(res, table, row)
+    k = len(prot.get("seed_ranges") or [])
+    parts = [f"{int(prot['n_samples'])} samples" + (f" × {k} seed ranges ({prot.get('reduce', 'mean')})"
+                                                    if k > 1 else "")]
+    if prot.get("name") and prot["name"] != "custom":
+        parts.append(f"protocol {prot['name']}")
+    parts.append(f"ref {_ref_name(prot['reference'])}")
+    if diffs:
+        parts.append("NOT the paper's protocol: " + "; ".join(diffs))
     return f"{res['preset']}: " + ", ".join(parts)
 
 
@@ -166,7 +207,12 @@ def _paper_grid(table: dict, matches: dict[str, list[_Match]]) -> _Grid:
     align = ["l"] + (["r"] if show_nfe else []) + ["r"] * len(columns) + ["r", "r", "l"]
     grid = _Grid(title=_table_title(table), header=header, align=align)
     if table.get("protocol"):
-        grid.preamble.append(f"Paper protocol: {table['protocol']}.")
+        named = f" ({table['eval_protocol']})" if table.get("eval_protocol") else ""
+        grid.preamble.append(f"Paper protocol{named}: {table['protocol']}.")
+    for row in table["rows"]:
+        if row.get("eval_protocol") and row["eval_protocol"] != table.get("eval_protocol"):
+            grid.preamble.append(f"Row {row['model']}: protocol {row['eval_protocol']} "
+                                 f"({protocols.get(row['eval_protocol']).cell}).")
     grid.notes = list(table.get("notes") or [])
     group = None
     for row in table["rows"]:
@@ -184,7 +230,10 @@ def _paper_grid(table: dict, matches: dict[str, list[_Match]]) -> _Grid:
         for m in matches.get(row["id"], []):
             value = float(m.model["value"])
             suffix = f" ({m.column.get('short') or m.column['label']})" if multi else ""
-            ours.append(_fmt_ours(value) + suffix)
+            text = _fmt_ours(value)
+            if protocol_differences(m.result, table, row):
+                text = f"({text})"  # marked, not placed: another measurement than the paper's
+            ours.append(text + suffix)
             paper_val = row["values"].get(m.column["key"])
             delta = None if paper_val is None else value - float(paper_val)
             deltas.append(DASH if delta is None else _fmt_delta(delta))
@@ -222,7 +271,8 @@ def _legend(paper: dict) -> str:
         bits.append("~ marks a row known only from a third party")
     bits.append(
         "ours = the value of our run that names the row (results/<preset>/metrics.json; the protocol's "
-        "reduction over its seed ranges), Δ = ours − paper; – = no value"
+        "reduction over its seed ranges), in parentheses when our protocol differs from the paper's (the protocol "
+        "column says how); Δ = ours − paper; – = no value"
     )
     text = "; ".join(bits)
     return "Legend: " + text + "."

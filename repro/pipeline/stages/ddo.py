@@ -24,6 +24,7 @@ from repro.methods.ddo.selfplay import run_rounds
 from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep_grid, swept_round, train_candidate
 from repro.nets.checkpoint import read_model_meta
 from repro.pipeline.common import load_data, log_data_input, require, run_dir, stage_context, tracked
+from repro.storage.files import atomic_dir, write_json
 from repro.storage.layout import Paths, RoundDir, round_name
 
 log = logging.getLogger("repro.pipeline")
@@ -64,6 +65,12 @@ def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> 
     """All DDO rounds (and the MLE control), then models/ddo; or with ``round``, only that round of each kind."""
     if round is not None:
         _check_round(cfg, round)
+    if cfg.ddo.rounds == 0:  # an evaluation-only preset: nothing to train, no data read
+        with atomic_dir(paths.ddo) as tmp:
+            write_json(tmp / paths.rounds_json.name, {"selection_metric": None, "history": {}})
+        log.info("ddo: no rounds (ddo.rounds: 0, an evaluation-only preset): nothing to train; wrote %s",
+                 paths.rounds_json)
+        return
     data, metric, sampler = _inputs(cfg, paths)
     rd = ddo_run_dir(cfg, paths)
     if round is None:

@@ -14,11 +14,13 @@ from repro.catalog import protocols
 from repro.config import Config, to_dict
 from repro.evaluation.extractor import extra_metrics
 from repro.evaluation.metric import METRIC_LABELS, evaluate_range, feature_metrics, load_metric, reference_features
+from repro.evaluation.tables.data import write_result
+from repro.nets.checkpoint import read_model_meta, weight_dtypes
 from repro.pipeline.common import load_data, require, tracked
 from repro.pipeline.stages.sample import eval_models
 from repro.pipeline.tracking import git_commit
 from repro.sampling.shards import eval_ranges, model_sha256, plan_shards, range_batches, range_shards, sample_devices
-from repro.storage.files import sha256_file, write_json, write_text
+from repro.storage.files import sha256_file, write_text
 from repro.storage.layout import Paths
 
 log = logging.getLogger("repro.pipeline")
@@ -28,7 +30,10 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
     models = eval_models(cfg, paths)
     require(paths.samples, paths.rounds_json)
     metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
-    history = json.loads(paths.rounds_json.read_text())["history"]
+    history = json.loads(paths.rounds_json.read_text())["history"]  # empty for an evaluation-only preset
+    paper, cells = cfg.paper.name, dict(cfg.paper.cells)
+    final = f"ddo-round{cfg.ddo.rounds}" if cfg.ddo.rounds else "base"  # the model the "final" cell means
+    base_arch, _ = read_model_meta(paths.base)
     reduce = "mean"  # over the seed ranges; a paper protocol says how it reduces (EDM: the minimum of three)
     if cfg.sample.protocol != "custom":
         reduce = protocols.get(cfg.sample.protocol).reduce
@@ -64,7 +69,10 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                             "use one device, delete %s and rerun `repro sample` there", name, " and ".join(devices),
                             paths.samples_work / name)
             entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values,
-                     "sample_devices": devices}
+                     "sample_devices": devices, "weights": weight_dtypes(models[name])}
+            cell = cells.get(name) or (cells.get("final") if name == final else None)
+            if cell:
+                entry["cell"] = cell
             if more:  # other metrics: the protocol's reduction for distances, the mean for KID and precision/recall
                 entry["extra"] = {k: {"value": reduce_values(v, reduce if k == "fid" else "mean"), "values": v}
                                   for k, v in more.items()}
@@ -81,20 +89,23 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
         sampler = to_dict(cfg.sampler)
         metrics = {
             "preset": cfg.preset,
-            "paper": "ddo",
+            "paper": paper,
             "metric": metric.name,
             "metric_label": METRIC_LABELS.get(metric.name, metric.name),
             "protocol": {
                 "n_samples": cfg.sample.n_samples, "seed_ranges": [list(r) for r in eval_ranges(cfg.sample)],
-                "name": cfg.sample.protocol, "reduce": reduce, "label_mode": cfg.sampler.label_mode,
+                "name": cfg.sample.protocol, "reduce": reduce, "cond": bool(base_arch.get("label_dim")),
+                "label_mode": cfg.sampler.label_mode if base_arch.get("label_dim") else "none",
                 **metric.protocol(),
                 "sampler": {"name": "edm-heun", "num_steps": sampler["num_steps"],
-                            "nfe": 2 * sampler["num_steps"] - 1, "S_churn": sampler["S_churn"]},
+                            "nfe": 2 * sampler["num_steps"] - 1, "S_churn": sampler["S_churn"],
+                            "dtype": sampler["dtype"], "guidance": sampler["guidance"],
+                            **({"guide": sampler["guide"]} if sampler["guidance"] != 1.0 else {})},
                 "reference": (cfg.extractor.reference if cfg.extractor.reference
                               else f"{paths.data.relative_to(paths.root)} (all real images)"),
-                "selection_seeds": [cfg.ddo.selection_first_seed,
-                                    cfg.ddo.selection_first_seed + cfg.ddo.selection_samples],
-                "full": True,
+                **({"selection_seeds": [cfg.ddo.selection_first_seed,
+                                        cfg.ddo.selection_first_seed + cfg.ddo.selection_samples]} if history else {}),
+                "full": cfg.sample.protocol != "custom",
             },
             "run": {"command": "repro fid", "git_commit": git_commit(paths.root),
                     "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
@@ -104,18 +115,18 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             **({"feature_metrics": {"space": metric.name, "kid_subsets": m.kid_subsets, "kid_subset_size":
                                     m.kid_subset_size, "prc_k": 3, "reference": "the data set's images"}}
                if keep else {}),
-            "final": {"base": entries[0]["value"], "ddo": entries[cfg.ddo.rounds]["value"]},
         }
-        write_json(paths.metrics, metrics)
+        write_result(paths.results, metrics)
         rows = ["round\tddo\tcontrol"]
-        ctrl = {x["round"]: x["best_score"] for x in history.get("control", [])}
-        sel = {x["round"]: x["best_score"] for x in history["ddo"]}
-        base_sel = history["ddo"][0]["reference_score"]
-        rows.append(f"0\t{base_sel:.6f}\t{base_sel:.6f}")
-        for r in range(1, cfg.ddo.rounds + 1):
-            rows.append(f"{r}\t{sel[r]:.6f}\t{ctrl.get(r, float('nan')):.6f}")
+        if history:  # the selection metric along the DDO rounds (and the control's); none without rounds
+            ctrl = {x["round"]: x["best_score"] for x in history.get("control", [])}
+            sel = {x["round"]: x["best_score"] for x in history["ddo"]}
+            base_sel = history["ddo"][0]["reference_score"]
+            rows.append(f"0\t{base_sel:.6f}\t{base_sel:.6f}")
+            for r in range(1, cfg.ddo.rounds + 1):
+                rows.append(f"{r}\t{sel[r]:.6f}\t{ctrl.get(r, float('nan')):.6f}")
+            _plot_rounds(t, metric.name, history, base_sel)
         write_text(paths.rounds_tsv, "\n".join(rows) + "\n")
-        _plot_rounds(t, metric.name, history, base_sel)
 
 
 def reduce_values(values: list[float], how: str) -> float:
