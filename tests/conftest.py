@@ -1,8 +1,9 @@
-"""Shared fixtures."""
+"""Shared fixtures, and helpers several test files use (import them: `from conftest import build_meta`)."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -74,3 +75,19 @@ def base(tmp_path_factory, cfg, data):
     pretrain(replace(cfg.pretrain, total_nimg=256), data, d / "run", d / "base.safetensors", NullTracker(),
              progress=False)
     return d / "base.safetensors"
+
+
+def listing_digest(state_dict) -> str:
+    """sha256 of a state dict's sorted "name:[shape]" listing (compared with upstream's, computed once by hand)."""
+    lines = sorted(f"{k}:{list(v.shape)}" for k, v in state_dict.items())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def build_meta(arch):
+    """A network on the meta device: paper sizes without allocating their memory."""
+    import torch
+
+    from repro.nets.factory import build_network
+
+    with torch.device("meta"):
+        return build_network(arch)

@@ -15,12 +15,12 @@ random weights.  No upstream code lives in this repository.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
 import pytest
 import torch
+from conftest import build_meta, listing_digest
 
 from repro.nets import edm as nw
 from repro.nets.edm import BASELINE_CIFAR10_DDPMPP_VP, EDM_CIFAR10_DDPMPP_COND, EDM_CIFAR10_DDPMPP_UNCOND, EDMPrecond, SongUNet, VPPrecond
@@ -31,16 +31,6 @@ torch.set_num_threads(2)
 
 TINY = dict(img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
             channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
-
-
-def _listing_digest(sd) -> str:
-    lines = sorted(f"{k}:{list(v.shape)}" for k, v in sd.items())
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def _build_meta(arch):
-    with torch.device("meta"):
-        return build_network(arch)
 
 
 def _fill_deterministic(net):
@@ -79,23 +69,23 @@ UPSTREAM_LISTINGS = {
 @pytest.mark.parametrize("name", sorted(UPSTREAM_LISTINGS))
 def test_param_count_and_state_dict_listing_match_upstream(name):
     arch, n_params, n_keys, digest = UPSTREAM_LISTINGS[name]
-    net = _build_meta(arch)
+    net = build_meta(arch)
     sd = net.state_dict()
     assert count_parameters(net) == n_params
     assert len(sd) == n_keys
-    assert _listing_digest(sd) == digest
+    assert listing_digest(sd) == digest
 
 
 def test_cifar_param_counts_round_to_published_56M():
     # EDM paper, Table 2: DDPM++ CIFAR-10 nets have 56M parameters (55.7M).
     for arch in (EDM_CIFAR10_DDPMPP_COND, EDM_CIFAR10_DDPMPP_UNCOND):
-        n = count_parameters(_build_meta(arch))
+        n = count_parameters(build_meta(arch))
         assert round(n / 1e6, 1) == 55.7
         assert round(n / 1e6) == 56
 
 
 def test_cifar_representative_keys():
-    sd = _build_meta(EDM_CIFAR10_DDPMPP_COND).state_dict()
+    sd = build_meta(EDM_CIFAR10_DDPMPP_COND).state_dict()
     expected = {
         "model.map_label.weight": [128, 10],
         "model.map_label.bias": [128],
@@ -125,11 +115,11 @@ def test_cifar_representative_keys():
               "model.enc.32x32_conv.resample_filter"]
     for key in absent:
         assert key not in sd, key
-    assert "model.map_label.weight" not in _build_meta(EDM_CIFAR10_DDPMPP_UNCOND).state_dict()
+    assert "model.map_label.weight" not in build_meta(EDM_CIFAR10_DDPMPP_UNCOND).state_dict()
 
 
 def test_tiny_state_dict_representative_keys():
-    sd = _build_meta(dict(TINY, precond="edm")).state_dict()
+    sd = build_meta(dict(TINY, precond="edm")).state_dict()
     expected = {
         "model.map_label.weight": [16, 10],
         "model.map_layer0.weight": [64, 16],
@@ -418,7 +408,7 @@ def test_presets_are_json_able_copies_with_paper_values():
     key_values = (cond["model_channels"], cond["channel_mult"], cond["dropout"], cond["augment_dim"])
     assert key_values == (128, [2, 2, 2], 0.13, 9)
     assert presets["edm-cifar10-32x32-uncond-vp"]["label_dim"] == 0
-    net = _build_meta(cond)
+    net = build_meta(cond)
     assert isinstance(net, EDMPrecond) and net.sigma_data == 0.5 and net.label_dim == 10
     cond["label_dim"] = 3
     assert arch_presets()["edm-cifar10-32x32-cond-vp"]["label_dim"] == 10

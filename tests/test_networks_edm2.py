@@ -20,13 +20,13 @@ upstream code lives in this repository.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_meta, listing_digest
 
 from repro.nets.edm2 import PRESETS, Block, MPConv, MPFourier, Precond, mp_cat, mp_silu, mp_sum
 from repro.nets.factory import arch_presets, build_network
@@ -37,16 +37,6 @@ torch.set_num_threads(2)
 TINY = dict(precond="edm2", img_resolution=8, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[4], channels_per_head=8)
 TINY_UNCOND = dict(TINY, label_dim=0)
-
-
-def _listing_digest(sd) -> str:
-    lines = sorted(f"{k}:{list(v.shape)}" for k, v in sd.items())
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def _build_meta(arch):
-    with torch.device("meta"):
-        return build_network(arch)
 
 
 def _fill_deterministic(net):
@@ -107,23 +97,23 @@ def test_every_preset_has_an_upstream_listing():
 @pytest.mark.parametrize("name", sorted(UPSTREAM_LISTINGS))
 def test_param_count_and_state_dict_listing_match_upstream(name):
     n_params, n_keys, digest = UPSTREAM_LISTINGS[name]
-    net = _build_meta(PRESETS[name])
+    net = build_meta(PRESETS[name])
     sd = net.state_dict()
     assert count_parameters(net) == n_params
     assert len(sd) == n_keys
-    assert _listing_digest(sd) == digest
+    assert listing_digest(sd) == digest
 
 
 def test_paper_sizes_round_to_published_counts():
     # DDO README / model card: edm2-img64-s-ddo 280M, edm2-img512-l-ddo 777M.
-    assert round(count_parameters(_build_meta(PRESETS["img64-s"])) / 1e6) == 280
-    assert round(count_parameters(_build_meta(PRESETS["img512-l"])) / 1e6) == 777
+    assert round(count_parameters(build_meta(PRESETS["img64-s"])) / 1e6) == 280
+    assert round(count_parameters(build_meta(PRESETS["img512-l"])) / 1e6) == 777
     # The XS autoguidance net (edm2-img512-xs-0134217-0.165.pkl): 124,713,253 ~ 125M.
-    assert round(count_parameters(_build_meta(PRESETS["img512-xs"])) / 1e6) == 125
+    assert round(count_parameters(build_meta(PRESETS["img512-xs"])) / 1e6) == 125
 
 
 def test_paper_size_representative_keys():
-    sd = _build_meta(PRESETS["img64-s"]).state_dict()
+    sd = build_meta(PRESETS["img64-s"]).state_dict()
     expected = {
         "unet.out_gain": [],
         "unet.emb_fourier.freqs": [192],
@@ -151,11 +141,11 @@ def test_paper_size_representative_keys():
               "unet.enc.64x64_block0.conv_skip.weight", "unet.enc.64x64_conv.bias", "unet.emb_noise.bias"]
     for key in absent:
         assert key not in sd, key
-    big = _build_meta(PRESETS["img512-l"]).state_dict()
+    big = build_meta(PRESETS["img512-l"]).state_dict()
     assert list(big["unet.enc.64x64_conv.weight"].shape) == [320, 5, 3, 3]  # 4 latent channels + ones
     assert list(big["unet.out_conv.weight"].shape) == [4, 320, 3, 3]
     assert list(big["unet.dec.8x8_in0.attn_qkv.weight"].shape) == [3840, 1280, 1, 1]
-    assert "unet.emb_label.weight" not in _build_meta(PRESETS["img512-xs-uncond"]).state_dict()
+    assert "unet.emb_label.weight" not in build_meta(PRESETS["img512-xs-uncond"]).state_dict()
 
 
 # ---------------------------------------------------------------------------
@@ -167,11 +157,11 @@ def test_tiny_state_dict_listing_matches_upstream():
     sd = net.state_dict()
     assert count_parameters(net) == 181_691
     assert len(sd) == 63
-    assert _listing_digest(sd) == "8c04a1e4e573ea487f765c30f718dadb15b6cd76b97127d4d7d1a8e32d2e9d11"
+    assert listing_digest(sd) == "8c04a1e4e573ea487f765c30f718dadb15b6cd76b97127d4d7d1a8e32d2e9d11"
     un = _tiny(TINY_UNCOND)
     assert count_parameters(un) == 181_371
     assert len(un.state_dict()) == 62
-    assert _listing_digest(un.state_dict()) == "f2f91a603d9d23658167046aa336ae840d6a3b3e039fde7dd1cab440981de5e3"
+    assert listing_digest(un.state_dict()) == "f2f91a603d9d23658167046aa336ae840d6a3b3e039fde7dd1cab440981de5e3"
 
 
 def test_tiny_state_dict_representative_keys():
@@ -528,7 +518,7 @@ def test_presets_are_json_able_and_follow_edm2():
         assert arch["channel_mult"] == [1, 2, 3, 4] and arch["num_blocks"] == 3
         assert arch["attn_resolutions"] == [16, 8] and arch["sigma_data"] == 0.5
         assert arch["label_balance"] == 0.5 and arch["concat_balance"] == 0.5
-    assert isinstance(_build_meta(presets["img64-s"]), Precond)
+    assert isinstance(build_meta(presets["img64-s"]), Precond)
 
 
 def test_factory_rejects_bad_edm2_arch():

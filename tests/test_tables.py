@@ -11,7 +11,6 @@ and review the diff of tests/golden/ before committing it.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from pathlib import Path
 
