@@ -1,6 +1,8 @@
 """Config: presets, params.yaml, overrides, and a table of bad inputs (clear error, exit code 2, nothing written)."""
 
+import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from repro.cli import main
-from repro.config import STAGE_PARAMS, ConfigError, config_from_dict, load_config, preset_dict, preset_names, stage_dict
+from repro.config import (STAGE_PARAMS, ConfigError, apply_overrides, config_from_dict, load_config, preset_dict, preset_names,
+                          stage_dict)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,3 +174,152 @@ def test_seed_range_reduction_follows_the_protocol():
     assert PROTOCOLS["edm-cifar10-fid50k"].reduce == "min" and PROTOCOLS["tiny-fd-digits"].reduce == "mean"
     with pytest.raises(ValueError):
         reduce_values([1.0], "median")
+
+
+# The config's problems are pydantic's errors said in params terms: one line per kind of error (field, problem, fix).
+def _drop(*path):
+    return lambda raw: _set(raw, ".".join(path), DELETE)
+
+
+PROBLEMS = [
+    (["ddo.batch=true"], "ddo.batch: must be an integer, got True. Fix: write a whole number such as 128."),
+    (["ddo.batch=12.5"], "ddo.batch: must be an integer, got 12.5. Fix: write a whole number such as 128."),
+    (["ddo.batch='128'"], "ddo.batch: must be an integer, got '128'. Fix: write a whole number such as 128."),
+    (["ddo.lr=true"], "ddo.lr: must be a number, got True. Fix: write a number such as 0.05."),
+    (["ddo.lr=fast"], "ddo.lr: must be a number, got 'fast'. Fix: write a number such as 0.05."),
+    (["pretrain.P_mean=.nan"], "pretrain.P_mean: is NaN. Fix: write a number."),
+    (["ddo.control=1"], "ddo.control: must be true or false, got 1. Fix: write true or false."),
+    (["data.mirror=5"], "data.mirror: must be a string, got 5. Fix: quote it."),
+    (["pretrain.network.precond=ve"], "pretrain.network.precond: must be one of edm, vp; got 've'. "
+                                      "Fix: set pretrain.network.precond to one of edm, vp."),
+    (["pretrain.network.precond=1"], "pretrain.network.precond: must be a string, got 1. Fix: quote it."),
+    (["pretrain.network.channel_mult=2"], "pretrain.network.channel_mult: must be a list of int, got 2. "
+                                          "Fix: write it as [a, b, ...]."),
+    (["pretrain.network.channel_mult=!!set {1: null}"], "pretrain.network.channel_mult: must be a list of int, got {1}. "
+                                                        "Fix: write it as [a, b, ...]."),
+    (["pretrain.network.channel_mult=[1, x]"], "pretrain.network.channel_mult[1]: must be an integer, got 'x'. "
+                                               "Fix: write a whole number such as 128."),
+    (["sample=all"], "sample: must be a mapping of SampleConfig fields, got 'all'. "
+                     "Fix: write 'sample:' followed by its indented keys."),
+    (["launcher.resources.extra=[1]"], "launcher.resources.extra: must be a mapping of names to values, got [1]. "
+                                       "Fix: write 'launcher.resources.extra:' followed by indented 'name: value' lines, or {}."),
+    (["launcher.resources.extra={1: 2}"], "launcher.resources.extra: must be a mapping of names to values, got {1: 2}. "
+                                          "Fix: write 'launcher.resources.extra:' followed by indented 'name: value' lines, or {}."),
+    (["ddo.beta=-1"], "ddo.beta: must be > 0, got -1.0. Fix: set ddo.beta > 0."),
+    (["sampler.num_steps=1"], "sampler.num_steps: must be >= 2, got 1. Fix: set sampler.num_steps >= 2."),
+    (["pretrain.network.dropout=1"], "pretrain.network.dropout: must be < 1, got 1.0. Fix: set pretrain.network.dropout < 1."),
+    (["data.colour=1"], "data.colour: unknown key. Fix: remove it, or use one of: dataset, mirror."),
+    (lambda raw: raw["data"].__setitem__(5, 1), "data.5: unknown key. Fix: remove it, or use one of: dataset, mirror."),
+    (_drop("pretrain", "lr"), "pretrain.lr: is missing. Fix: add 'lr:' under 'pretrain' "
+                              "(see `repro params --preset tiny` for a complete file)."),
+    (_drop("ddo"), "ddo: is missing. Fix: add 'ddo:' under 'the top level' (see `repro params --preset tiny` for a complete file)."),
+    # a section's rule names its field from the section's place on; a stage's resources are named from launcher on
+    (["sampler.sigma_max=0.001"], "sampler.sigma_max: must be > sampler.sigma_min (0.002). "
+                                  "Fix: raise sampler.sigma_max (EDM uses 80)."),
+    (["launcher.resources.tasks_per_node=2", "launcher.resources.gpus_per_node=4"],
+     "launcher.resources.tasks_per_node: is 2 with 4 GPUs per node; each rank drives one GPU. "
+     "Fix: set tasks_per_node: 0 (one per GPU) or equal to gpus_per_node."),
+    (["launcher.stages={ddo: {tasks_per_node: 2, gpus_per_node: 4}}"],
+     "launcher.stages.ddo.tasks_per_node: is 2 with 4 GPUs per node; each rank drives one GPU. "
+     "Fix: set tasks_per_node: 0 (one per GPU) or equal to gpus_per_node."),
+    (["launcher.stages={ddo: {nodes: 0}}"], "launcher.stages.ddo.nodes: must be >= 1, got 0. Fix: set launcher.stages.ddo.nodes >= 1."),
+    (["ddo.sweep_beta=[.nan]"], "ddo.sweep_beta[0]: must be > 0, got nan. "
+                                "Fix: give positive values, e.g. ddo.sweep_beta: [0.1, 0.3], or [] for no sweep."),
+    # a rule across sections (Config's)
+    (["sample.first_seed=50500"], "sample.first_seed: the sample seeds [50500, 54094) overlap the ddo selection seeds "
+                                  "[50000, 51000); selection must use other seeds than the final evaluation. "
+                                  "Fix: move sample.first_seed or ddo.selection_first_seed so the ranges are disjoint."),
+]
+
+
+@pytest.mark.parametrize("change,line", PROBLEMS, ids=[str(p[0]) if isinstance(p[0], list) else p[1].split(":")[0] + " (raw)"
+                                                       for p in PROBLEMS])
+def test_each_kind_of_problem_names_the_field_the_problem_and_the_fix(change, line):
+    raw = preset_dict("tiny")
+    raw = apply_overrides(raw, change) if isinstance(change, list) else (change(raw) or raw)
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, "src")
+    assert f"src: {line}" in str(e.value).splitlines(), str(e.value)
+
+
+def test_all_problems_of_the_fields_and_the_sections_rules_come_together():
+    with pytest.raises(ConfigError) as e:
+        load_config(preset="tiny", overrides=["ddo.beta=-1", "ddo.lr=-2", "ddo.colour=1", "pretrain.batch=0",
+                                               "sampler.sigma_max=0.001", "launcher.stages={training: {}}"])
+    fields = [p[0] for p in e.value.problems]
+    assert sorted(fields) == ["ddo.beta", "ddo.colour", "ddo.lr", "launcher.stages.training", "pretrain.batch",
+                              "sampler.sigma_max"]
+    with pytest.raises(ConfigError) as e:  # the rules across sections: every one of them
+        load_config(preset="tiny", overrides=["ddo.fake_first_seed=0", "metrics.extra=[fid]"])
+    assert [p[0] for p in e.value.problems] == ["metrics.extra[0]", "ddo.fake_first_seed", "ddo.fake_first_seed"]
+
+
+def test_values_are_taken_as_today_yaml_1_1_floats_whole_floats_lists():
+    cfg = load_config(preset="tiny", overrides=["ddo.lr=5e-5", "ddo.beta=1", "ddo.batch=64.0", "ddo.sweep_beta=[1, 2e-1]",
+                                                "launcher.bind=[/a, /b]"])
+    assert cfg.ddo.lr == 5e-5 and type(cfg.ddo.lr) is float  # YAML 1.1 reads 5e-5 as a string
+    assert type(cfg.ddo.beta) is float and cfg.ddo.batch == 64 and type(cfg.ddo.batch) is int
+    assert cfg.ddo.sweep_beta == (1.0, 0.2) and all(type(v) is float for v in cfg.ddo.sweep_beta)
+    assert cfg.launcher.bind == ("/a", "/b")
+    assert cfg.sampler.S_max == float("inf")  # .inf is a number (only NaN is refused)
+
+
+def test_sections_are_frozen_dataclasses_checked_on_replace_and_picklable():
+    cfg = load_config(preset="tiny")
+    assert dataclasses.is_dataclass(cfg) and [f.name for f in dataclasses.fields(cfg.data)] == ["dataset", "mirror"]
+    assert dataclasses.replace(cfg.ddo, beta=0.3).beta == 0.3 and cfg.ddo.beta == 0.2
+    with pytest.raises(ValueError, match="greater than 0"):  # pydantic's ValidationError (a ValueError)
+        dataclasses.replace(cfg.ddo, beta=-1.0)
+    with pytest.raises(ValueError, match="sampler.guidance is 2.0"):  # a section's rule, also on replace
+        dataclasses.replace(cfg.sampler, guidance=2.0)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and hash(cfg.sampler) == hash(dataclasses.replace(cfg.sampler))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sampler.num_steps = 3
+
+
+def test_the_error_translation_covers_le_bounds_and_unknown_errors():
+    """Kinds no params field has today: an upper bound <=, and an error the translation does not know (said as
+    pydantic says it, never a crash)."""
+    from typing import Annotated
+
+    from pydantic import Field, model_validator
+    from pydantic.dataclasses import dataclass
+
+    from repro.config.errors import validate
+    from repro.config.schema import FORBID, Int
+
+    @dataclass(frozen=True, kw_only=True, config=FORBID)
+    class Toy:
+        k: Int = Field(le=3)
+        v: Annotated[int, Field(multiple_of=2)] = 0
+
+        @model_validator(mode="after")
+        def _odd(self):
+            if self.k == 2:
+                raise ValueError("two is taken")
+            return self
+
+    with pytest.raises(ConfigError) as e:
+        validate(Toy, {"k": 4}, ("toy",))
+    assert str(e.value) == "params: toy.k: must be <= 3, got 4. Fix: set toy.k <= 3."
+    with pytest.raises(ConfigError) as e:
+        validate(Toy, {"k": 1, "v": 3}, ("toy",))
+    assert str(e.value) == ("params: toy.v: Input should be a multiple of 2. Fix: see `repro params --preset tiny`.")
+    with pytest.raises(ConfigError) as e:
+        validate(Toy, {"k": 2})
+    assert str(e.value) == "params: (top level): Value error, two is taken. Fix: see `repro params --preset tiny`."
+
+
+def test_every_name_imported_from_repro_config_is_exported():
+    import ast
+
+    import repro.config
+
+    names = set()
+    for folder in ("repro", "tests", "benchmarks", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module == "repro.config":
+                    names |= {a.name for a in node.names}
+    assert names and names <= set(repro.config.__all__), names - set(repro.config.__all__)
+    assert all(hasattr(repro.config, n) for n in repro.config.__all__)
