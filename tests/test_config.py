@@ -160,8 +160,9 @@ def test_fid_dry_run_prints_the_papers_protocol(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["fid", "--preset", "cifar10-cond", "--dry-run"])
     assert r.exit_code == 0, r.output
     plan = yaml.safe_load(r.output)["plan"]["protocol"]
-    assert plan["n_samples"] == 50000 and plan["reduce"] == "min" and plan["nfe"] == 35
-    assert plan["seed_ranges"] == [[0, 50000], [50000, 100000], [100000, 150000]]
+    # DDO's own evaluation: one range of seeds 0-49999 (its README), not EDM's minimum of three
+    assert plan["name"] == "ddo-cifar10-fid50k" and plan["n_samples"] == 50000 and plan["nfe"] == 35
+    assert plan["seed_ranges"] == [[0, 50000]]
     assert plan["label_mode"] == "random" and plan["reference"].endswith("cifar10-32x32.npz")
     assert list(tmp_path.iterdir()) == []
 
