@@ -147,3 +147,53 @@ def test_a_ddo_round_trains_an_edm2_net(tmp_path, cfg, data):
     res = train_round("ddo", 1, tmp_path / "ref.safetensors", small, dcfg, replace(cfg.sampler, num_steps=2), 0.5,
                       NormMetric(), tmp_path / "round", NullTracker(), progress=False)
     assert [e["nimg"] for e in res.evals] == [8, 16] and res.best_path.is_file()
+
+
+def test_training_precision_sets_and_restores_tf32_and_autocast():
+    from repro.methods.training import training_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True  # torch's default for cuDNN
+    with training_precision("fp32") as autocast:  # the paper's setting: fp32, TF32 off
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with autocast():
+            assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    assert torch.backends.cudnn.allow_tf32  # restored
+    with training_precision("tf32"):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with training_precision("bf16") as autocast, autocast():
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    with pytest.raises(ValueError, match="ddo.precision"):
+        with training_precision("fp16"):
+            pass
+
+
+def test_edm2_schedules_power_ema_and_late_round_P_std():
+    import math
+
+    from repro.methods.ddo.rounds import P_std_of_round
+    from repro.methods.training import for_training, lr_decay, power_ema_beta, power_ema_gamma
+
+    assert lr_decay(500, 0) == 1.0 and lr_decay(500, 1000) == 1.0 and lr_decay(4000, 1000) == pytest.approx(0.5)
+    for sigma_rel in (0.01, 0.05, 0.1):  # the exponent reproduces the relative std it was solved for
+        g = power_ema_gamma(sigma_rel)
+        assert math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3))) == pytest.approx(sigma_rel, rel=1e-9)
+    # EDM2's averaging profile: weights of a power-function EMA over t images are proportional to t'^gamma
+    g, batch, n = power_ema_gamma(0.05), 4, 400
+    w = torch.zeros(n // batch, dtype=torch.float64)
+    for k in range(n // batch):  # EMA of one-hot "parameters": how much step k's weights count at the end
+        w *= power_ema_beta(g, (k + 1) * batch, batch)
+        w[k] += 1 - power_ema_beta(g, (k + 1) * batch, batch)
+    t = (torch.arange(n // batch, dtype=torch.float64) + 1.0) * batch / n
+    assert torch.allclose(w / w.sum(), t ** g / (t ** g).sum(), rtol=0.1, atol=2e-3 * (w / w.sum()).max())
+    dcfg = replace(load_config_ddo(), P_std=1.6, P_std_rounds={17: 3.0, 20: 3.5})
+    assert [P_std_of_round(dcfg, r) for r in (1, 16, 17, 19, 20, 24)] == [1.6, 1.6, 3.0, 3.0, 3.5, 3.5]
+    net = for_training(build_network(dict(ARCHS["edm2"], use_fp16=True)).half())
+    assert next(net.parameters()).dtype == torch.float32 and net.use_fp16 is False
+
+
+def load_config_ddo():
+    from repro.config import load_config
+
+    return load_config(preset="micro").ddo

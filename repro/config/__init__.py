@@ -5,13 +5,13 @@ from repro.config.errors import ConfigError
 from repro.config.load import (OMIT_WHEN_EMPTY, apply_overrides, config_from_dict, config_hash, dump_yaml,
                                load_config, preset_dict, preset_names, preset_text, stage_dict, to_dict)
 from repro.config.schema import (EXTRA_METRICS, SEED_BLOCK, STAGE_PARAMS, Config, DataConfig, DDOConfig,
-                                 ExtractorConfig, LauncherConfig, MetricsConfig, NetworkConfig, PretrainConfig,
-                                 Resources, SampleConfig, SamplerConfig, resources_for)
+                                 ExtractorConfig, LauncherConfig, MetricsConfig, NetworkConfig, PaperConfig,
+                                 PretrainConfig, Resources, SampleConfig, SamplerConfig, resources_for)
 
 __all__ = [
     "ConfigError",
     "Config", "DataConfig", "ExtractorConfig", "NetworkConfig", "PretrainConfig", "SamplerConfig", "DDOConfig",
-    "SampleConfig", "MetricsConfig", "Resources", "LauncherConfig",
+    "SampleConfig", "MetricsConfig", "PaperConfig", "Resources", "LauncherConfig",
     "STAGE_PARAMS", "SEED_BLOCK", "EXTRA_METRICS", "OMIT_WHEN_EMPTY", "resources_for",
     "preset_names", "preset_text", "preset_dict", "apply_overrides", "config_from_dict", "load_config",
     "to_dict", "stage_dict", "config_hash", "dump_yaml",

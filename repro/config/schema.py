@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, Strict, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
+from repro.catalog.papers import paper_rows
 from repro.catalog.protocols import PROTOCOLS
 from repro.catalog.registry import CHECKPOINTS
 from repro.config.errors import ConfigError, validate
@@ -46,6 +47,13 @@ def _mapping(v):
     return v
 
 
+def _any_mapping(v):
+    if not isinstance(v, dict):
+        raise PydanticCustomError("mapping", "must be a mapping")
+    return v
+
+
+RoundMap = Annotated[dict, BeforeValidator(_any_mapping)]  # {round: value}; the section's rules check the items
 Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v), Strict()]
 Number = Annotated[float, BeforeValidator(_number), Strict()]  # NaN let through (the sweep rule names it)
 Float = Annotated[float, BeforeValidator(_not_nan), Strict()]
@@ -78,9 +86,10 @@ def rules(check):
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class DataConfig:
-    dataset: Literal["digits", "cifar10", "imagenet64", "imagenet512"] = Field(description=(
+    dataset: Literal["digits", "cifar10", "imagenet64", "imagenet512", "none"] = Field(description=(
         "'digits' = scikit-learn's 8x8 digits (embedded); 'cifar10' = the 50,000 training images of cifar-10-binary"
-        ".tar.gz (downloaded, sha256-pinned); imagenet*: not prepared yet. Written to data/<dataset>.npz"))
+        ".tar.gz (downloaded, sha256-pinned); imagenet*: not prepared yet; 'none' = an evaluation that reads no data "
+        "(FID against a paper's published statistics). Written to data/<dataset>.npz"))
     mirror: Str = Field("", description=(
         "base URL or local directory that replaces the data archive URL's location (cifar10), like pretrain.mirror"))
 
@@ -186,7 +195,7 @@ class SamplerConfig:
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class DDOConfig:
-    rounds: Int = Field(ge=1)
+    rounds: Int = Field(ge=0, description="self-play rounds; 0 = an evaluation of the base model (nothing trained)")
     alpha: Float = Field(gt=0)
     beta: Float = Field(gt=0)
     lr: Float = Field(gt=0)
@@ -208,9 +217,32 @@ class DDOConfig:
         "empty = ddo.alpha only. The MLE control is not swept"))
     sweep_beta: Tuple(Number) = Field((), description=(
         "the betas of the sweep grid (see sweep_alpha); empty = ddo.beta only"))
+    precision: Literal["fp32", "tf32", "bf16"] = Field("fp32", description=(
+        "how theta and the reference compute while training: fp32 with TF32 off (the paper disables mixed precision "
+        "for the diffusion DDO loss), tf32 (TF32 matmuls on CUDA), bf16 (autocast). Sampling has its own "
+        "sampler.dtype"))
+    lr_schedule: Literal["constant", "inverse-sqrt"] = Field("constant", description=(
+        "after the warm-up: constant, or EDM2's inverse square root, lr / sqrt(max(nimg / lr_decay_nimg, 1))"))
+    lr_decay_nimg: Int = Field(0, ge=0, description="images after which inverse-sqrt decay starts (0 = never)")
+    ema_std: Float = Field(0.0, ge=0, lt=0.29, description=(
+        "EDM2's power-function EMA of relative standard deviation ema_std (e.g. 0.05); 0 = off. Exclusive with "
+        "ema_halflife_nimg"))
+    P_std_rounds: RoundMap = Field(default_factory=dict, description=(
+        "P_std from a round on, e.g. {17: 3.0} (EDM2-S: 1.6 -> 3.0 from round 17); earlier rounds use ddo.P_std"))
 
     @rules
     def _rules(self):
+        if self.ema_std and self.ema_halflife_nimg:
+            yield ("ema_std", f"is {self.ema_std} and ddo.ema_halflife_nimg is {self.ema_halflife_nimg}: two EMAs",
+                   "set one of them to 0")
+        if self.lr_schedule == "inverse-sqrt" and not self.lr_decay_nimg:
+            yield ("lr_decay_nimg", "is 0 with lr_schedule inverse-sqrt", "set ddo.lr_decay_nimg > 0 (EDM2-S "
+                   "pretrained with 35000 kimg), or ddo.lr_schedule: constant")
+        for r, v in self.P_std_rounds.items():
+            if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1) or isinstance(v, bool) or \
+                    not isinstance(v, (int, float)) or not v > 0:
+                yield (f"P_std_rounds.{r}", f"must map a round >= 1 to a P_std > 0, got {r!r}: {v!r}",
+                       "write e.g. ddo.P_std_rounds: {17: 3.0}")
         if self.eval_every_nimg > self.nimg_per_round:
             yield ("eval_every_nimg", f"is larger than ddo.nimg_per_round ({self.nimg_per_round}), so no checkpoint "
                    "of a round would be evaluated", "set ddo.eval_every_nimg <= ddo.nimg_per_round")
@@ -235,6 +267,30 @@ class SampleConfig:
         "custom", description="the paper protocol these settings must match (repro/protocols.py); 'custom' = none")
     shard_size: Int = Field(1000, gt=0, description=(
         "seeds per shard file (the unit of resumable, parallel sampling); the images do not depend on it"))
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
+class PaperConfig:
+    """The paper cells this preset's models fill (`repro table --paper <name>` puts our number beside the paper's)."""
+
+    name: Literal[tuple(paper_rows())] = Field("ddo", description="the paper whose tables the results belong to")
+    cells: Mapping = Field(default_factory=dict, description=(
+        "model -> row id of repro/catalog/paper_tables.yaml (optionally 'row:column'); models: base, final (the last "
+        "DDO round; the base when there are no rounds) or a model name, e.g. {base: cifar10/edm-retested, final: "
+        "cifar10/edm-ddo}"))
+
+    @rules
+    def _rules(self):
+        rows = paper_rows()[self.name]
+        for model, cell in self.cells.items():
+            row, _, column = str(cell).partition(":")
+            if row not in rows:
+                near = sorted(r for r in rows if r.split("/")[0] == row.split("/")[0]) or sorted(rows)
+                yield (f"cells.{model}", f"{cell!r} is not a row of paper {self.name}",
+                       f"use one of: {', '.join(near[:12])}")
+            elif column and column not in rows[row]:
+                yield (f"cells.{model}", f"{cell!r}: the row's table has no column {column!r}",
+                       f"use one of: {', '.join(rows[row])}")
 
 
 EXTRA_METRICS = ("inception",)
@@ -337,8 +393,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
     "sample": ("sample", "sampler", "ddo.rounds", "ddo.control"),
     "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
-            "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256"),
-    "table": ("preset",),
+            "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper"),
+    "table": ("preset", "paper.name"),
 }
 
 SEED_BLOCK = 1_000_000  # round r's fake bank: seeds fake_first_seed + r * SEED_BLOCK + i
@@ -354,12 +410,23 @@ class Config:
     ddo: DDOConfig
     sample: SampleConfig
     metrics: MetricsConfig = Field(MetricsConfig(), description="optional metrics of the final evaluation (fid stage)")
+    paper: PaperConfig = Field(PaperConfig(), description="the paper cells the results fill (fid and table stages)")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="where stages run")
 
     @rules
     def _rules(self):
         """The rules across sections: the extractor and the metrics, a paper protocol, disjoint seed ranges."""
         x, m, d, e = self.extractor, self.metrics, self.ddo, self.sample
+        if self.data.dataset == "none":  # an evaluation against published statistics: nothing may read the data
+            needs = [(k, why) for k, bad, why in (
+                ("pretrain.source", self.pretrain.source == "train", "trains the base model on it"),
+                ("ddo.rounds", d.rounds > 0, "DDO trains on it"),
+                ("extractor.reference", not x.reference, "the reference statistics would be computed from it"),
+                ("metrics.kid", m.kid or m.prc, "KID and precision/recall compare with its images"),
+                ("metrics.extra", bool(m.extra), "extra metrics use its images as their reference")) if bad]
+            for key, why in needs:
+                yield (key, f"needs the data set ({why}), but data.dataset is 'none'",
+                       "set data.dataset to the data set (e.g. cifar10), or change this setting")
         for i, name in enumerate(m.extra):
             if name not in EXTRA_METRICS or name == x.kind:
                 yield (f"metrics.extra[{i}]", f"{name!r} is not an extra feature space here",

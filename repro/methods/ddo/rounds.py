@@ -48,7 +48,8 @@ from repro.config import SEED_BLOCK, DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
 from repro.methods.ddo.loss import ddo_diffusion_loss
 from repro.methods.losses import draw_sigma_noise, edm_loss
-from repro.methods.training import ema_beta, ema_update, load_state, rampup_lr, save_state, step_generator
+from repro.methods.training import (ema_beta, ema_update, for_training, load_state, lr_decay, power_ema_beta,
+                                    power_ema_gamma, rampup_lr, save_state, step_generator, training_precision)
 from repro.nets.checkpoint import load_model, save_model
 from repro.nets.layers import disable_dropout
 from repro.sampling.generate import from_uint8, generate_images, image_grid, one_hot
@@ -70,6 +71,13 @@ class RoundResult:
     ref_score: float | None
     evals: list[dict]
     seconds: float
+
+
+def P_std_of_round(cfg: DDOConfig, round_: int) -> float:
+    """The noise-level spread of round ``round_``: ddo.P_std, or the value ddo.P_std_rounds sets from an earlier
+    round on (DDO widens it in late rounds: EDM2-S 1.6 -> 3.0 from round 17, per a third-party transcription)."""
+    later = [r for r in cfg.P_std_rounds if int(r) <= round_]
+    return float(cfg.P_std_rounds[max(later, key=int)]) if later else cfg.P_std
 
 
 def fake_seeds(cfg: DDOConfig, round_: int, n: int) -> np.ndarray:
@@ -124,7 +132,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     mine = distributed.batch_slice(cfg.batch, "ddo.batch")  # this rank's part of each step's batch
     device = distributed.device()
     ref, arch, _ = load_model(ref_path, device)
-    ref = ref.float()  # DDO trains in fp32 (the paper disables mixed precision); released EDM2 weights are fp16
+    ref = for_training(ref)  # float32 (the paper disables mixed precision); released EDM2 weights are float16
     disable_dropout(ref)
     ref.requires_grad_(False)
     label_dim = arch["label_dim"]
@@ -148,7 +156,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     net = copy.deepcopy(ref).train().requires_grad_(True)
     disable_dropout(net)
     train_net = distributed.wrap_ddp(net)  # several processes: averaged gradients
-    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_nimg > 0 else None
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_nimg > 0 or cfg.ema_std else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     if ref_score is None:
         ref_score = metric.score(ref, selection_seeds(cfg), label_dim, data.shape, sampler)
@@ -175,60 +183,68 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
                        **({"ema": ema.state_dict()} if ema is not None else {}))
 
     beta_ema = ema_beta(cfg.batch, cfg.ema_halflife_nimg)
+    gamma = power_ema_gamma(cfg.ema_std) if cfg.ema_std else None
+    P_std = P_std_of_round(cfg, round_)
     kind_id = KINDS.index(kind)
     bar = tqdm(total=cfg.nimg_per_round, initial=nimg, desc=f"{kind} round {round_}", unit="img",
                disable=not progress or not distributed.is_main())
-    while nimg < cfg.nimg_per_round:
-        preempt.check(save, f"in {kind} round {round_} at {nimg} images")
-        # 2a. Draws depend on (seed, kind, round, step) only: resumable and reproducible. Every rank draws the
-        #     whole batch, then takes its slice.
-        g = step_generator(cfg.seed, kind_id, round_, step)
-        idx = torch.randint(n, [cfg.batch], generator=g)
-        if kind == "ddo":
-            sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
-            i = idx[mine].numpy()
-            x_real, x_fake = from_uint8(data.images[i]).to(device), from_uint8(fakes[i]).to(device)
-            y_real = one_hot(torch.as_tensor(data.labels[i]), label_dim)  # fake i is paired with real i: same label
-            y_real = y_real.to(device) if y_real is not None else None
-            loss, stats = ddo_diffusion_loss(train_net, ref, x_real, y_real, x_fake, y_real, sigma[mine].to(device),
-                                             eps[mine].to(device), alpha=cfg.alpha, beta=cfg.beta,
-                                             sigma_data=sigma_data, net_fake=partial(eval_forward, train_net))
-        else:
-            idx2 = torch.randint(n, [cfg.batch], generator=g)
-            sigma, eps = draw_sigma_noise((2 * cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
-            mine2 = distributed.batch_slice(2 * cfg.batch, "ddo.batch")
-            i = torch.cat([idx, idx2])[mine2].numpy()
-            x = from_uint8(data.images[i]).to(device)
-            y = one_hot(torch.as_tensor(data.labels[i]), label_dim)
-            y = y.to(device) if y is not None else None
-            loss = edm_loss(train_net, x, y, sigma[mine2].to(device), eps[mine2].to(device), sigma_data).mean()
-            stats = {}
-        # 2b. Adam step with warm-up (the loss is this rank's mean; DDP averages the gradients), EMA.
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:
-            group["lr"] = rampup_lr(cfg.lr, nimg, cfg.lr_rampup_nimg)
-        opt.step()
-        if ema is not None:
-            ema_update(ema, net, beta_ema)
-        nimg, step = nimg + cfg.batch, step + 1
-        bar.update(cfg.batch)
-        if step % 10 == 0 or nimg >= cfg.nimg_per_round:
-            names = ["loss", *stats]
-            tracker.log_metrics(dict(zip(names, distributed.all_mean([loss.item(), *stats.values()]))), step=nimg)
-        # 3. Evaluate a checkpoint on the selection seeds; keep the best; save the state to resume from.
-        if nimg % cfg.eval_every_nimg < cfg.batch or nimg >= cfg.nimg_per_round:
-            model = ema if ema is not None else net
-            score = metric.score(model.eval(), selection_seeds(cfg), label_dim, data.shape, sampler)
-            net.train()
-            evals.append({"nimg": nimg, "score": score})
-            tracker.log_metrics({"selection_score": score}, step=nimg)
-            bar.set_postfix(score=f"{score:.3f}", best=f"{min(best['score'], score):.3f}")
-            if score < best["score"]:
-                best = {"score": score, "nimg": nimg}
-                if distributed.is_main():
-                    save_model(best_path, model, arch, {"kind": kind, "round": round_, "nimg": nimg, "score": score})
-            save()
+    with training_precision(cfg.precision, device) as autocast:  # fp32, TF32 off, unless ddo.precision
+        while nimg < cfg.nimg_per_round:
+            preempt.check(save, f"in {kind} round {round_} at {nimg} images")
+            # 2a. Draws depend on (seed, kind, round, step) only: resumable and reproducible. Every rank draws the
+            #     whole batch, then takes its slice.
+            g = step_generator(cfg.seed, kind_id, round_, step)
+            idx = torch.randint(n, [cfg.batch], generator=g)
+            if kind == "ddo":
+                sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
+                i = idx[mine].numpy()
+                x_real, x_fake = from_uint8(data.images[i]).to(device), from_uint8(fakes[i]).to(device)
+                y_real = one_hot(torch.as_tensor(data.labels[i]), label_dim)  # fake i is paired with real i: same label
+                y_real = y_real.to(device) if y_real is not None else None
+                with autocast():
+                    loss, stats = ddo_diffusion_loss(train_net, ref, x_real, y_real, x_fake, y_real,
+                                                     sigma[mine].to(device), eps[mine].to(device), alpha=cfg.alpha,
+                                                     beta=cfg.beta, sigma_data=sigma_data,
+                                                     net_fake=partial(eval_forward, train_net))
+            else:
+                idx2 = torch.randint(n, [cfg.batch], generator=g)
+                sigma, eps = draw_sigma_noise((2 * cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
+                mine2 = distributed.batch_slice(2 * cfg.batch, "ddo.batch")
+                i = torch.cat([idx, idx2])[mine2].numpy()
+                x = from_uint8(data.images[i]).to(device)
+                y = one_hot(torch.as_tensor(data.labels[i]), label_dim)
+                y = y.to(device) if y is not None else None
+                with autocast():
+                    loss = edm_loss(train_net, x, y, sigma[mine2].to(device), eps[mine2].to(device),
+                                    sigma_data).mean()
+                stats = {}
+            # 2b. Adam step with warm-up (the loss is this rank's mean; DDP averages the gradients), EMA.
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = rampup_lr(cfg.lr, nimg, cfg.lr_rampup_nimg) * (
+                    lr_decay(nimg, cfg.lr_decay_nimg) if cfg.lr_schedule == "inverse-sqrt" else 1.0)
+            opt.step()
+            if ema is not None:
+                ema_update(ema, net, power_ema_beta(gamma, nimg + cfg.batch, cfg.batch) if gamma else beta_ema)
+            nimg, step = nimg + cfg.batch, step + 1
+            bar.update(cfg.batch)
+            if step % 10 == 0 or nimg >= cfg.nimg_per_round:
+                names = ["loss", *stats]
+                tracker.log_metrics(dict(zip(names, distributed.all_mean([loss.item(), *stats.values()]))), step=nimg)
+            # 3. Evaluate a checkpoint on the selection seeds; keep the best; save the state to resume from.
+            if nimg % cfg.eval_every_nimg < cfg.batch or nimg >= cfg.nimg_per_round:
+                model = ema if ema is not None else net
+                score = metric.score(model.eval(), selection_seeds(cfg), label_dim, data.shape, sampler)
+                net.train()
+                evals.append({"nimg": nimg, "score": score})
+                tracker.log_metrics({"selection_score": score}, step=nimg)
+                bar.set_postfix(score=f"{score:.3f}", best=f"{min(best['score'], score):.3f}")
+                if score < best["score"]:
+                    best = {"score": score, "nimg": nimg}
+                    if distributed.is_main():
+                        save_model(best_path, model, arch, {"kind": kind, "round": round_, "nimg": nimg, "score": score})
+                save()
     bar.close()
     seconds = round(time.time() - t0, 1)
     result = RoundResult(kind, round_, best_path, best["score"], best["nimg"], ref_score, evals, seconds)
