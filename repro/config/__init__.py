@@ -2,11 +2,37 @@
 errors that name the field and the fix (errors)."""
 
 from repro.config.errors import ConfigError
-from repro.config.load import (OMIT_WHEN_EMPTY, apply_overrides, config_from_dict, config_hash, dump_yaml,
-                               load_config, preset_dict, preset_names, preset_text, stage_dict, to_dict)
-from repro.config.schema import (EXTRA_METRICS, SEED_BLOCK, STAGE_PARAMS, Config, DataConfig, DDOConfig,
-                                 ExtractorConfig, LauncherConfig, MetricsConfig, NetworkConfig, PaperConfig,
-                                 PretrainConfig, Resources, SampleConfig, SamplerConfig, resources_for)
+from repro.config.load import (
+                               OMIT_WHEN_EMPTY,
+                               apply_overrides,
+                               config_from_dict,
+                               config_hash,
+                               dump_yaml,
+                               load_config,
+                               preset_dict,
+                               preset_names,
+                               preset_text,
+                               stage_dict,
+                               to_dict,
+)
+from repro.config.schema import (
+                               EXTRA_METRICS,
+                               SEED_BLOCK,
+                               STAGE_PARAMS,
+                               Config,
+                               DataConfig,
+                               DDOConfig,
+                               ExtractorConfig,
+                               LauncherConfig,
+                               MetricsConfig,
+                               NetworkConfig,
+                               PaperConfig,
+                               PretrainConfig,
+                               Resources,
+                               SampleConfig,
+                               SamplerConfig,
+                               resources_for,
+)
 
 __all__ = [
     "ConfigError",

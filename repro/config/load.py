@@ -36,9 +36,10 @@ def preset_names() -> list[str]:
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section; an empty mapping in ``over`` replaces (``{}`` = none)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -110,6 +110,8 @@ class ExtractorConfig:
         "computed from the data set"))
     reference_sha256: Str = Field("", description=(
         "expected sha256 of extractor.reference; empty: pinned on first download"))
+    mirror: Str = Field("", description=(
+        "base URL or local directory that replaces extractor.reference's location (like pretrain.mirror)"))
     width: Int = Field(gt=0)
     feature_dim: Int = Field(gt=0)
     steps: Int = Field(gt=0)
@@ -238,9 +240,9 @@ class DDOConfig:
         if self.lr_schedule == "inverse-sqrt" and not self.lr_decay_nimg:
             yield ("lr_decay_nimg", "is 0 with lr_schedule inverse-sqrt", "set ddo.lr_decay_nimg > 0 (EDM2-S "
                    "pretrained with 35000 kimg), or ddo.lr_schedule: constant")
-        for r, v in self.P_std_rounds.items():
-            if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1) or isinstance(v, bool) or \
-                    not isinstance(v, (int, float)) or not v > 0:
+        for r, v in self.P_std_rounds.items():  # keys: ints from YAML, or their strings (after --set)
+            if not (str(r).isdigit() and int(r) >= 1) or isinstance(v, bool) or not isinstance(v, (int, float)) or \
+                    not v > 0:
                 yield (f"P_std_rounds.{r}", f"must map a round >= 1 to a P_std > 0, got {r!r}: {v!r}",
                        "write e.g. ddo.P_std_rounds: {17: 3.0}")
         if self.eval_every_nimg > self.nimg_per_round:
@@ -267,6 +269,9 @@ class SampleConfig:
         "custom", description="the paper protocol these settings must match (repro/protocols.py); 'custom' = none")
     shard_size: Int = Field(1000, gt=0, description=(
         "seeds per shard file (the unit of resumable, parallel sampling); the images do not depend on it"))
+    models: Literal["all", "base-and-last"] = Field("all", description=(
+        "which models the final evaluation samples: every DDO round, or the base and the last round only (a paper "
+        "table reports the last; each round costs one more full evaluation)"))
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)

@@ -117,7 +117,10 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
 
     ``root``: the project directory (the lock file and checkpoints/ for downloads); default: out_npz's grandparent.
     """
-    if cfg.dataset == "cifar10":
+    if cfg.dataset == "none":  # an evaluation against a paper's published statistics reads no data
+        ds = Dataset(images=np.zeros((0, 0, 0, 0), np.uint8), labels=np.zeros(0, np.int64), num_classes=0)
+        source = {"source": "none: this preset reads no data (an evaluation against published statistics)"}
+    elif cfg.dataset == "cifar10":
         archive, archive_sha = _fetch_cifar10(cfg, Path(root) if root else out_npz.parent.parent, progress)
         ds = read_cifar10_binary(archive)
         source = {"source": CIFAR10_URL + (f" (via mirror {cfg.mirror})" if cfg.mirror else ""),
@@ -137,7 +140,7 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
         "shape": list(ds.shape),
         "dtype": "uint8",
         "num_classes": ds.num_classes,
-        "class_counts": np.bincount(ds.labels, minlength=ds.num_classes).tolist(),
+        "class_counts": np.bincount(ds.labels, minlength=ds.num_classes).tolist() if len(ds.labels) else [],
     }
     write_json(out_manifest, manifest)
     log.info("wrote %s (%d images %s, sha256 %s) and %s", out_npz, manifest["n"], ds.shape,

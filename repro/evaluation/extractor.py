@@ -78,7 +78,8 @@ def copy_inception_weights(src: Path, sha: str, out: Path) -> None:
 
 
 def fetch_reference(cfg: ExtractorConfig, root: Path, progress: bool = True) -> Path:
-    """``extractor.reference`` (URL or path) fetched into checkpoints/fid-refs/, sha256-checked or pinned."""
+    """``extractor.reference`` (URL or path; ``extractor.mirror`` replaces its location) fetched into
+    checkpoints/fid-refs/, sha256-checked or pinned."""
     from repro.storage.download import Lock, fetch
 
     source = cfg.reference
@@ -87,7 +88,7 @@ def fetch_reference(cfg: ExtractorConfig, root: Path, progress: bool = True) -> 
         source = str(p if p.is_absolute() else Path(root) / p)
     name = source.rsplit("/", 1)[-1]
     return fetch(source, Paths(root).fid_ref(name), sha256=cfg.reference_sha256 or None,
-                 lock=Lock(Paths(root).lock), name=f"fid-ref-{name}", progress=progress)
+                 lock=Lock(Paths(root).lock), name=f"fid-ref-{name}", mirror=cfg.mirror or None, progress=progress)
 
 
 def published_reference(path: Path, source: str) -> "fidelity.FeatureStats":

@@ -48,8 +48,19 @@ from repro.config import SEED_BLOCK, DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
 from repro.methods.ddo.loss import ddo_diffusion_loss
 from repro.methods.losses import draw_sigma_noise, edm_loss
-from repro.methods.training import (ema_beta, ema_update, for_training, load_state, lr_decay, power_ema_beta,
-                                    power_ema_gamma, rampup_lr, save_state, step_generator, training_precision)
+from repro.methods.training import (
+    ema_beta,
+    ema_update,
+    for_training,
+    load_state,
+    lr_decay,
+    power_ema_beta,
+    power_ema_gamma,
+    rampup_lr,
+    save_state,
+    step_generator,
+    training_precision,
+)
 from repro.nets.checkpoint import load_model, save_model
 from repro.nets.layers import disable_dropout
 from repro.sampling.generate import from_uint8, generate_images, image_grid, one_hot

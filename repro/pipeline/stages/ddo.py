@@ -24,6 +24,7 @@ from repro.methods.ddo.selfplay import run_rounds
 from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep_grid, swept_round, train_candidate
 from repro.nets.checkpoint import read_model_meta
 from repro.pipeline.common import load_data, log_data_input, require, run_dir, stage_context, tracked
+from repro.pipeline.cost import ddo_cost
 from repro.storage.files import atomic_dir, write_json
 from repro.storage.layout import Paths, RoundDir, round_name
 
@@ -159,6 +160,19 @@ class Select:
     def __call__(self) -> None:
         paths = Paths.of(self.cfg, self.root)
         select_round(self.round, RoundDir.of(ddo_run_dir(self.cfg, paths), "ddo", self.round).dir, self.cfg.ddo)
+
+
+def describe(cfg: Config, paths: Paths) -> dict:
+    """The plan and cost of the stage (--dry-run): rounds, candidates, steps, images and network evaluations."""
+    d = cfg.ddo
+    plan = {"rounds": d.rounds, "kinds": list(KINDS if d.control and d.rounds else ("ddo",) if d.rounds else ()),
+            "alpha_beta": sweep_grid(d) or ([(d.alpha, d.beta)] if d.rounds else []),
+            "selection": {"seeds": [d.selection_first_seed, d.selection_first_seed + d.selection_samples],
+                          "metric": cfg.extractor.kind},
+            "precision": d.precision, "cost": ddo_cost(cfg)}
+    if cfg.sample.protocol != "custom":
+        plan["evaluation_protocol"] = cfg.sample.protocol
+    return plan
 
 
 def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave], round: int | None = None) -> Iterator[Wave]:  # noqa: A002

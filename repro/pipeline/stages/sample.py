@@ -13,20 +13,24 @@ from typing import Callable, Iterator
 
 import torch
 
+from repro.catalog import protocols
 from repro.cluster.launcher import Wave
 from repro.config import Config
 from repro.nets.checkpoint import read_model_meta
 from repro.nets.released import sampling_extras
 from repro.pipeline.common import require, stage_context, tracked
+from repro.pipeline.cost import sample_cost
 from repro.sampling.shards import Shard, plan_shards, run_shard, sample_models, shard_done
 from repro.storage.files import atomic_dir, link_or_copy
 from repro.storage.layout import Paths
 
 
 def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
-    """The models the final evaluation compares: base, each DDO round's best, the control's last round."""
+    """The models the final evaluation compares: base, each DDO round's best (or only the last: sample.models),
+    the control's last round."""
     models = {"base": paths.base}
-    for r in range(1, cfg.ddo.rounds + 1):
+    first = cfg.ddo.rounds if cfg.sample.models == "base-and-last" else 1
+    for r in range(max(first, 1), cfg.ddo.rounds + 1):
         models[f"ddo-round{r}"] = paths.round_model("ddo", r)
     if cfg.ddo.control:
         models[f"control-round{cfg.ddo.rounds}"] = paths.round_model("control", cfg.ddo.rounds)
@@ -75,6 +79,14 @@ class ShardJob:
             device, extras = _sampling_setup(self.cfg, paths)
             return str(run_shard(self.shard, self.cfg.sampler, self.cfg.sample.batch, progress=False, device=device,
                                  **extras))
+
+
+def describe(cfg: Config, paths: Paths) -> dict:
+    """The protocol and cost of the stage (--dry-run)."""
+    out = {"models": list(eval_models(cfg, paths)), "cost": sample_cost(cfg)}
+    if cfg.sample.protocol != "custom":
+        out["protocol"] = protocols.get(cfg.sample.protocol).to_dict()
+    return out
 
 
 def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave]) -> Iterator[Wave]:

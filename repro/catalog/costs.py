@@ -1,0 +1,42 @@
+"""Measured costs per image of one network evaluation, per architecture and device: what the dry runs turn into
+device-hours. Every figure names the benchmark output it comes from; an architecture or device not measured here is
+said to be unmeasured, never guessed.
+
+seconds: the wall time of one forward pass per image (fp32, no gradient), i.e. ms/eval / batch from the benchmark.
+A training step's forward+backward is counted as 3 forward passes (the usual rule; not measured here).
+"""
+
+from __future__ import annotations
+
+# {architecture: {device: (seconds per image-forward, source)}}
+FORWARD_SECONDS: dict[str, dict[str, tuple[float, str]]] = {
+    "edm-cifar10-32x32": {
+        "cpu (2 shared cores, the development VM)": (
+            1.821, "benchmarks/results/bench_sampler_cpu.txt: 3642.5 ms/eval at batch 2, fp32"),
+    },
+    "img64-s": {
+        "cpu (2 shared cores, the development VM)": (
+            10.517, "benchmarks/results/bench_sampler_cpu.txt: 21034.3 ms/eval at batch 2, fp32"),
+    },
+    "img512-l": {
+        "cpu (2 shared cores, the development VM)": (
+            26.849, "benchmarks/results/bench_sampler_cpu.txt: 53698.4 ms/eval at batch 2, fp32"),
+    },
+}
+
+# What the registry's architecture names are measured as.
+FAMILY = {"edm-cifar10-32x32-cond-vp": "edm-cifar10-32x32", "edm-cifar10-32x32-uncond-vp": "edm-cifar10-32x32",
+          "img64-s": "img64-s", "img512-l": "img512-l"}
+
+# Training images of the data sets (for the fake banks: one fake per real image per round).
+DATASET_SIZES = {"digits": 1797, "cifar10": 50000, "imagenet64": 1281167, "imagenet512": 1281167, "none": 0}
+
+FWD_BWD = 3  # a forward+backward pass in forward-pass units
+
+
+def device_hours(arch: str, image_forwards: float) -> dict[str, str]:
+    """{device: hours} for ``image_forwards`` at ``arch``'s measured speeds, or a line saying none is measured."""
+    measured = FORWARD_SECONDS.get(FAMILY.get(arch, arch), {})
+    out = {dev: f"{image_forwards * s / 3600:,.1f} h ({src})" for dev, (s, src) in measured.items()}
+    out["gpu"] = "not measured yet (no GPU has been lent to this project; see the README's performance section)"
+    return out
