@@ -82,6 +82,8 @@ def test_mlflow_holds_a_run_per_stage_with_nested_rounds_and_artifacts(project):
     assert stages == {"data", "extractor", "pretrain", "ddo", "sample", "fid", "table"}
     for r in runs:
         assert r["status"] == "FINISHED" and r["tags"]["config_hash"] and r["tags"]["git_commit"] != "unknown"
+        if r["parent"] is None:  # cost accounting: every stage's wall and device seconds, and its device
+            assert {"wall_seconds", "device_seconds"} <= set(r["metrics"]) and r["tags"]["device"]
     ddo = next(r for r in runs if r["stage"] == "ddo" and r["parent"] is None)
     children = [r for r in runs if r["parent"] == ddo["run_id"]]
     assert sorted(r["name"] for r in children) == ["control-round1", "control-round2", "ddo-round1", "ddo-round2"]

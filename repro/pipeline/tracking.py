@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -186,15 +187,30 @@ def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("REPRO_SLURM_ARRAY_JOB_ID", ""),
         "image_digest": os.environ.get("REPRO_IMAGE_DIGEST", ""),
     }
-    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
+    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags={**tags, "device": _device_name()}) as run:
         tracker = Tracker(run.info.run_id)
         tracker.log_params(params)
         log.info("MLflow: run %s (stage %s) in %s", run.info.run_id[:8], stage, uri)
+        t0 = time.time()
         try:
             yield tracker
         except Preempted:
+            _log_time(tracker, t0)
             mlflow.end_run("KILLED")  # stopped to be resumed (the rerun is a new run), not failed
             raise
+        _log_time(tracker, t0)
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
+def _log_time(tracker: Tracker, t0: float) -> None:
+    """The run's wall seconds and device-seconds (wall x processes: one device each) for cost accounting."""
+    wall = time.time() - t0
+    tracker.log_metrics({"wall_seconds": wall, "device_seconds": wall * distributed.world_size()})
 
 
 def find_runs(root: Path, preset: str) -> list[dict]:
