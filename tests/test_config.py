@@ -12,8 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from repro.cli import main
-from repro.config import (STAGE_PARAMS, ConfigError, apply_overrides, config_from_dict, load_config, preset_dict, preset_names,
-                          stage_dict)
+from repro.config import STAGE_PARAMS, ConfigError, apply_overrides, config_from_dict, load_config, preset_dict, preset_names, stage_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

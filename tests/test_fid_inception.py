@@ -128,6 +128,7 @@ def test_fid_on_a_handful_of_images(inception_weights, tmp_path):
 def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_path, monkeypatch):
     """The fid stage of a tiny project with metrics.extra [inception], kid and prc (real data cut to 6 images)."""
     from repro.datasets.images import Dataset
+    from repro.evaluation.tables.data import read_result
     from repro.nets.checkpoint import save_model
     from repro.nets.factory import build_network
     from repro.pipeline import run
@@ -159,7 +160,7 @@ def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_
                                                                  "reference_score": 2.0}]}})
     run.run_stage("sample", cfg, root, progress=False)
     run.run_stage("fid", cfg, root, progress=False)
-    m = json.loads((paths.results / "metrics.json").read_text())
+    m = read_result(paths.results)
     assert m["metric"] == "fd_digits" and m["extra_metrics"]["fid"]["extractor"] == "inception-v3-compat"
     for e in m["models"]:
         x = e["extra"]

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from repro.config import preset_dict
+from repro.evaluation.tables.data import read_result
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
@@ -120,8 +121,8 @@ def test_a_swept_ddo_round_sends_its_candidates_as_a_job_array(project):
     p = _run(["repro", "ddo", "--round", "1", "--no-progress", "--set", "launcher.executor=slurm",
               "--set", "launcher.poll_s=1", "--set", "launcher.resources.cpus_per_task=1",
               "--set", "ddo.sweep_beta=[0.1, 0.3]"], d, env)
-    assert "2 (alpha, beta) candidates as job array" in p.stderr, p.stderr[-2000:]
-    array = p.stderr.split("candidates as job array ")[1].split()[0]
+    assert "stage ddo-round1-candidates: 2 tasks as job array" in p.stderr, p.stderr[-2000:]
+    array = p.stderr.split("candidates: 2 tasks as job array ")[1].split()[0]
     rows = _sacct(array)
     assert len(rows) == 2 and all(v[0] == "COMPLETED" for v in rows.values()), rows
     (rd,) = [x for x in _round_dirs(d, "ddo-round1") if (x / "a1-b0.1").is_dir()]
@@ -171,8 +172,8 @@ def test_sample_shards_go_out_as_a_job_array(project):
     sets = ["--set", "launcher.executor=slurm", "--set", "launcher.poll_s=1", "--set", "sample.shard_size=96",
             "--set", "launcher.resources.cpus_per_task=1"]
     p = _run(["repro", "sample", "--no-progress", *sets], d, env)
-    assert "8 shards as job array" in p.stderr, p.stderr[-2000:]
-    array = p.stderr.split("shards as job array ")[1].split()[0]
+    assert "stage sample-shards: 8 tasks as job array" in p.stderr, p.stderr[-2000:]
+    array = p.stderr.split("sample-shards: 8 tasks as job array ")[1].split()[0]
     rows = _sacct(array)
     assert len(rows) == 8 and all(v[0] == "COMPLETED" for v in rows.values()), rows
     published = sorted(x.relative_to(d / "samples").as_posix() for x in (d / "samples").rglob("*.npz"))
@@ -209,7 +210,7 @@ def test_sbatch_scripts_sample_then_fid(project):
     log = (d / f"repro-sample-{sample}.log").read_text()
     assert "8 shards of up to 96 seeds, 7 already finished" in log, log[-2000:]
     assert published.read_bytes() == before  # the same per-seed images again, in a job
-    metrics = json.loads((d / "results/micro/metrics.json").read_text())
+    metrics = read_result(d / "results/micro")
     assert {m["name"] for m in metrics["models"]} >= {"base", "ddo-round2", "control-round2"}
     assert "ddo-round2" in (d / "results/micro/table.md").read_text()
     assert "stage table done" in (d / f"repro-fid-{fid}.log").read_text()
@@ -284,7 +285,7 @@ def test_dvc_repro_runs_the_pipeline_through_slurm(slurm, tmp_path):
     text = out.stdout + out.stderr
     for stage in ("data", "extractor", "pretrain", "ddo", "sample", "fid"):
         assert f"stage {stage}: submitted job" in text or (stage == "sample" and "as job array" in text), stage
-    metrics = json.loads((d / "results/micro/metrics.json").read_text())
+    metrics = read_result(d / "results/micro")
     assert [m["name"] for m in metrics["models"]] == ["base", "ddo-round1", "ddo-round2", "control-round2"]
     tops = [r for r in _runs(d, env) if r["parent"] is None]
     assert {r["stage"] for r in tops} >= {"data", "extractor", "pretrain", "ddo", "sample", "fid"}

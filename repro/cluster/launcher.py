@@ -234,9 +234,9 @@ def run_waves(waves: Iterable[Wave], cfg: Config, root: Path) -> None:
         else:
             with ex.batch():  # one job array
                 jobs = [ex.submit(_InJob(call, cfg)) for call in wave.calls]
-            log.info("%s: %d tasks as job array %s", wave.name, len(jobs), str(jobs[0].job_id).split("_")[0])
+            log.info("stage %s: %d tasks as job array %s", wave.name, len(jobs), str(jobs[0].job_id).split("_")[0])
             os.environ["REPRO_SLURM_ARRAY_JOB_ID"] = str(jobs[0].job_id).split("_")[0]  # MLflow records it
-        wait(jobs, cfg.launcher.poll_s, what=wave.name)
+        wait(jobs, cfg.launcher.poll_s, what=f"stage {wave.name}")
 
 
 def wait(jobs: list, poll_s: float, what: str) -> list:
