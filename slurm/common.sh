@@ -27,7 +27,7 @@ done
 CONFIG=()
 if [ -n "$PRESET" ]; then CONFIG=(--preset "$PRESET"); elif [ -n "$PARAMS" ]; then CONFIG=(--params "$PARAMS"); fi
 
-# Jobs never submit jobs: inside one, every stage runs where it is (repro/launcher.py).
+# Jobs never submit jobs: inside one, every stage runs where it is (repro/cluster/launcher.py).
 export REPRO_IN_JOB=1 OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 
 WRAP=()

@@ -1,0 +1,1 @@
+"""Where work runs: the launcher (here or SLURM jobs), torch.distributed, preemption."""

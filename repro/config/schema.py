@@ -145,7 +145,7 @@ class NetworkConfig:
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class PretrainConfig:
     source: Literal[("train", *CHECKPOINTS)] = Field(description=(
-        "'train': train the base model here with the EDM loss; else a released checkpoint (repro/registry.py), "
+        "'train': train the base model here with the EDM loss; else a released checkpoint (repro/catalog/registry.py), "
         "fetched, verified and converted"))
     mirror: Str = Field("", description="base URL or local directory that replaces the checkpoint URL's location")
     network: NetworkConfig
@@ -266,7 +266,7 @@ class SampleConfig:
     repeats: Int = Field(ge=1, description="seed ranges [first_seed + k*n_samples, +n_samples), k < repeats")
     batch: Int = Field(gt=0)
     protocol: Literal[("custom", *PROTOCOLS)] = Field(
-        "custom", description="the paper protocol these settings must match (repro/protocols.py); 'custom' = none")
+        "custom", description="the paper protocol these settings must match (repro/catalog/protocols.py); 'custom' = none")
     shard_size: Int = Field(1000, gt=0, description=(
         "seeds per shard file (the unit of resumable, parallel sampling); the images do not depend on it"))
     models: Literal["all", "base-and-last"] = Field("all", description=(

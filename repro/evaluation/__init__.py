@@ -1,0 +1,1 @@
+"""Evaluation: the metric (Frechet distance in an extractor's features), reference statistics, tables."""

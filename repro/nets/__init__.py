@@ -1,0 +1,1 @@
+"""Networks, our own implementations under upstream's names, their factory, checkpoint format and converter."""

@@ -1,6 +1,6 @@
 """Pretrained: fetch a released checkpoint, verify it, and convert it into our networks (the seam of paper presets).
 
-``pretrain.source`` names a registry entry (repro/registry.py). The file is downloaded (or copied from
+``pretrain.source`` names a registry entry (repro/catalog/registry.py). The file is downloaded (or copied from
 ``pretrain.mirror``, a base URL or a local directory) into ``checkpoints/`` (git-ignored: the weights are
 CC BY-NC-SA), its sha256 checked against ``checkpoints.lock.json`` (pinned on first download; commit the lock),
 read as data by the restricted unpickler (no code from the pickle runs), and written in our format

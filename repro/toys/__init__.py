@@ -1,0 +1,1 @@
+"""Toys with exact answers (Gaussian mixtures) for the methods' tests."""

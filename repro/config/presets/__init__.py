@@ -1,0 +1,1 @@
+"""Named settings (YAML): tiny is the embedded default, micro the end-to-end test, the rest paper rows."""

@@ -1,0 +1,1 @@
+"""One module per DVC stage: run(cfg, paths, progress), and waves() / describe() where a stage has them."""
