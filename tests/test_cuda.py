@@ -66,8 +66,14 @@ def no_tf32():
 
 
 def _net(family: str, seed: int = 0) -> torch.nn.Module:
+    """A network whose every weight is random: at initialisation the output layers are zero (EDM) or have zero gain
+    (EDM2), so the denoiser would be c_skip * x whatever the precision, and the comparisons would prove nothing."""
     torch.manual_seed(seed)
-    return for_training(disable_dropout(build_network(ARCHS[family]))).eval().requires_grad_(False)
+    net = for_training(disable_dropout(build_network(ARCHS[family]))).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
 
 
 def _latents(family: str, n: int = 32, seed: int = 1):
