@@ -127,8 +127,10 @@ def test_cuda_sampling_dtypes_and_compile_against_fp32(family):
             if dtype == "fp32":
                 assert diff.max().item() < 1e-3, f"compiled fp32 differs from eager fp32 by {diff.max().item():.2e}"
             else:
-                # images live in [-1, 1]; half-precision networks move pixels by a fraction of a grey level on average
-                assert diff.mean().item() < 0.02, f"{dtype} (compile {comp}) mean pixel change {diff.mean().item():.3f}"
+                # Images in [-1, 1], a random (perturbed) micro net, 8 steps: measured on an H200 (EDM family) a mean
+                # change of 0.014 (bf16) and 0.0018 (fp16); fp16 keeps 3 more mantissa bits than bf16.
+                bound = 0.05 if dtype == "bf16" else 0.01
+                assert diff.mean().item() < bound, f"{dtype} (compile {comp}) mean pixel change {diff.mean().item():.4f}"
 
 
 def _step_grads(net, device, kind, family):

@@ -3,7 +3,10 @@ device-hours. Every figure names the benchmark output it comes from; an architec
 said to be unmeasured, never guessed.
 
 seconds: the wall time of one forward pass per image (fp32, no gradient), i.e. ms/eval / batch from the benchmark.
-A training step's forward+backward is counted as 3 forward passes (the usual rule; not measured here).
+A training step's forward+backward is counted as 3 forward passes (the usual rule). On the H200, DDO's training
+forward in fp32 with TF32 off (ddo.precision fp32) ran about 6x slower per image than the sampler's forward with
+PyTorch's default TF32 convolutions (benchmarks/results/gpu-h200-20261204/run2/ddo2.txt: 257.2 ms for 128 images),
+so training hours here are a lower bound in that mode.
 """
 
 from __future__ import annotations
@@ -13,10 +16,16 @@ FORWARD_SECONDS: dict[str, dict[str, tuple[float, str]]] = {
     "edm-cifar10-32x32": {
         "cpu (2 shared cores, the development VM)": (
             1.821, "benchmarks/results/bench_sampler_cpu.txt: 3642.5 ms/eval at batch 2, fp32"),
+        "gpu (one NVIDIA H200)": (
+            3.334e-4, "benchmarks/results/gpu-h200-20261204/run2/up2.txt: 85.7 images/s at 35 NFE, batch 256, fp32 "
+            "(PyTorch's default TF32 convolutions); bf16 + compile: 204.3 images/s"),
     },
     "img64-s": {
         "cpu (2 shared cores, the development VM)": (
             10.517, "benchmarks/results/bench_sampler_cpu.txt: 21034.3 ms/eval at batch 2, fp32"),
+        "gpu (one NVIDIA H200)": (
+            1.197e-3, "benchmarks/results/gpu-h200-20261204/run1/bench_sampler_img64.txt: 306.4 ms/eval at batch "
+            "256, the released snapshot's fp16 U-Net; bf16 autocast: 204.4 ms/eval"),
     },
     "img512-l": {
         "cpu (2 shared cores, the development VM)": (
@@ -38,5 +47,6 @@ def device_hours(arch: str, image_forwards: float) -> dict[str, str]:
     """{device: hours} for ``image_forwards`` at ``arch``'s measured speeds, or a line saying none is measured."""
     measured = FORWARD_SECONDS.get(FAMILY.get(arch, arch), {})
     out = {dev: f"{image_forwards * s / 3600:,.1f} h ({src})" for dev, (s, src) in measured.items()}
-    out["gpu"] = "not measured yet (no GPU has been lent to this project; see the README's performance section)"
+    if not any(dev.startswith("gpu") for dev in measured):
+        out["gpu"] = "not measured for this architecture (see benchmarks/results/gpu-h200-20261204)"
     return out
