@@ -361,6 +361,18 @@ def test_w0_gives_the_unguided_images_bit_for_bit(tiny_models):
         assert torch.equal(images(DiscriminatorGuidance(vp_logit(disc), w=0.0, **kw)), plain)
     guided = DiscriminatorGuidance(vp_logit(disc), w=50.0, tau_min=0.0)
     assert not torch.equal(images(guided), plain) and guided.evaluations > 0
+    # the sampler's float64 output itself, with churn (per-seed noise): unguided bit for bit at w = 0, not at w = 1
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.nn.functional.one_hot(torch.tensor([0, 3, 5, 9]), 10).float()
+
+    def run(corr):
+        return edm_sampler(net, z, y, num_steps=8, S_churn=2.0, randn_like=SeedStack([1, 2, 3, 4]).randn_like,
+                           correction=corr)
+
+    ref = run(None)
+    for kw in (dict(), dict(boosting=True, num_steps=8)):
+        assert torch.equal(run(DiscriminatorGuidance(vp_logit(disc), w=0.0, **kw)), ref)
+    assert not torch.equal(run(DiscriminatorGuidance(vp_logit(disc), w=1.0)), ref)
 
 
 # ----------------------------------------------------------------------------------------------------------
