@@ -447,8 +447,8 @@ def test_training_resumes_after_a_preemption_to_the_same_weights(tmp_path):
     a = train_discriminator(fresh(), real, fake, cfg, tmp_path / "a", NullTracker(), progress=False)
     preempt.reset()
     try:
-        with pytest.raises(preempt.Preempted):   # stops at the step boundary after epoch 2's first step
-            train_discriminator(fresh(), real, fake, cfg, tmp_path / "b", StopAfter(4), progress=False)
+        with pytest.raises(preempt.Preempted):   # 5th log: epoch 2's first step (3 step logs + 1 epoch log before)
+            train_discriminator(fresh(), real, fake, cfg, tmp_path / "b", StopAfter(5), progress=False)
     finally:
         preempt.reset()
     assert (tmp_path / "b" / "state.pt").is_file() and (tmp_path / "b" / "discriminator_0001.safetensors").is_file()
