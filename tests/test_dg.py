@@ -105,6 +105,9 @@ def test_clipped_log_ratio_is_dgs_formula():
     g_dg, = torch.autograd.grad(dg.sum(), logit)
     assert torch.allclose(g, g_dg, atol=1e-6)
     assert torch.equal(clipped_log_ratio(logit, 0.0), logit)
+    with torch.no_grad():  # the sampler's context: the gradient is still taken
+        g, ell = grad_log_ratio(lambda x, s, y: -(x ** 2).sum(1), torch.ones(4, 2), torch.ones(4))
+    assert torch.equal(g, -2 * torch.ones(4, 2)) and torch.equal(ell, -2 * torch.ones(4))
     with pytest.raises(ValueError, match="d_clip"):
         clipped_log_ratio(logit, 0.5)
 

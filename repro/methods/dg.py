@@ -97,7 +97,7 @@ def sigma_from_tau(tau: torch.Tensor, beta_0: float = BETA_0, beta_1: float = BE
     Example::
 
         >>> float(sigma_from_tau(torch.tensor(1.0)))  # doctest: +ELLIPSIS
-        152.0...
+        152.16...
     """
     return torch.sqrt(torch.expm1(integral_beta(tau, beta_0, beta_1)))
 
