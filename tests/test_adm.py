@@ -120,6 +120,14 @@ def test_released_size_dg_head_file_loads_strictly(tmp_path):
     assert out.shape == (2, 1)
     with pytest.raises(ValueError, match="label_emb"):  # the conditional head needs discriminator_250's key
         load_adm(tmp_path / "discriminator_60.pt", dg_head(condition=True))
+    # the trainer's loader puts it into a discriminator's head (a small stand-in extractor with 8x8x512 features)
+    from repro.methods.dg_train import load_trainable
+
+    ext = EncoderUNet(ADMConfig(image_size=8, model_channels=512, num_res_blocks=1, channel_mult=(1,),
+                                attention_resolutions=(), out_channels=1))
+    disc = ADMDiscriminator(ext, EncoderUNet(dg_head()))
+    load_trainable(disc, tmp_path / "discriminator_60.pt")
+    assert torch.equal(disc.head.state_dict()["out.2.c_proj.weight"], sd["out.2.c_proj.weight"])
 
 
 def test_wrong_shapes_missing_and_extra_keys_are_refused(tmp_path):

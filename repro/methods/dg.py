@@ -369,7 +369,7 @@ class DiscriminatorGuidance:
 
     ``w = 0`` (and ``w2 = 0``): no discriminator evaluation, None returned, no churn: the sampler's operations
     are exactly the unguided ones. ``dtype``: the discriminator is evaluated in it (float32; float64 for exact
-    toys). ``evaluations`` counts discriminator forward+backward passes (per batch row block, not per sample).
+    toys). ``evaluations`` counts discriminator forward+backward passes (one per call on a batch).
 
     Example::
 
