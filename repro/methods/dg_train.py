@@ -234,58 +234,60 @@ def train_discriminator(disc: NoiseConditionedDiscriminator, real: np.ndarray, f
     kind = OBJECTIVES.index(cfg.objective)
     bar = tqdm(total=cfg.epochs * steps_per_epoch * cfg.batch, initial=nimg, desc=f"discriminator ({cfg.objective})",
                unit="img", disable=not progress or not distributed.is_main())
-    while epoch < cfg.epochs:
-        perm = torch.randperm(pool, generator=step_generator(cfg.seed, kind, epoch))
-        while step < steps_per_epoch:
+    try:
+        while epoch < cfg.epochs:
+            perm = torch.randperm(pool, generator=step_generator(cfg.seed, kind, epoch))
+            while step < steps_per_epoch:
+                if files:
+                    preempt.check(save, f"in discriminator training at epoch {epoch + 1} step {step}")
+                # 2a. The draws of (epoch, step): the whole batch on every rank, then this rank's slice.
+                idx = perm[step * cfg.batch:(step + 1) * cfg.batch]
+                g = step_generator(cfg.seed, kind, epoch, step)
+                tau = sample_tau(cfg.batch, g, cfg.t_min, cfg.importance_sampling)
+                eps = torch.randn([cfg.batch, *shape], generator=g)
+                i = idx[mine]
+                x0, real_t, tau_t, eps_t = (t.to(device) for t in (X[i], target[i], tau[mine], eps[mine]))
+                y = one_hot(Y[i], label_dim).to(device) if Y is not None else None
+                # 2b. Loss (this rank's mean; DDP averages the gradients), Adam step.
+                loss_vec, logit = discriminator_loss(train_disc, x0, y, real_t, tau_t, eps_t, cfg.objective, denoise)
+                loss = loss_vec.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step, nimg = step + 1, nimg + cfg.batch
+                bar.update(cfg.batch)
+                stats = _stats(loss.item(), logit, real_t)
+                for k, v in stats.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                if step % cfg.log_every == 0:
+                    names = sorted(stats)
+                    means = distributed.all_mean([stats[k] for k in names]) if files else [stats[k] for k in names]
+                    tracker.log_metrics(_ratios(dict(zip(names, means))), step=nimg)
+            # 3. End of an epoch: its statistics, its checkpoint (kept), the state to resume from.
+            epoch, step = epoch + 1, 0
+            names = sorted(acc)
+            totals = dict(zip(names, distributed.all_mean([acc[k] for k in names]) if files else [acc[k] for k in names]))
+            summary = {"epoch": epoch, "nimg": nimg, **_ratios(totals)}
+            history.append(summary)
+            acc = {}
+            tracker.log_metrics({f"epoch_{k}": v for k, v in summary.items() if k not in ("epoch", "nimg")}, step=nimg)
+            bar.set_postfix(loss=f"{summary['loss']:.4f}")
+            if on_epoch is not None:
+                on_epoch(epoch, summary)
+                disc.train()
             if files:
-                preempt.check(save, f"in discriminator training at epoch {epoch + 1} step {step}")
-            # 2a. The draws of (epoch, step): the whole batch on every rank, then this rank's slice.
-            idx = perm[step * cfg.batch:(step + 1) * cfg.batch]
-            g = step_generator(cfg.seed, kind, epoch, step)
-            tau = sample_tau(cfg.batch, g, cfg.t_min, cfg.importance_sampling)
-            eps = torch.randn([cfg.batch, *shape], generator=g)
-            i = idx[mine]
-            x0, real_t, tau_t, eps_t = (t.to(device) for t in (X[i], target[i], tau[mine], eps[mine]))
-            y = one_hot(Y[i], label_dim).to(device) if Y is not None else None
-            # 2b. Loss (this rank's mean; DDP averages the gradients), Adam step.
-            loss_vec, logit = discriminator_loss(train_disc, x0, y, real_t, tau_t, eps_t, cfg.objective, denoise)
-            loss = loss_vec.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step, nimg = step + 1, nimg + cfg.batch
-            bar.update(cfg.batch)
-            stats = _stats(loss.item(), logit, real_t)
-            for k, v in stats.items():
-                acc[k] = acc.get(k, 0.0) + v
-            if step % cfg.log_every == 0:
-                names = sorted(stats)
-                means = distributed.all_mean([stats[k] for k in names]) if files else [stats[k] for k in names]
-                tracker.log_metrics(_ratios(dict(zip(names, means))), step=nimg)
-        # 3. End of an epoch: its statistics, its checkpoint (kept), the state to resume from.
-        epoch, step = epoch + 1, 0
-        names = sorted(acc)
-        totals = dict(zip(names, distributed.all_mean([acc[k] for k in names]) if files else [acc[k] for k in names]))
-        summary = {"epoch": epoch, "nimg": nimg, **_ratios(totals, per=steps_per_epoch)}
-        history.append(summary)
-        acc = {}
-        tracker.log_metrics({f"epoch_{k}": v for k, v in summary.items() if k not in ("epoch", "nimg")}, step=nimg)
-        bar.set_postfix(loss=f"{summary['loss']:.4f}")
-        if on_epoch is not None:
-            on_epoch(epoch, summary)
-            disc.train()
-        if files:
-            path = run_dir / f"discriminator_{epoch:04d}.safetensors"
-            if distributed.is_main():
-                save_safetensors(path, module.state_dict(), {
-                    "format": FORMAT, "epoch": str(epoch), "nimg": str(nimg), "objective": cfg.objective,
-                    "train": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-                    "module": json.dumps(_describe(module), sort_keys=True)})
-            checkpoints.append(path)
-            save()
-    bar.close()
-    for p in frozen:
-        p.requires_grad_(True)
+                path = run_dir / f"discriminator_{epoch:04d}.safetensors"
+                if distributed.is_main():
+                    save_safetensors(path, module.state_dict(), {
+                        "format": FORMAT, "epoch": str(epoch), "nimg": str(nimg), "objective": cfg.objective,
+                        "train": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+                        "module": json.dumps(_describe(module), sort_keys=True)})
+                checkpoints.append(path)
+                save()
+    finally:
+        bar.close()
+        for p in frozen:  # as found, also when stopped
+            p.requires_grad_(True)
     seconds = round(time.time() - t0, 1)
     if files:
         if distributed.is_main():
@@ -320,7 +322,7 @@ def _stats(loss: float, logit: torch.Tensor | None, real: torch.Tensor) -> dict:
     return out
 
 
-def _ratios(sums: dict, per: int | None = None) -> dict:
+def _ratios(sums: dict) -> dict:
     """Mean loss per step and the accuracies on real / fake samples (DG's 'correction rate', split by class)."""
     out = {"loss": sums["loss"] / max(sums.get("steps", 1.0), 1.0)}
     if "n_real" in sums:
