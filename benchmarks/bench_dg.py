@@ -32,7 +32,7 @@ from repro.methods.dg import DiscriminatorGuidance, sample_tau, vp_logit  # noqa
 from repro.methods.dg_train import discriminator_loss  # noqa: E402
 from repro.nets.adm import DG_CIFAR10_EXTRACTOR, TINY_EXTRACTOR, EncoderUNet, dg_head, tiny_head  # noqa: E402
 from repro.nets.discriminators import ADMDiscriminator  # noqa: E402
-from repro.networks import arch_presets, build_network  # noqa: E402
+from repro.nets.factory import arch_presets, build_network  # noqa: E402
 
 
 def timed(fn, steps: int, device: str) -> float:

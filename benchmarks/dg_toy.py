@@ -34,7 +34,7 @@ from repro.methods.dg import vp_logit  # noqa: E402
 from repro.methods.dg_train import DGTrainConfig, train_discriminator  # noqa: E402
 from repro.nets.discriminators import MLPDiscriminator  # noqa: E402
 from repro.toys.dg_toy import exact_logit, guided_samples, kl_bound_error, sample_metrics, toy_banks, toy_pair  # noqa: E402
-from repro.tracking import NullTracker  # noqa: E402
+from repro.pipeline.tracking import NullTracker  # noqa: E402
 
 
 def evaluate(data, model, logit, seed, dtype=torch.float32, n=4000, n_kl=20000, **kw) -> dict:

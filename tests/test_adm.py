@@ -171,7 +171,7 @@ def test_foreign_pickles_and_non_state_dicts_are_refused(tmp_path, capsys):
 
 
 def test_sha256_is_checked_before_reading(tmp_path):
-    from repro.files import sha256_file
+    from repro.storage.files import sha256_file
 
     _write(tmp_path / "head.pt", tiny_head_layout(False))
     load_adm(tmp_path / "head.pt", tiny_head(), sha256=sha256_file(tmp_path / "head.pt"))

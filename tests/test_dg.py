@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from repro import preempt
+from repro.cluster import preempt
 from repro.config import ConfigError, load_config
 from repro.methods.dg import (BETA_0, BETA_1, OUTSIDE, DiscriminatorGuidance, alpha_from_sigma, clipped_log_ratio,
                               cosine_time, dg_bce_loss, grad_log_ratio, improved_dg_loss, improved_dg_objective,
@@ -21,10 +21,11 @@ from repro.methods.dg import (BETA_0, BETA_1, OUTSIDE, DiscriminatorGuidance, al
 from repro.methods.dg_train import DGTrainConfig, load_trainable, train_discriminator
 from repro.nets.adm import TINY_EXTRACTOR, EncoderUNet, load_adm, tiny_head
 from repro.nets.discriminators import ADMDiscriminator, MLPDiscriminator
-from repro.sampler import SeedStack, edm_sampler, generate_images, sigma_steps
+from repro.sampling.edm import edm_sampler, sigma_steps
+from repro.sampling.generate import SeedStack, generate_images
 from repro.toys.dg_toy import exact_logit, guided_samples, kl_bound_error, sample_metrics, toy_banks, toy_pair
 from repro.toys.gmm import log_ratio
-from repro.tracking import NullTracker
+from repro.pipeline.tracking import NullTracker
 
 F64 = torch.float64
 
@@ -338,7 +339,7 @@ def test_boosting_follows_dgs_rules():
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    from repro.networks import build_network
+    from repro.nets.factory import build_network
 
     torch.manual_seed(0)
     net = build_network(dict(precond="edm", img_resolution=8, img_channels=1, label_dim=10, model_channels=8,

@@ -24,11 +24,11 @@ ATOL = 1e-5
 
 
 def worker(out: Path) -> None:
-    from repro import distributed
+    from repro.cluster import distributed
     from repro.methods.dg_train import DGTrainConfig, train_discriminator
     from repro.nets.discriminators import MLPDiscriminator
     from repro.toys.dg_toy import toy_banks, toy_pair
-    from repro.tracking import NullTracker
+    from repro.pipeline.tracking import NullTracker
 
     distributed.init_from_env()
     data, model = toy_pair()

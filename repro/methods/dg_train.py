@@ -13,11 +13,11 @@ and the epoch matters (DG issue #11: FID 1.66 at epoch 10 but 1.735 at epoch 50)
 score on the real bank only, through the frozen pretrained denoiser ``denoise``; the gradient runs through the
 extractor to the input (its weights stay frozen) and is differentiated again for the head's update.
 
-Resumable, preemptible, DDP-ready, like the other training loops (repro.train, repro.ddo): the shuffle of epoch
+Resumable, preemptible, DDP-ready, like the other training loops (repro.methods.pretrain, repro.methods.ddo): the shuffle of epoch
 e comes from a generator seeded with (seed, objective, e) and the draws (t, eps) of step k of epoch e from
 (seed, objective, e, k), so a resumed run draws exactly what an uninterrupted one would and ends with the same
 weights; the state is saved at every epoch's end and on a preemption signal at the next step boundary
-(repro.preempt); every rank draws the whole batch, trains on its contiguous slice, and DDP averages the
+(repro.cluster.preempt); every rank draws the whole batch, trains on its contiguous slice, and DDP averages the
 gradients; only rank 0 writes. Run directory::
 
     state.pt                                 resume state (removed when finished)
@@ -47,14 +47,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from repro import distributed, preempt
+from repro.cluster import distributed, preempt
 from repro.config import ConfigError
-from repro.files import load_state_strict, save_safetensors, write_json
 from repro.methods.dg import dg_bce_loss, improved_dg_loss, sample_tau, sigma_from_tau, vp_alpha, vp_logit, vp_std
+from repro.methods.training import load_state, save_state, step_generator
 from repro.nets.adm import load_adm_state
+from repro.nets.checkpoint import load_state_strict
 from repro.nets.discriminators import NoiseConditionedDiscriminator
-from repro.sampler import from_uint8, one_hot
-from repro.train import load_state, save_state, step_generator
+from repro.sampling.generate import from_uint8, one_hot
+from repro.storage.files import save_safetensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,10 @@ def train_discriminator(disc: NoiseConditionedDiscriminator, real: np.ndarray, f
     ``real``, ``fake``: banks [N, C, H, W] uint8 (images) or float arrays (toys); ``fake`` may be None for
     'mse'. ``real_labels`` / ``fake_labels``: int class labels (conditional discriminators; ``label_dim`` =
     number of classes); the discriminator and ``denoise`` get them one-hot. ``tracker``: the interface of
-    :class:`repro.tracking.NullTracker`. With ``run_dir=None`` it trains in memory (toys): no state, no
+    :class:`repro.pipeline.tracking.NullTracker`. With ``run_dir=None`` it trains in memory (toys): no state, no
     checkpoints, no preemption check. ``on_epoch(epoch, summary)``: called after each epoch (e.g. to evaluate
     the discriminator of every epoch in memory; it must leave the discriminator's weights and mode as it found
-    them). Raises :class:`repro.preempt.Preempted` after saving the state if a
+    them). Raises :class:`repro.cluster.preempt.Preempted` after saving the state if a
     stop was requested (run again to resume).
     """
     from tqdm.auto import tqdm

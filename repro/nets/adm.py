@@ -30,7 +30,7 @@ code is reused. The layer tree reproduces the released ``state_dict`` keys::
 
 Loading (:func:`load_adm`): ``torch.load(weights_only=True)`` (no foreign code runs; a pickled object is
 refused), an optional sha256 checked before reading, and a strict key and shape check
-(:func:`repro.files.load_state_strict`); any mismatch raises ValueError naming the file and the fix.
+(:func:`repro.nets.checkpoint.load_state_strict`); any mismatch raises ValueError naming the file and the fix.
 
 Example::
 
@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repro.files import load_state_strict, sha256_file
+from repro.nets.checkpoint import load_state_strict
+from repro.storage.files import sha256_file
 
 __all__ = [
     "ADMConfig",

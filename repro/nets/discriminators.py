@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from repro.nets.adm import DG_CIFAR10_EXTRACTOR, ADMConfig, EncoderUNet, dg_head, load_adm
+from repro.nets.vpsde import sigma_from_tau
 
 __all__ = ["NoiseConditionedDiscriminator", "ADMDiscriminator", "MLPDiscriminator"]
 
@@ -150,8 +151,6 @@ class MLPDiscriminator(NoiseConditionedDiscriminator):
         self.net = nn.Sequential(*layers)
 
     def head_logit(self, h: torch.Tensor, tau: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        from repro.methods.dg import sigma_from_tau
-
         c = torch.log(sigma_from_tau(tau.to(h.dtype)).clamp_min(1e-12)) / 4
         parts = [h.flatten(1), c[:, None]]
         if self.num_classes:

@@ -31,7 +31,7 @@ import torch
 
 from repro.methods.dg import D_CLIP, DiscriminatorGuidance, grad_log_ratio, kl_bound_constant, sample_tau, \
     sigma_from_tau
-from repro.sampler import edm_sampler
+from repro.sampling.edm import edm_sampler
 from repro.toys.gmm import GaussianMixture, log_ratio, ring
 
 __all__ = ["toy_pair", "toy_banks", "exact_logit", "guided_samples", "sample_metrics", "kl_bound_error"]
