@@ -12,7 +12,13 @@ clipping) of the probability d that the input is a noised data sample rather tha
 :class:`ADMDiscriminator` is DG's pixel-space discriminator: ADM's classifier encoder run to its middle block
 (frozen) and a small ADM encoder head on that 8x8 map (Kim et al. 2023; research/dg.md a.1). Its ``trainable``
 is the head, whose state dict has the layout of DG's released ``discriminator_60.pt`` / ``discriminator_250.pt``.
-:class:`MLPDiscriminator` is the 2-D toys' discriminator (DG's toy: an MLP of 4 layers of 256 units).
+:class:`EncoderDiscriminator` is one ADM encoder with one output, trained end to end (our choice for data without a
+pretrained classifier, such as the 8x8 digits). :class:`MLPDiscriminator` is the 2-D toys' discriminator (DG's toy:
+an MLP of 4 layers of 256 units).
+
+A discriminator is described by a JSON-able ``spec`` (:func:`spec_of`, :func:`build_discriminator`); the guidance
+pipeline saves the trained module with its spec (:func:`save_discriminator`) and rebuilds it from the file
+(:func:`load_discriminator`), the frozen extractor of an ADM discriminator coming from its own (released) file.
 
 Example::
 
@@ -22,6 +28,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -30,7 +38,11 @@ from torch import nn
 from repro.nets.adm import DG_CIFAR10_EXTRACTOR, ADMConfig, EncoderUNet, dg_head, load_adm
 from repro.nets.vpsde import sigma_from_tau
 
-__all__ = ["NoiseConditionedDiscriminator", "ADMDiscriminator", "MLPDiscriminator"]
+__all__ = ["NoiseConditionedDiscriminator", "ADMDiscriminator", "EncoderDiscriminator", "MLPDiscriminator",
+           "encoder_config", "spec_of", "build_discriminator", "save_discriminator", "load_discriminator",
+           "read_discriminator_meta"]
+
+FORMAT = "repro.discriminator/1"
 
 
 class NoiseConditionedDiscriminator(nn.Module):
@@ -123,6 +135,130 @@ class ADMDiscriminator(NoiseConditionedDiscriminator):
         return cls(ext, head)
 
 
+class EncoderDiscriminator(NoiseConditionedDiscriminator):
+    """One ADM encoder (:class:`~repro.nets.adm.EncoderUNet`, one output) on the noised image, trained end to end:
+    logit = net(x_vp, tau, labels)[:, 0]. Nothing is frozen (``trainable`` is the whole discriminator).
+
+    Example::
+
+        >>> disc = EncoderDiscriminator(EncoderUNet(encoder_config(8, 1, width=32)))
+        >>> disc(torch.zeros(2, 1, 8, 8), torch.full([2], 0.3)).shape
+        torch.Size([2])
+    """
+
+    def __init__(self, net: EncoderUNet):
+        super().__init__()
+        if net.config.out_channels != 1:
+            raise ValueError(f"net: a discriminator has one output, this encoder has {net.config.out_channels}. "
+                             "Fix: build it with out_channels=1 (encoder_config)")
+        self.net = net
+
+    def head_logit(self, h: torch.Tensor, tau: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(h, tau, condition=labels if self.net.config.condition else None)[:, 0]
+
+
+def encoder_config(resolution: int, channels: int, width: int = 32, num_classes: int = 0) -> ADMConfig:
+    """The end-to-end discriminator for small images: DG's head layout (ADM encoder, scale-shift norm, attention
+    pooling, one output) on the image itself, two levels (the second at half resolution, with attention), one
+    residual block per level, ``width`` base channels; conditional when ``num_classes`` > 0. Our choice, not DG's
+    (DG always starts from a pretrained classifier).
+
+    Example::
+
+        >>> encoder_config(8, 1).feature_shape
+        (64, 4, 4)
+    """
+    return ADMConfig(image_size=resolution, in_channels=channels, model_channels=width, out_channels=1,
+                     num_res_blocks=1, attention_resolutions=(resolution // 2,), channel_mult=(1, 2),
+                     num_head_channels=32, condition=num_classes > 0, num_classes=max(num_classes, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A discriminator as data: its spec, and its file.
+
+
+def _config(d: dict) -> ADMConfig:
+    return ADMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def spec_of(disc: NoiseConditionedDiscriminator) -> dict:
+    """The JSON-able description that :func:`build_discriminator` rebuilds ``disc`` from (weights aside)."""
+    if isinstance(disc, ADMDiscriminator):
+        return {"kind": "adm", "extractor": dataclasses.asdict(disc.extractor.config),
+                "head": dataclasses.asdict(disc.head.config)}
+    if isinstance(disc, EncoderDiscriminator):
+        return {"kind": "encoder", "net": dataclasses.asdict(disc.net.config)}
+    if isinstance(disc, MLPDiscriminator):
+        return {"kind": "mlp", "dim": disc.dim, "width": disc.width, "depth": disc.depth,
+                "num_classes": disc.num_classes}
+    raise ValueError(f"no spec for {type(disc).__name__}")
+
+
+def build_discriminator(spec: dict, extractor: EncoderUNet | None = None) -> NoiseConditionedDiscriminator:
+    """A fresh discriminator of ``spec`` (:func:`spec_of`); an ADM one needs its loaded, frozen ``extractor``.
+
+    Example::
+
+        disc = build_discriminator({"kind": "encoder", "net": dataclasses.asdict(encoder_config(8, 1))})
+    """
+    kind = spec.get("kind")
+    if kind == "adm":
+        if extractor is None:
+            raise ValueError("extractor: an ADM discriminator needs its frozen feature extractor. Fix: load it with "
+                             "repro.nets.adm.load_adm and pass it")
+        if dataclasses.asdict(extractor.config) != dataclasses.asdict(_config(spec["extractor"])):
+            raise ValueError("extractor: its config differs from the one the discriminator was trained with")
+        return ADMDiscriminator(extractor, EncoderUNet(_config(spec["head"])))
+    if kind == "encoder":
+        return EncoderDiscriminator(EncoderUNet(_config(spec["net"])))
+    if kind == "mlp":
+        return MLPDiscriminator(spec["dim"], spec["width"], spec["depth"], spec["num_classes"])
+    raise ValueError(f"unknown discriminator kind {kind!r}: use adm, encoder or mlp")
+
+
+def save_discriminator(path: Path, disc: NoiseConditionedDiscriminator, info: dict | None = None,
+                       state: dict | None = None) -> None:
+    """Write the trained module's weights (``state``, default ``disc.trainable.state_dict()``) with the spec and
+    free-form ``info`` (what it was trained on, its extractor's file and sha256) as safetensors metadata."""
+    from repro.storage.files import save_safetensors
+
+    tensors = state if state is not None else disc.trainable.state_dict()
+    save_safetensors(path, tensors, {"format": FORMAT, "spec": json.dumps(spec_of(disc), sort_keys=True),
+                                     "info": json.dumps(info or {}, sort_keys=True)})
+
+
+def read_discriminator_meta(path: Path) -> tuple[dict, dict]:
+    """(spec, info) of a file written by :func:`save_discriminator`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a discriminator file of this package (format {meta.get('format')!r}). Fix: "
+                         "rerun the discriminator stage (`repro discriminator`)")
+    return json.loads(meta["spec"]), json.loads(meta.get("info", "{}"))
+
+
+def load_discriminator(path: Path, extractor_path: Path | None = None, extractor_sha256: str | None = None,
+                       device="cpu") -> tuple[NoiseConditionedDiscriminator, dict]:
+    """Rebuild a discriminator from its file (strict key and shape check), in eval mode with its parameters frozen
+    (guidance differentiates it with respect to its input only); an ADM one also reads its extractor from
+    ``extractor_path`` (checked against ``extractor_sha256`` before it is read). Returns (disc, info)."""
+    from safetensors.torch import load_file
+
+    from repro.nets.checkpoint import load_state_strict
+
+    spec, info = read_discriminator_meta(path)
+    extractor = None
+    if spec["kind"] == "adm":
+        if extractor_path is None:
+            raise ValueError(f"{path}: an ADM discriminator; its extractor file is needed too")
+        extractor = load_adm(extractor_path, _config(spec["extractor"]), extractor_sha256)
+    disc = build_discriminator(spec, extractor)
+    load_state_strict(disc.trainable, load_file(str(path)), str(path))
+    return disc.to(device).eval().requires_grad_(False), info
+
+
 class MLPDiscriminator(NoiseConditionedDiscriminator):
     """A noise-conditioned MLP discriminator for low-dimensional toys: logit = MLP([x_vp, c(tau)]).
 
@@ -141,7 +277,7 @@ class MLPDiscriminator(NoiseConditionedDiscriminator):
         super().__init__()
         if dim < 1 or width < 1 or depth < 1:
             raise ValueError(f"dim, width, depth must be >= 1, got {dim}, {width}, {depth}. Fix: e.g. 2, 256, 4")
-        self.dim, self.num_classes = dim, num_classes
+        self.dim, self.width, self.depth, self.num_classes = dim, width, depth, num_classes
         layers: list[nn.Module] = []
         d_in = dim + 1 + (num_classes if num_classes else 0)
         for _ in range(depth):
