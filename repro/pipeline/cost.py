@@ -92,7 +92,9 @@ def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
         "discriminator": {"discriminator": disc_arch, "trained": sum(x["trained"] for x in guided),
                           "epochs": d.epochs, "image_steps": {k_: v for k_, v in steps.items() if v},
                           "generator_forwards": gen_forwards,
-                          "device_hours": discriminator_hours(disc_arch, steps) if any(steps.values()) else "none"},
+                          "device_hours": {"discriminator": discriminator_hours(disc_arch, steps),
+                                           **({"generator": device_hours(arch, gen_forwards)} if gen_forwards else {})}
+                          if any(steps.values()) else "nothing to train"},
         "guided": {"models": len(guided), "images": images, "network_evaluations_per_image": k,
                    "discriminator_evaluations_per_image": per_image, "image_forwards": images * k,
                    "discriminator_evaluations": images * per_image,

@@ -130,7 +130,8 @@ def describe(cfg: Config, paths: Paths) -> dict:
     """The guided models, their settings and the cost (--dry-run)."""
     from repro.methods.guidance import describe as guided
 
-    return {"guided_models": guided(cfg, paths), "cost": guidance_cost(cfg, guided(cfg, paths))["guided"]}
+    return {"guided_models": guided(cfg, paths), "evaluation_protocol": cfg.sample.protocol,
+            "cost": guidance_cost(cfg, guided(cfg, paths))["guided"]}
 
 
 def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave]) -> Iterator[Wave]:
