@@ -79,7 +79,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             if more:  # other metrics: the protocol's reduction for distances, the mean for KID and precision/recall
                 entry["extra"] = {k: {"value": reduce_values(v, reduce if k == "fid" else "mean"), "values": v}
                                   for k, v in more.items()}
-                t.log_metrics({f"{k}/{name.replace('+', '_')}": e["value"] for k, e in entry["extra"].items()})
+                t.log_metrics({f"{k}/{name}": e["value"] for k, e in entry["extra"].items()})
             if name in guided:  # what it is: its generator, variant, discriminator and sampler settings
                 g = guided[name]
                 entry["guided"] = {"model": g["model"], "variant": g["variant"], "guidance": g["guidance"],
@@ -93,7 +93,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 entry["note"] = ("MLE control: the same rounds, steps, optimizer and selection as DDO, "
                                  "with the EDM loss on real images instead of the DDO loss")
             entries.append(entry)
-            t.log_metrics({f"{metric.name}/{name.replace('+', '_')}": entry["value"]})  # MLflow keys: no '+'
+            t.log_metrics({f"{metric.name}/{name}": entry["value"]})
             log.info("fid: %s %s = %.4f (%s)", name, metric.name, entry["value"],
                      ", ".join(f"{v:.4f}" for v in values))
         sampler = to_dict(cfg.sampler)
