@@ -149,6 +149,25 @@ def test_guided_at_w0_is_the_sample_stage_bit_for_bit_and_not_at_w1(guided_proje
     assert len(list(paths.runs.glob("guided-*"))) == 2
 
 
+def test_on_a_cluster_the_guided_shards_go_out_as_one_job_array(guided_project):
+    import pickle
+
+    from repro.cluster.launcher import Wave
+
+    cfg, paths = guided_project
+    waves = list(guided_stage.waves(cfg, paths.root, lambda here: Wave("guided", "guided", ("whole stage",), here)))
+    assert [(w.name, len(w.calls), w.here) for w in waves] == [("guided-shards", 4, False), ("guided", 1, True)]
+    for call in waves[0].calls:  # what each array task runs (picklable: submitit sends it)
+        pickle.loads(pickle.dumps(call))()
+    work = sorted(paths.runs.glob("guided-*/base+dg/*.npz"))
+    stamps = [f.stat().st_mtime_ns for f in work]
+    assert len(work) == 4
+    guided_stage.run(cfg, paths, progress=False)  # then the stage here: every shard is there, it only publishes
+    assert [f.stat().st_mtime_ns for f in work] == stamps
+    assert len(guided_stage.guided_shards(cfg, paths)[1]) == 4
+    assert [w.name for w in guided_stage.waves(cfg, paths.root, lambda here: Wave("g", "guided", (), here))] == ["g"]
+
+
 def test_the_correction_is_dg_or_improved_dg_with_the_settings(guided_project):
     cfg, paths = guided_project
     disc, _ = load_discriminator(paths.discriminator("base+dg"))
