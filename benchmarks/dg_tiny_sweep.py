@@ -27,7 +27,7 @@ from repro.config import load_config  # noqa: E402
 from repro.evaluation.metric import load_metric  # noqa: E402
 from repro.methods.dg_train import DGTrainConfig, train_discriminator  # noqa: E402
 from repro.methods.guidance import (build_correction, dg_train_settings, guided_models, load_bank,  # noqa: E402
-                                    needs_fakes, new_discriminator)
+                                    needs_fakes, new_discriminator, sampler_settings)
 from repro.nets.checkpoint import load_model  # noqa: E402
 from repro.pipeline.common import load_data  # noqa: E402
 from repro.pipeline.stages.fakes import bank_shards  # noqa: E402
@@ -75,7 +75,8 @@ def main() -> None:
             disc.eval()
             row = []
             for w in args.w:
-                corr = build_correction(gm.variant, dataclasses.replace(cfg.dg, w=w), cfg.sampler, disc)
+                corr = build_correction(gm.variant, dataclasses.replace(sampler_settings(cfg, gm.variant), w=w),
+                                        cfg.sampler, disc)
                 row.append(f"w={w:g}: {fd(metric, net, arch, cfg.sampler, seeds, corr):.4f}")
             print(f"  epoch {epoch:4d} ({time.time() - t0:5.0f} s, loss {summary['loss']:.4f}"
                   + (f", acc real/fake {summary['acc_real']:.2f}/{summary['acc_fake']:.2f}" if "acc_real" in summary

@@ -178,8 +178,9 @@ def test_the_correction_is_dg_or_improved_dg_with_the_settings(guided_project):
     dg = dataclasses.replace(cfg.dg, boosting=True, w=1.0)
     c = G.build_correction(G.VARIANTS["dg"], dg, cfg.sampler, disc)
     assert c.boosting and c.num_steps == cfg.sampler.num_steps and c.w == 1.0
-    c = G.build_correction(G.VARIANTS["dg-improved"], dg, cfg.sampler, disc)
-    assert not c.boosting and c.d_clip == 0.0  # its logit has a free offset: no clipping, no sign rule
+    assert G.sampler_settings(cfg, G.VARIANTS["dg-improved"]) is cfg.dg_improved
+    c = G.build_correction(G.VARIANTS["dg-improved"], dataclasses.replace(cfg.dg_improved, w=4.0), cfg.sampler, disc)
+    assert not c.boosting and c.d_clip == 0.0 and c.w == 4.0  # its logit's offset is free: no clipping, no sign
     assert not any(p.requires_grad for p in disc.parameters())  # differentiated with respect to its input only
 
 

@@ -431,6 +431,24 @@ class DGConfig:
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
+class ImprovedDGConfig:
+    """Improved DG's guided sampler: DG's (score + w grad d inside the window), with the logit never clipped and no
+    boosting (the improved objective leaves d's offset free, so neither its clipping nor its sign means anything).
+    The paper's sampling settings could not be read (research/dg.md b.2): DG's are the defaults."""
+
+    w: Float = Field(2.0, ge=0, description="weight at each step's first evaluation")
+    w2: Float = Field(0.0, ge=0, description="weight at the Heun correction's evaluation")
+    tau_min: Float = Field(0.01, ge=0, le=1, description="window: guidance only where tau(sigma) >= tau_min")
+    tau_max: Float = Field(1.0, ge=0, le=1, description="... and tau(sigma) <= tau_max")
+
+    @rules
+    def _rules(self):
+        if self.tau_min > self.tau_max:
+            yield ("tau_min", f"is above dg_improved.tau_max ({self.tau_max})",
+                   "set dg_improved.tau_min <= dg_improved.tau_max")
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
 class Resources:
     """What one job asks SLURM for (sbatch options); any other option goes in ``extra``."""
 
@@ -516,7 +534,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "sample": ("sample", "sampler", "ddo.rounds", "ddo.control"),
     "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
     "discriminator": ("guidance.evaluate", "discriminator", "ddo.rounds", "pretrain.mirror"),
-    "guided": ("guidance.evaluate", "dg", "sample", "sampler", "ddo.rounds"),
+    "guided": ("guidance.evaluate", "dg", "dg_improved", "sample", "sampler", "ddo.rounds"),
     "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
             "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper",
             "guidance.evaluate"),
@@ -540,6 +558,7 @@ class Config:
     guidance: GuidanceConfig = Field(GuidanceConfig(), description="guided models beside the unguided ones")
     discriminator: DiscriminatorConfig = Field(DiscriminatorConfig(), description="their discriminators")
     dg: DGConfig = Field(DGConfig(), description="DG's guided sampler")
+    dg_improved: ImprovedDGConfig = Field(ImprovedDGConfig(), description="improved DG's guided sampler")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="where stages run")
 
     @rules

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from repro.catalog import registry
-from repro.config import Config, DGConfig, SampleConfig, SamplerConfig, split_guided, to_dict
+from repro.config import Config, DGConfig, ImprovedDGConfig, SampleConfig, SamplerConfig, split_guided, to_dict
 from repro.methods.dg import DiscriminatorGuidance, vp_logit
 from repro.nets.adm import DG_CIFAR10_EXTRACTOR, ADMConfig, EncoderUNet, dg_head, load_adm
 from repro.nets.discriminators import (ADMDiscriminator, EncoderDiscriminator, NoiseConditionedDiscriminator,
@@ -56,6 +56,7 @@ class Variant:
 
     name: str                # as written in guidance.evaluate
     method: str              # the correction it becomes (build_correction)
+    section: str             # the config section of its sampling settings
     objective: str | None    # the discriminator loss it trains with (repro.methods.dg_train), None: nothing trained
     uses_fakes: bool         # its training reads the model's fake bank
     title: str               # for tables and logs
@@ -63,10 +64,10 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
-    Variant("dg", "dg", "bce", True, "DG",
+    Variant("dg", "dg", "dg", "bce", True, "DG",
             "Kim et al. 2023 (ICML): a noise-conditioned discriminator trained with time-weighted BCE on real vs "
             "the model's samples; score + w grad log(d / (1 - d))"),
-    Variant("dg-improved", "dg", "mse", False, "improved DG",
+    Variant("dg-improved", "dg", "dg_improved", "mse", False, "improved DG",
             "Verine et al. 2025 (ECML-PKDD): the same discriminator trained with the objective that bounds the KL "
             "(denoising score matching of the refined score on real data; reconstructed, repro.methods.dg); "
             "the same sampler, its logit never clipped and no boosting (the logit's offset is free)"),
@@ -225,13 +226,19 @@ def released_discriminator(cfg: Config, arch: dict, root: Path,
                                          "head_sha256": sha}
 
 
-def guidance_settings(variant: Variant, dg: DGConfig, sampler: SamplerConfig) -> dict:
-    """What a guided model's samples depend on besides its generator and discriminator (recorded with them)."""
+def sampler_settings(cfg: Config, variant: Variant):
+    """The config section of ``variant``'s sampling settings (``cfg.dg`` for DG, ``cfg.dg_improved``, ...)."""
+    return getattr(cfg, variant.section)
+
+
+def guidance_settings(variant: Variant, dg: DGConfig | ImprovedDGConfig, sampler: SamplerConfig) -> dict:
+    """What a guided model's samples depend on besides its generator and discriminator (recorded with them);
+    ``dg``: the variant's section (:func:`sampler_settings`)."""
     if variant.method == "dg":
-        improved = variant.objective == "mse"
+        improved = isinstance(dg, ImprovedDGConfig)  # its logit's offset is free: no clipping, no boosting
         s = {"variant": variant.name, "method": "dg", "w": dg.w, "w2": dg.w2, "tau_min": dg.tau_min,
              "tau_max": dg.tau_max, "d_clip": 0.0 if improved else dg.d_clip,
-             "boosting": dg.boosting and not improved}
+             "boosting": not improved and dg.boosting}
         if s["boosting"]:
             s.update(boost_churn=dg.boost_churn, boost_period=dg.boost_period,
                      boost_weight_period=dg.boost_weight_period, boost_factor=dg.boost_factor,
@@ -240,11 +247,12 @@ def guidance_settings(variant: Variant, dg: DGConfig, sampler: SamplerConfig) ->
     raise ValueError(f"no correction for method {variant.method!r}")
 
 
-def build_correction(variant: Variant, dg: DGConfig, sampler: SamplerConfig,
+def build_correction(variant: Variant, dg: DGConfig | ImprovedDGConfig, sampler: SamplerConfig,
                      disc: NoiseConditionedDiscriminator) -> Correction:
-    """The sampler's correction of ``variant`` (see :func:`guidance_settings`), evaluating ``disc``.
+    """The sampler's correction of ``variant`` with its settings ``dg`` (:func:`sampler_settings`; see
+    :func:`guidance_settings`), evaluating ``disc``.
 
-    DG: :class:`repro.methods.dg.DiscriminatorGuidance` of the VP-native discriminator, weight dg.w in the window;
+    DG: :class:`repro.methods.dg.DiscriminatorGuidance` of the VP-native discriminator, weight w in the window;
     improved DG: the same, with d never clipped and no boosting.
     """
     s = guidance_settings(variant, dg, sampler)
@@ -259,7 +267,8 @@ def describe(cfg: Config, paths: Paths) -> list[dict]:
              "discriminator": ("released " + str(released_head(cfg, gm))) if released_head(cfg, gm) else
              f"trained here ({gm.variant.objective}, {cfg.discriminator.arch}, {cfg.discriminator.epochs} epochs)",
              "objective": gm.variant.objective, "trained": needs_training(cfg, gm), "fake_bank": needs_fakes(cfg, gm),
-             "sampler": guidance_settings(gm.variant, cfg.dg, cfg.sampler)} for gm in guided_models(cfg, paths)]
+             "sampler": guidance_settings(gm.variant, sampler_settings(cfg, gm.variant), cfg.sampler)}
+            for gm in guided_models(cfg, paths)]
 
 
 def dg_train_settings(cfg: Config, objective: str) -> dict:

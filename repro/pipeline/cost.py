@@ -83,9 +83,13 @@ def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
     # the guided sampler: the generator's NFE, and the discriminator at each step whose tau(sigma) is in the window
     s = cfg.sampler
     tau = tau_from_sigma(sigma_steps(s.num_steps, s.sigma_min, s.sigma_max, s.rho)[:-1])
-    inside = int(((tau >= cfg.dg.tau_min) & (tau <= cfg.dg.tau_max)).sum())
-    per_image = (inside if cfg.dg.w else 0) + (max(inside - 1, 0) if cfg.dg.w2 else 0)
-    images = len(guided) * cfg.sample.repeats * cfg.sample.n_samples
+    n = cfg.sample.repeats * cfg.sample.n_samples
+    images, evaluations = len(guided) * n, 0
+    for x in guided:
+        g = x["sampler"]
+        inside = int(((tau >= g["tau_min"]) & (tau <= g["tau_max"])).sum())
+        evaluations += n * ((inside if g["w"] else 0) + (max(inside - 1, 0) if g["w2"] else 0))
+    per_image = evaluations // images if images else 0
     return {
         "fakes": {"banks": banks, "images": len(banks) * n_fakes, "image_forwards": fake_forwards,
                   "device_hours": device_hours(arch, fake_forwards)},
@@ -97,7 +101,7 @@ def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
                           if any(steps.values()) else "nothing to train"},
         "guided": {"models": len(guided), "images": images, "network_evaluations_per_image": k,
                    "discriminator_evaluations_per_image": per_image, "image_forwards": images * k,
-                   "discriminator_evaluations": images * per_image,
+                   "discriminator_evaluations": evaluations,
                    "device_hours": {"generator": device_hours(arch, images * k),
-                                    "discriminator": discriminator_hours(disc_arch, {"guidance": images * per_image})}},
+                                    "discriminator": discriminator_hours(disc_arch, {"guidance": evaluations})}},
     }

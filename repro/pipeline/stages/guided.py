@@ -20,7 +20,8 @@ import torch
 from repro.cluster import distributed
 from repro.cluster.launcher import Wave
 from repro.config import Config, config_hash
-from repro.methods.guidance import GuidedModel, build_correction, guidance_settings, guided_models
+from repro.methods.guidance import (GuidedModel, build_correction, guidance_settings, guided_models,
+                                    sampler_settings)
 from repro.nets.checkpoint import read_model_meta
 from repro.nets.discriminators import load_discriminator
 from repro.nets.released import sampling_extras
@@ -42,7 +43,8 @@ def _record(cfg: Config, paths: Paths, gm: GuidedModel) -> dict:
     return {"model": gm.model, "variant": gm.variant.name, "method": gm.variant.title,
             "generator": str(gm.path.relative_to(paths.root)), "generator_sha256": model_sha256(gm.path),
             "discriminator": str(disc.relative_to(paths.root)), "discriminator_sha256": sha256_file(disc),
-            "discriminator_info": index[gm.name], "guidance": guidance_settings(gm.variant, cfg.dg, cfg.sampler)}
+            "discriminator_info": index[gm.name], "guidance": guidance_settings(gm.variant, sampler_settings(cfg, gm.variant),
+                                                                        cfg.sampler)}
 
 
 def _work(cfg: Config, paths: Paths, gm: GuidedModel, record: dict) -> list[Shard]:
@@ -56,8 +58,8 @@ def _correction_and_extras(cfg: Config, paths: Paths, gm: GuidedModel, device: s
     ext = json.loads(paths.discriminators_index.read_text())["discriminators"][gm.name]
     extractor = paths.checkpoint(ext["extractor_file"]) if ext.get("extractor_file") else None
     disc, _ = load_discriminator(paths.discriminator(gm.name), extractor, ext.get("extractor_sha256"), device)
-    return build_correction(gm.variant, cfg.dg, cfg.sampler, disc), sampling_extras(cfg, paths.root, arch, info,
-                                                                                   device=device)
+    correction = build_correction(gm.variant, sampler_settings(cfg, gm.variant), cfg.sampler, disc)
+    return correction, sampling_extras(cfg, paths.root, arch, info, device=device)
 
 
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
