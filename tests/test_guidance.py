@@ -72,6 +72,7 @@ def test_guided_models_resolve_last_and_say_what_they_need(tmp_path):
       "discriminator.head=dg-cifar10-uncond-discriminator-60"],
      "discriminator.conditional: is True but the released head dg-cifar10-uncond-discriminator-60 is unconditional"),
     (["dg.tau_min=0.5", "dg.tau_max=0.2"], "dg.tau_min: is above dg.tau_max"),
+    (["dg_improved.tau_min=0.5", "dg_improved.tau_max=0.2"], "dg_improved.tau_min: is above dg_improved.tau_max"),
 ])
 def test_bad_guidance_settings_name_the_field_and_the_fix(sets, words):
     with pytest.raises(ConfigError) as e:

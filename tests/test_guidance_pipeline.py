@@ -134,7 +134,8 @@ def test_a_new_dg_weight_reruns_only_guided_sampling_and_what_follows(project):
     for stage in ("guided", "fid", "table"):
         assert f"Running stage '{stage}'" in out
     after = {m["name"]: m for m in read_result(d / "results/micro")["models"]}
-    for m in before["models"]:  # the unguided models' numbers are the same; the guided ones moved
+    for m in before["models"]:  # the unguided models' and improved DG's (own section) are the same; DG's moved
         same = m["values"] == after[m["name"]]["values"]
-        assert same == ("guided" not in m), m["name"]
+        assert same == (m.get("guided", {}).get("variant", "dg-improved") == "dg-improved"), m["name"]
     assert after["base+dg"]["guided"]["guidance"]["w"] == 0.5
+    assert after["base+dg-improved"]["guided"]["guidance"]["w"] == 2.0  # dg_improved.w, not dg.w
