@@ -8,12 +8,17 @@ measurement.
     python benchmarks/bench_ddo.py                        # tiny preset network (8x8 digits), CPU
     python benchmarks/bench_ddo.py --arch cifar10 --batch 16 --steps 3
     python benchmarks/bench_ddo.py --device cuda --arch cifar10 --batch 256
+    python benchmarks/bench_ddo.py --device cuda --arch edm2-s --batch 64 --precision fp32
+
+``--precision`` is ddo.precision (repro.methods.training.training_precision): fp32 = float32 with TF32 off, as the
+paper fine-tunes; tf32; bf16 autocast. On CUDA the peak GPU memory of the DDO step is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from functools import partial
 import os
 import platform
 import statistics
@@ -25,7 +30,10 @@ import torch  # noqa: E402
 
 from repro.config import load_config  # noqa: E402
 from repro.methods.ddo.loss import ddo_diffusion_loss  # noqa: E402
+from repro.methods.ddo.rounds import eval_forward  # noqa: E402
 from repro.methods.losses import draw_sigma_noise, edm_loss  # noqa: E402
+from repro.methods.training import for_training, training_precision  # noqa: E402
+from repro.nets.edm2 import PRESETS  # noqa: E402
 from repro.nets.factory import arch_presets, build_network  # noqa: E402
 from repro.nets.layers import disable_dropout  # noqa: E402
 from repro.sampling.edm import edm_sampler  # noqa: E402
@@ -53,7 +61,9 @@ def timed(fn, steps: int, device: str) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=["tiny", "cifar10"], default="tiny")
+    ap.add_argument("--arch", choices=["tiny", "cifar10", "edm2-s"], default="tiny",
+                    help="tiny preset net; EDM's CIFAR-10 DDPM++ (56M); EDM2-S ImageNet-64 (280M)")
+    ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32", help="ddo.precision")
     ap.add_argument("--batch", type=int, default=128, help="images (EDM step) = pairs (DDO step)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--sample-batch", type=int, default=None)
@@ -62,9 +72,12 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    arch = tiny_arch() if args.arch == "tiny" else {**arch_presets()["edm-cifar10-32x32-cond-vp"]}
+    arch = {"tiny": tiny_arch, "cifar10": lambda: {**arch_presets()["edm-cifar10-32x32-cond-vp"]},
+            "edm2-s": lambda: dict(PRESETS["img64-s"])}[args.arch]()
     dev = args.device
-    net = disable_dropout(build_network(arch)).to(dev).train()
+    precision = training_precision(args.precision, dev)
+    autocast = precision.__enter__()
+    net = for_training(disable_dropout(build_network(arch))).to(dev).train()
     ref = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=1e-5)
     c, r, L = arch["img_channels"], arch["img_resolution"], arch.get("label_dim", 0)
@@ -75,25 +88,32 @@ def main() -> None:
     sigma, eps = draw_sigma_noise(x.shape, -1.2, 1.2, device=dev)
 
     def edm_step():
-        loss = edm_loss(net, x, y, sigma, eps, 0.5).mean()
+        with autocast():
+            loss = edm_loss(net, x, y, sigma, eps, 0.5).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def ddo_step():
-        loss, _ = ddo_diffusion_loss(net, ref, x, y, xf, y, sigma, eps, alpha=1.0, beta=0.05, sigma_data=0.5)
+        with autocast():  # theta's fake pass in eval mode, as the DDO round runs it
+            loss, _ = ddo_diffusion_loss(net, ref, x, y, xf, y, sigma, eps, alpha=1.0, beta=0.05, sigma_data=0.5,
+                                         net_fake=partial(eval_forward, net))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     @torch.no_grad()
     def ref_forward():
-        ref(x + sigma * eps, sigma.flatten(), y)
+        with autocast():
+            ref(x + sigma * eps, sigma.flatten(), y)
 
     for fn in (edm_step, ddo_step, ref_forward):  # warm-up
         fn()
     t_edm = statistics.median(timed(edm_step, args.steps, dev))
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t_ddo = statistics.median(timed(ddo_step, args.steps, dev))
+    ddo_mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB peak" if dev == "cuda" else "n/a on CPU"
     t_fwd = statistics.median(timed(ref_forward, args.steps, dev))
     ideal = 2 * t_edm + 2 * t_fwd
 
@@ -107,10 +127,11 @@ def main() -> None:
     n_params = sum(p.numel() for p in net.parameters())
     print(f"device: {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else platform.processor() or 'cpu'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"network: {args.arch} ({n_params / 1e6:.3f}M params, {c}x{r}x{r}, label_dim {L}), batch {B}")
+    print(f"network: {args.arch} ({n_params / 1e6:.3f}M params, {c}x{r}x{r}, label_dim {L}), batch {B}, "
+          f"precision {args.precision}")
     print(f"EDM-loss step (B images)            : {t_edm * 1e3:9.1f} ms")
     print(f"no-grad forward (B images)          : {t_fwd * 1e3:9.1f} ms")
-    print(f"DDO step (B pairs)                  : {t_ddo * 1e3:9.1f} ms")
+    print(f"DDO step (B pairs)                  : {t_ddo * 1e3:9.1f} ms   GPU memory {ddo_mem}")
     print(f"DDO / EDM step                      : {t_ddo / t_edm:9.2f} x")
     print(f"ideal (2 EDM steps + 2 fwd) / EDM   : {ideal / t_edm:9.2f} x   (measured / ideal = {t_ddo / ideal:.2f})")
     print(f"sampler ({args.num_steps} steps, {2 * args.num_steps - 1} NFE, batch {sb}): "

