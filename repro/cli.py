@@ -111,6 +111,12 @@ _stage_command("pretrain", "Alias of `pretrain`: fetch, verify (sha256) and conv
                "(try --dry-run first).", name="pretrained")
 _stage_command("ddo", "Run the DDO self-play rounds (and the MLE control); resumable round by round.")
 _stage_command("sample", "Generate the final evaluation's images (per-seed) for every model.")
+_stage_command("fakes", "Generate the fake bank of every model whose guided variant trains on one (guidance.evaluate); "
+               "made once, resumable by shard.")
+_stage_command("discriminator", "Train the noise-conditioned discriminator of every guided model (DG: BCE; improved "
+               "DG: the KL-bounding objective), or fetch a released one; resumable epoch by epoch.")
+_stage_command("guided", "Generate the final evaluation's images of every guided model (guidance.evaluate): the same "
+               "seeds as `repro sample`, with the variant's correction in each sampler step.")
 _stage_command("fid", "Compute the metric of every model on the evaluation seeds; write results/<preset>/.")
 @main.command("params")
 @click.option("--preset", default="tiny", show_default=True, help="preset to print")
@@ -155,7 +161,8 @@ def inception_weights_cmd(out: Path | None, check_images: int) -> None:
 
 
 @main.command("job-script")
-@click.argument("stage", type=click.Choice(["data", "extractor", "pretrain", "ddo", "sample", "fid"]))
+@click.argument("stage", type=click.Choice(["data", "extractor", "pretrain", "ddo", "sample", "fakes", "discriminator",
+                                            "guided", "fid"]))
 @click.option("--params", "params", type=click.Path(path_type=Path), default=None, help="params file")
 @click.option("--preset", default=None, help="named preset instead of the params file")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a value (repeatable)")

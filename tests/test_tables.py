@@ -10,7 +10,9 @@ and review the diff of tests/golden/ before committing it.
 
 from __future__ import annotations
 
+import csv
 import difflib
+import io
 import os
 from pathlib import Path
 
@@ -117,6 +119,21 @@ def test_render_run_reduced_and_control():
     tiny = T.render_run(fixture_metrics("tiny"))
     assert "full run" in tiny and "Δ vs control" in tiny
     assert "| ddo-r1 | 1 | 5.00 | 4.90 | 5.10 | -1.10 (-18.0%) | -0.90 (-15.3%) |  |" in tiny
+
+
+def test_a_guided_model_is_compared_with_the_model_it_guides():
+    m = fixture_metrics("tiny")
+    assert "Δ vs unguided" not in T.render_run(m)  # no guided model: no column
+    r1 = next(x for x in m["models"] if x["name"] == "ddo-r1")
+    m["models"].append({"name": "ddo-r1+dg", "round": 1, "value": 4.0, "values": [3.9, 4.1],
+                        "guided": {"model": "ddo-r1", "variant": "dg"}, "note": "DG on ddo-r1 (w = 2)"})
+    md = T.render_run(m)
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    assert header.split(" | ")[-3:] == ["Δ vs control", "Δ vs unguided", "note |"]
+    row = next(line for line in md.splitlines() if line.startswith("| ddo-r1+dg |"))
+    assert f"| {R._fmt_delta(4.0 - r1['value'])} ({100 * (4.0 - r1['value']) / r1['value']:+.1f}%) | DG on ddo-r1" in row
+    rows = list(csv.DictReader(io.StringIO(T.render_run(m, "csv"))))
+    assert [r["delta_vs_unguided"] for r in rows][-2:] == ["", R._num_repr(4.0 - r1["value"])]
 
 
 def test_protocol_line_says_which_devices_sampled_and_flags_a_mix():

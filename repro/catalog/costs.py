@@ -33,6 +33,20 @@ FORWARD_SECONDS: dict[str, dict[str, tuple[float, str]]] = {
     },
 }
 
+# Discriminator guidance at DG's CIFAR-10 sizes (the frozen 32x32 ADM classifier, 47.8M parameters, + DG's head,
+# 2.88M), seconds per image: a BCE training step (extractor forward, head forward+backward), an improved-DG training
+# step (the gradient to the input and its backward: a double backward through both), and one guidance evaluation
+# (forward + backward to the input, once per sampler step with w2 = 0). Random weights, fp32.
+DISCRIMINATOR_SECONDS: dict[str, dict[str, dict[str, tuple[float, str]]]] = {
+    "dg-adm-32x32": {
+        "cpu (2 shared cores, the development VM)": {
+            "bce_step": (0.415, "benchmarks/results/bench_dg_cpu.txt: DG training step 829.3 ms at batch 2"),
+            "mse_step": (3.349, "benchmarks/results/bench_dg_cpu.txt: improved-DG training step 6697.3 ms at batch 2"),
+            "guidance": (0.899, "benchmarks/results/bench_dg_cpu.txt: guidance evaluation 1797.3 ms at batch 2"),
+        },
+    },
+}
+
 # What the registry's architecture names are measured as.
 FAMILY = {"edm-cifar10-32x32-cond-vp": "edm-cifar10-32x32", "edm-cifar10-32x32-uncond-vp": "edm-cifar10-32x32",
           "img64-s": "img64-s", "img512-l": "img512-l"}
@@ -49,4 +63,18 @@ def device_hours(arch: str, image_forwards: float) -> dict[str, str]:
     out = {dev: f"{image_forwards * s / 3600:,.1f} h ({src})" for dev, (s, src) in measured.items()}
     if not any(dev.startswith("gpu") for dev in measured):
         out["gpu"] = "not measured for this architecture (see benchmarks/results/gpu-h200-20261204)"
+    return out
+
+
+def discriminator_hours(arch: str, counts: dict[str, float]) -> dict[str, str]:
+    """{device: hours} for ``counts`` = {"bce_step" | "mse_step" | "guidance": images} at ``arch``'s measured
+    speeds, or a line saying none is measured."""
+    measured = DISCRIMINATOR_SECONDS.get(arch, {})
+    out = {}
+    for dev, table in measured.items():
+        secs = sum(n * table[k][0] for k, n in counts.items() if n)
+        out[dev] = f"{secs / 3600:,.1f} h ({'; '.join(sorted({table[k][1] for k, n in counts.items() if n}))})"
+    if not measured:
+        out["cpu"] = f"not measured for {arch}"
+    out["gpu"] = "not measured yet (no GPU has been lent to this project; see the README's performance section)"
     return out

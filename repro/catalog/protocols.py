@@ -60,6 +60,16 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
     Protocol("edm-cifar10-fid50k", "EDM's own CIFAR-10 numbers (1.79 cond, 1.97 uncond: minimum of three ranges)",
              50000, THREE_RANGES, "min", "random", 18, "inception-v3-compat", INCEPTION, EDM_REF, "edm-npz",
              "EDM generate.py/fid.py and README (min of 3 seed ranges); research/ddo.md section 4"),
+    # DG's CIFAR-10 evaluation (alsdudrla10/DG README steps 6-7; research/dg.md a.2, a.3): its generate.py makes 50k
+    # samples with EDM's Heun sampler, 18 steps (35 NFE), and fid_npzs.py computes FID-50k once against EDM's
+    # cifar10-32x32.npz with the Inception-v3 2015-12-05 weights: EDM's FID pipeline, one range (its EDM baselines,
+    # 2.03 / 1.82, are its own measurements of the released EDM nets, not EDM's minimum of three). DG seeds its run
+    # once (--seed 0), not per image: seeds 0-49999 per image are ours. Conditional labels: drawn at random per
+    # sample, as EDM's generate.py (assumed: the notes do not say how DG draws them).
+    Protocol("dg-cifar10-fid50k", "DG's CIFAR-10 rows: EDM 2.03 -> 1.77 uncond, 1.82 -> 1.64 cond", 50000, ONE_RANGE,
+             "mean", "random", 18, "inception-v3-compat", INCEPTION, EDM_REF, "edm-npz",
+             "alsdudrla10/DG README (generate.py 50k, fid_npzs.py --num_samples=50000, EDM's cifar10-32x32.npz); "
+             "research/dg.md a.2, a.3"),
     # DDO's EDM2_sample.py: seeds 0-49999, seed i gets class i mod 1000 (strict class balance), Heun 32 steps.
     Protocol("ddo-img64-fid50k", "DDO Table 2 (ImageNet-64: EDM2-S retested 1.60, DDO 0.97)", 50000, ONE_RANGE,
              "mean", "balanced", 32, "inception-v3-compat", INCEPTION, IMG64_REF, "edm2-pkl",

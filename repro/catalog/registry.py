@@ -90,6 +90,51 @@ DECODERS: dict[str, Checkpoint] = {c.name: c for c in [
 ]}
 
 
+# Discriminator Guidance's released files (Kim et al. 2023; research/dg.md a.4). The authors publish them in Google
+# Drive folders, not at file URLs, so there is nothing to download automatically: put the file in checkpoints/ by hand,
+# or in a mirror (pretrain.mirror: a base URL or a directory holding it under its file name). Its sha256 is pinned in
+# checkpoints.lock.json on first use like every checkpoint's (no hash could be looked up from the development machine).
+@dataclass(frozen=True)
+class ReleasedFile:
+    name: str           # registry name
+    file: str           # the file name as released
+    location: str       # where the authors publish it (a folder, not a file URL)
+    kind: str           # adm-extractor (frozen feature extractor) | dg-head (trained discriminator head)
+    conditional: bool   # a class-conditional head
+    paper: str          # what it is for, with its source
+    licence: str
+    sha256: str | None = None
+
+    @property
+    def filename(self) -> str:
+        return self.file
+
+    @property
+    def url(self) -> str:  # where to fetch it with a mirror: the mirror replaces everything but the file name
+        return f"{self.location}/{self.file}"
+
+
+_DRIVE = "https://drive.google.com/drive/folders"
+_DG_LICENCE = "none stated (the DG repository's licence is CC BY-NC-SA 4.0)"
+DG_FILES: dict[str, ReleasedFile] = {f.name: f for f in [
+    ReleasedFile("dg-cifar10-adm-classifier", "32x32_classifier.pt", f"{_DRIVE}/1gb68C13-QOt8yA6ZnnS6G5pVIlPO7j_y",
+                 "adm-extractor", False, "DG's frozen CIFAR-10 feature extractor (ADM classifier, 32x32, width 128, "
+                 "depth 4), trained by the DG authors with ADM's code (alsdudrla10/DG README step 4)", _DG_LICENCE),
+    ReleasedFile("dg-cifar10-uncond-discriminator-60", "discriminator_60.pt", f"{_DRIVE}/1Mf3F1yGfWT8bO0_iOBX-PWG3O-OLROE2",
+                 "dg-head", False, "DG's unconditional CIFAR-10 head after 60 epochs: EDM 2.03 -> 1.77 with w = 2 "
+                 "(DG README)", _DG_LICENCE),
+    ReleasedFile("dg-cifar10-cond-discriminator-250", "discriminator_250.pt", f"{_DRIVE}/1P1u7cz7kY1BJDPVrPNiFcksy_HCHY_bI",
+                 "dg-head", True, "DG's conditional CIFAR-10 head after 250 epochs: EDM 1.82 -> 1.64 with w = 1 and "
+                 "boosting (DG README)", _DG_LICENCE),
+]}
+
+
+def get_dg_file(name: str) -> ReleasedFile:
+    if name not in DG_FILES:
+        raise KeyError(f"unknown DG file {name!r}; known: {', '.join(DG_FILES)}")
+    return DG_FILES[name]
+
+
 def get(name: str) -> Checkpoint:
     if name not in CHECKPOINTS:
         raise KeyError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}")

@@ -17,12 +17,17 @@ from repro.config.load import (
 )
 from repro.config.schema import (
                                EXTRA_METRICS,
+                               GUIDANCE_VARIANTS,
                                SEED_BLOCK,
                                STAGE_PARAMS,
                                Config,
                                DataConfig,
                                DDOConfig,
+                               DGConfig,
+                               DiscriminatorConfig,
                                ExtractorConfig,
+                               GuidanceConfig,
+                               ImprovedDGConfig,
                                LauncherConfig,
                                MetricsConfig,
                                NetworkConfig,
@@ -32,12 +37,14 @@ from repro.config.schema import (
                                SampleConfig,
                                SamplerConfig,
                                resources_for,
+                               split_guided,
 )
 
 __all__ = [
     "ConfigError",
     "Config", "DataConfig", "ExtractorConfig", "NetworkConfig", "PretrainConfig", "SamplerConfig", "DDOConfig",
     "SampleConfig", "MetricsConfig", "PaperConfig", "Resources", "LauncherConfig",
+    "GuidanceConfig", "DiscriminatorConfig", "DGConfig", "ImprovedDGConfig", "GUIDANCE_VARIANTS", "split_guided",
     "STAGE_PARAMS", "SEED_BLOCK", "EXTRA_METRICS", "OMIT_WHEN_EMPTY", "resources_for",
     "preset_names", "preset_text", "preset_dict", "apply_overrides", "config_from_dict", "load_config",
     "to_dict", "stage_dict", "config_hash", "dump_yaml",

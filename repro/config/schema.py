@@ -9,6 +9,7 @@ Example::
 
 import dataclasses
 import math
+import re
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, model_validator
@@ -17,7 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from repro.catalog.papers import paper_rows
 from repro.catalog.protocols import PROTOCOLS
-from repro.catalog.registry import CHECKPOINTS
+from repro.catalog.registry import CHECKPOINTS, DG_FILES
 from repro.config.errors import ConfigError, validate
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,6 +314,140 @@ class MetricsConfig:
     kid_subset_size: Int = Field(1000, gt=1, description="lowered to the smaller set's size when that is smaller")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Sampling-time refinement (discriminator guidance and its kin), evaluated beside the unguided models: which guided
+# models (guidance), their discriminators (discriminator), DG's guided sampler (dg).
+
+# The guidance variants (repro.methods.guidance.VARIANTS describes each; a test checks the two agree).
+GUIDANCE_VARIANTS = ("dg", "dg-improved")
+GUIDED_MODEL = re.compile(r"base|last|(ddo|control)-round[1-9][0-9]*")
+
+
+def split_guided(item: str) -> tuple[str, str]:
+    """'ddo-round2+dg' -> ('ddo-round2', 'dg'): the model and the variant of a guided model's name."""
+    model, _, variant = item.rpartition("+")
+    return model, variant
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
+class GuidanceConfig:
+    """Which guided models the final evaluation adds, and the fake banks their discriminators train on."""
+
+    evaluate: Tuple(Str) = Field((), description=(
+        "guided models, each 'model+variant' (e.g. base+dg, last+dg-improved): model = base, last (the last DDO "
+        "round; the base without rounds), ddo-round<r> or control-round<r>; variant = dg (Kim et al. 2023: BCE "
+        "discriminator) or dg-improved (Verine et al. 2025: the objective that bounds the KL). Each is sampled on "
+        "the evaluation seeds and measured beside the unguided models. Empty = off (the fakes, discriminator and "
+        "guided stages do nothing)"))
+    fakes: Int = Field(0, ge=0, description=(
+        "fake bank per model whose discriminator trains on one (DG's BCE): 0 = one per real image (DG: 50,000)"))
+    fake_first_seed: Int = Field(200_000_000, ge=0, description=(
+        "fake i of a model's bank has seed fake_first_seed + i (the same seeds for every model; disjoint from the "
+        "other seed ranges)"))
+
+    @rules
+    def _rules(self):
+        for i, item in enumerate(self.evaluate):
+            model, variant = split_guided(item)
+            if not model:
+                yield (f"evaluate[{i}]", f"{item!r} is not 'model+variant'", "write e.g. base+dg or last+dg-improved")
+            elif variant not in GUIDANCE_VARIANTS:
+                yield (f"evaluate[{i}]", f"{item!r}: unknown variant {variant!r}",
+                       f"use one of: {', '.join(GUIDANCE_VARIANTS)}")
+            elif not GUIDED_MODEL.fullmatch(model):
+                yield (f"evaluate[{i}]", f"{item!r}: unknown model {model!r}",
+                       "use base, last, ddo-round<r> or control-round<r>")
+        if len(set(self.evaluate)) != len(self.evaluate):
+            yield "evaluate", f"lists a guided model twice: {list(self.evaluate)}", "list each once"
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
+class DiscriminatorConfig:
+    """The noise-conditioned discriminator of each guided model (stage discriminator; DG's train.py defaults)."""
+
+    arch: Literal["adm", "encoder"] = Field("encoder", description=(
+        "adm: DG's discriminator, the frozen ADM classifier `extractor` to its middle block + a small trainable ADM "
+        "head (CIFAR-10); encoder: a small ADM encoder of width `width`, trained end to end (the 8x8 digits, which "
+        "have no pretrained classifier)"))
+    extractor: Literal[("", *(n for n, f in DG_FILES.items() if f.kind == "adm-extractor"))] = Field("", description=(
+        "arch adm: the frozen feature extractor (repro/catalog/registry.py DG_FILES; from pretrain.mirror or "
+        "checkpoints/, sha256 pinned on first use)"))
+    head: Literal[("", *(n for n, f in DG_FILES.items() if f.kind == "dg-head"))] = Field("", description=(
+        "a released head instead of training (variant dg only, on the model it was released for: the base); '' = "
+        "train one per guided model"))
+    conditional: Bool = Field(False, description="class-conditional discriminator (DG's --cond): labels enter its "
+                                                 "time embedding")
+    width: Int = Field(32, gt=0, multiple_of=32, description="arch encoder: its base channels (GroupNorm: x32)")
+    epochs: Int = Field(50, gt=0, description="passes over the pool of real and fake images (DG: 50; released heads "
+                                              "60 uncond, 250 cond); the last epoch's discriminator is used")
+    batch: Int = Field(128, gt=0, description="real and fake images pooled and shuffled (DG: 128)")
+    lr: Float = Field(3e-4, gt=0, description="Adam (DG: 3e-4)")
+    weight_decay: Float = Field(1e-7, ge=0, description="Adam weight decay (DG: 1e-7)")
+    t_min: Float = Field(1e-5, gt=0, lt=1, description="smallest VP time of training (DG: 1e-5)")
+    importance_sampling: Bool = Field(True, description=(
+        "draw the VP time with density g^2 / sigma_t^2 (DG), else uniformly"))
+    num_data: Int = Field(0, ge=0, description="first num_data images of each bank (0 = all; DG: 50,000)")
+    seed: Int = Field(0, ge=0)
+
+    @rules
+    def _rules(self):
+        if self.arch == "adm" and not self.extractor:
+            yield ("extractor", "is empty but discriminator.arch is adm", "name the frozen extractor, e.g. "
+                   "dg-cifar10-adm-classifier, or set discriminator.arch: encoder")
+        if self.head and self.arch != "adm":
+            yield ("head", f"is a released ADM head ({self.head}) but discriminator.arch is {self.arch}",
+                   "set discriminator.arch: adm (with its extractor), or discriminator.head: ''")
+        if self.head and DG_FILES[self.head].conditional != self.conditional:
+            yield ("conditional", f"is {self.conditional} but the released head {self.head} is "
+                   f"{'' if DG_FILES[self.head].conditional else 'un'}conditional",
+                   f"set discriminator.conditional: {str(DG_FILES[self.head].conditional).lower()}")
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
+class DGConfig:
+    """DG's guided sampler (DG's generate.py): score <- score + w grad log(d / (1 - d)) inside a time window."""
+
+    w: Float = Field(2.0, ge=0, description="weight at each step's first evaluation (DG: 2 uncond, 1 cond CIFAR-10)")
+    w2: Float = Field(0.0, ge=0, description="weight at the Heun correction's evaluation (DG: 0, one discriminator "
+                                             "evaluation per step)")
+    tau_min: Float = Field(0.01, ge=0, le=1, description="window: guidance only where the VP time tau(sigma) >= "
+                                                        "tau_min (DG: 0.01, sigma ~ 0.045)")
+    tau_max: Float = Field(1.0, ge=0, le=1, description="... and tau(sigma) <= tau_max (DG: 1)")
+    d_clip: Float = Field(1e-5, ge=0, lt=0.5, description=(
+        "d clipped to [d_clip, 1 - d_clip] before log(d / (1 - d)) (DG: 1e-5); dg-improved: never clipped (its "
+        "logit has a free offset)"))
+    boosting: Bool = Field(False, description=(
+        "DG's conditional CIFAR-10 'boosting': samples the discriminator calls fake churn and get a larger weight "
+        "(variant dg only: it reads the sign of a calibrated logit)"))
+    boost_churn: Float = Field(4.0, ge=0, description="S_churn of boosted samples (DG: 4)")
+    boost_period: Int = Field(5, gt=0, description="boosted samples churn at steps i % boost_period == 0 (DG: 5)")
+    boost_weight_period: Int = Field(2, gt=0, description="... and get boost_factor x w at steps i % this == 0 (DG: 2)")
+    boost_factor: Float = Field(2.0, ge=0, description="(DG: 2)")
+
+    @rules
+    def _rules(self):
+        if self.tau_min > self.tau_max:
+            yield "tau_min", f"is above dg.tau_max ({self.tau_max})", "set dg.tau_min <= dg.tau_max (DG: 0.01, 1)"
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
+class ImprovedDGConfig:
+    """Improved DG's guided sampler: DG's (score + w grad d inside the window), with the logit never clipped and no
+    boosting (the improved objective leaves d's offset free, so neither its clipping nor its sign means anything).
+    The paper's sampling settings could not be read (research/dg.md b.2): DG's are the defaults."""
+
+    w: Float = Field(2.0, ge=0, description="weight at each step's first evaluation")
+    w2: Float = Field(0.0, ge=0, description="weight at the Heun correction's evaluation")
+    tau_min: Float = Field(0.01, ge=0, le=1, description="window: guidance only where tau(sigma) >= tau_min")
+    tau_max: Float = Field(1.0, ge=0, le=1, description="... and tau(sigma) <= tau_max")
+
+    @rules
+    def _rules(self):
+        if self.tau_min > self.tau_max:
+            yield ("tau_min", f"is above dg_improved.tau_max ({self.tau_max})",
+                   "set dg_improved.tau_min <= dg_improved.tau_max")
+
+
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class Resources:
     """What one job asks SLURM for (sbatch options); any other option goes in ``extra``."""
@@ -397,8 +532,12 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "pretrain": ("pretrain", "sampler"),
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
     "sample": ("sample", "sampler", "ddo.rounds", "ddo.control"),
+    "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
+    "discriminator": ("guidance.evaluate", "discriminator", "ddo.rounds", "pretrain.mirror"),
+    "guided": ("guidance.evaluate", "dg", "dg_improved", "sample", "sampler", "ddo.rounds"),
     "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
-            "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper"),
+            "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper",
+            "guidance.evaluate"),
     "table": ("preset", "paper.name"),
 }
 
@@ -416,6 +555,10 @@ class Config:
     sample: SampleConfig
     metrics: MetricsConfig = Field(MetricsConfig(), description="optional metrics of the final evaluation (fid stage)")
     paper: PaperConfig = Field(PaperConfig(), description="the paper cells the results fill (fid and table stages)")
+    guidance: GuidanceConfig = Field(GuidanceConfig(), description="guided models beside the unguided ones")
+    discriminator: DiscriminatorConfig = Field(DiscriminatorConfig(), description="their discriminators")
+    dg: DGConfig = Field(DGConfig(), description="DG's guided sampler")
+    dg_improved: ImprovedDGConfig = Field(ImprovedDGConfig(), description="improved DG's guided sampler")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="where stages run")
 
     @rules
@@ -472,3 +615,43 @@ class Config:
             if a0 < f1 and f0 < a1:
                 yield ("ddo.fake_first_seed", f"the fake-bank seeds [{f0}, {f1}) overlap the {name} [{a0}, {a1})",
                        "move ddo.fake_first_seed above the other seed ranges")
+        yield from _guidance_rules(self)
+
+
+def _guidance_rules(cfg: "Config"):
+    """The guided models against the rest: models that exist, data to train on, seed ranges apart."""
+    g, d = cfg.guidance, cfg.ddo
+    trains = False
+    for i, item in enumerate(g.evaluate):
+        model, variant = split_guided(item)
+        kind, _, r = model.partition("-round")
+        if r.isdigit() and not 1 <= int(r) <= d.rounds:
+            yield (f"guidance.evaluate[{i}]", f"{item!r}: there is no round {r} (ddo.rounds is {d.rounds})",
+                   "name a round in 1..ddo.rounds, or last")
+        elif kind == "control" and not d.control:
+            yield (f"guidance.evaluate[{i}]", f"{item!r}: ddo.control is false, so there is no control model",
+                   "set ddo.control: true, or guide base or a DDO round")
+        released = variant == "dg" and bool(cfg.discriminator.head)
+        if released and model != "base" and not (model == "last" and d.rounds == 0):
+            yield (f"guidance.evaluate[{i}]", f"{item!r}: the released head {cfg.discriminator.head} was trained on "
+                   "the base model's samples, not this model's", "guide base with it, or set discriminator.head: '' "
+                   "to train one for this model")
+        trains = trains or not released
+    if trains and cfg.data.dataset == "none":
+        yield ("guidance.evaluate", "trains a discriminator on the data set, but data.dataset is 'none'",
+               "set data.dataset (e.g. cifar10), or use released heads only (discriminator.head, variant dg)")
+    if g.evaluate and cfg.pretrain.source != "train" and CHECKPOINTS[cfg.pretrain.source].decoder:
+        yield ("guidance.evaluate", f"guides a latent model ({cfg.pretrain.source}); guidance in latent space is not "
+               "built", "set guidance.evaluate: []")
+    if g.evaluate:
+        e = cfg.sample
+        n_fakes = g.fakes or 10 ** 7  # one per real image: at most ~1.3M (ImageNet)
+        f0, f1 = g.fake_first_seed, g.fake_first_seed + n_fakes
+        for name, (a0, a1) in {"sample seeds": (e.first_seed, e.first_seed + e.repeats * e.n_samples),
+                               "ddo selection seeds": (d.selection_first_seed,
+                                                       d.selection_first_seed + d.selection_samples),
+                               "ddo fake-bank seeds": (d.fake_first_seed,
+                                                       d.fake_first_seed + (d.rounds + 1) * SEED_BLOCK)}.items():
+            if a0 < f1 and f0 < a1:
+                yield ("guidance.fake_first_seed", f"the guidance fake-bank seeds [{f0}, {f1}) overlap the {name} "
+                       f"[{a0}, {a1})", "move guidance.fake_first_seed above the other seed ranges")

@@ -4,9 +4,11 @@ device-hours where the architecture's speed on a device was measured (repro.cata
 from __future__ import annotations
 
 from repro.catalog import registry
-from repro.catalog.costs import DATASET_SIZES, FWD_BWD, device_hours
+from repro.catalog.costs import DATASET_SIZES, FWD_BWD, device_hours, discriminator_hours
 from repro.config import Config
 from repro.methods.ddo.sweep import sweep_grid
+from repro.nets.vpsde import tau_from_sigma
+from repro.sampling.edm import sigma_steps
 
 
 def architecture(cfg: Config) -> str:
@@ -56,3 +58,50 @@ def sample_cost(cfg: Config) -> dict:
     total = images * nfe(cfg)
     return {"models": models, "images": images, "network_evaluations_per_image": nfe(cfg),
             "image_forwards": total, "device_hours": device_hours(architecture(cfg), total)}
+
+
+def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
+    """The guidance stages' work (``guided``: repro.methods.guidance.describe): the fake banks (generator forwards),
+    the discriminators' training (image steps, the improved objective's through the generator too) and the guided
+    samples (generator forwards and discriminator evaluations, one per step inside the window, two with w2 != 0)."""
+    n_data = DATASET_SIZES[cfg.data.dataset]
+    k = nfe(cfg)
+    arch = architecture(cfg)
+    d, g = cfg.discriminator, cfg.guidance
+    n_fakes = g.fakes or n_data
+    banks = sorted({x["model"] for x in guided if x["fake_bank"]})
+    fake_forwards = len(banks) * n_fakes * k
+    disc_arch = "dg-adm-32x32" if d.arch == "adm" else f"encoder, width {d.width} (trained here)"
+    real = min(d.num_data or n_data, n_data)
+    steps = {"bce_step": 0, "mse_step": 0}
+    gen_forwards = 0
+    for x in guided:
+        if x["trained"]:
+            fake = min(d.num_data or n_fakes, n_fakes)
+            steps[f"{x['objective']}_step"] += d.epochs * (real + (fake if x["objective"] == "bce" else 0))
+            gen_forwards += d.epochs * real if x["objective"] == "mse" else 0
+    # the guided sampler: the generator's NFE, and the discriminator at each step whose tau(sigma) is in the window
+    s = cfg.sampler
+    tau = tau_from_sigma(sigma_steps(s.num_steps, s.sigma_min, s.sigma_max, s.rho)[:-1])
+    n = cfg.sample.repeats * cfg.sample.n_samples
+    images, evaluations = len(guided) * n, 0
+    for x in guided:
+        g = x["sampler"]
+        inside = int(((tau >= g["tau_min"]) & (tau <= g["tau_max"])).sum())
+        evaluations += n * ((inside if g["w"] else 0) + (max(inside - 1, 0) if g["w2"] else 0))
+    per_image = evaluations // images if images else 0
+    return {
+        "fakes": {"banks": banks, "images": len(banks) * n_fakes, "image_forwards": fake_forwards,
+                  "device_hours": device_hours(arch, fake_forwards)},
+        "discriminator": {"discriminator": disc_arch, "trained": sum(x["trained"] for x in guided),
+                          "epochs": d.epochs, "image_steps": {k_: v for k_, v in steps.items() if v},
+                          "generator_forwards": gen_forwards,
+                          "device_hours": {"discriminator": discriminator_hours(disc_arch, steps),
+                                           **({"generator": device_hours(arch, gen_forwards)} if gen_forwards else {})}
+                          if any(steps.values()) else "nothing to train"},
+        "guided": {"models": len(guided), "images": images, "network_evaluations_per_image": k,
+                   "discriminator_evaluations_per_image": per_image, "image_forwards": images * k,
+                   "discriminator_evaluations": evaluations,
+                   "device_hours": {"generator": device_hours(arch, images * k),
+                                    "discriminator": discriminator_hours(disc_arch, {"guidance": evaluations})}},
+    }

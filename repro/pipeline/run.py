@@ -1,6 +1,7 @@
 """Running a stage: here, or as waves of jobs through the launcher (repro.cluster.launcher).
 
-The pipeline's stages, in order: data -> extractor -> pretrain -> ddo -> sample -> fid -> table. Each is a module
+The pipeline's stages, in order: data -> extractor -> pretrain -> ddo -> sample -> fakes -> discriminator -> guided
+-> fid -> table (fakes, discriminator and guided: the guided models of repro.methods.guidance). Each is a module
 of repro.pipeline.stages with ``run(cfg, paths, progress, **kwargs)``; a stage whose work splits into jobs on a
 cluster also has ``waves(cfg, root, whole, **kwargs)`` (the DDO sweep, the sample shards), and one with more to say
 in a dry run has ``describe(cfg, paths)``. The launcher runs waves and knows nothing of the stages; a new method
@@ -21,7 +22,7 @@ from repro.config import Config
 from repro.pipeline.common import stage_context
 from repro.storage.layout import Paths
 
-STAGES = ("data", "extractor", "pretrain", "ddo", "sample", "fid", "table")
+STAGES = ("data", "extractor", "pretrain", "ddo", "sample", "fakes", "discriminator", "guided", "fid", "table")
 
 
 def stage_module(stage: str) -> ModuleType:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -56,6 +57,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _key(name: str) -> str:
+    """A param or metric name as MLflow accepts it (alphanumerics, _ - . space : /): e.g. a guided model's '+' -> '_'."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
 class Tracker:
     """A small interface over one active run; NullTracker does nothing (tracking off)."""
 
@@ -65,12 +71,12 @@ class Tracker:
     def log_params(self, params: dict) -> None:
         import mlflow
 
-        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()}, run_id=self.run_id)
+        mlflow.log_params({_key(k): str(v)[:500] for k, v in _flatten(params).items()}, run_id=self.run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self.run_id)
+        mlflow.log_metrics({_key(k): float(v) for k, v in metrics.items()}, step=step, run_id=self.run_id)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         import mlflow

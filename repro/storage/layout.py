@@ -9,6 +9,11 @@ A project directory (the one holding params.yaml) looks like this::
     models/                                extractor, reference statistics, base model, guide, ddo/ (one file
                                            per round and kind, rounds.json)
     samples/<model>/seeds-*.npz            the final evaluation's images (published copy of runs/samples-work)
+    fakes/<model>/seeds-*.npz, banks.json  guidance: each guided model's fake bank (copy of runs/fakes-work)
+    models/guidance/<model+variant>.safetensors, discriminators.json
+                                           guidance: each guided model's discriminator
+    samples-guided/<model+variant>/seeds-*.npz, guided.json
+                                           guidance: the guided models' evaluation images (runs/guided-<key>/)
     results/<preset>/                      metrics.json (numbers), protocol.json, rounds.tsv, table.md
     runs/<stage>-<key>/                    resumable work of a stage, keyed by its params and inputs
     runs/slurm/<job id>/                   submitit's scripts and logs
@@ -89,6 +94,24 @@ class Paths:
     @property
     def rounds_json(self) -> Path: return self.ddo / "rounds.json"
     def round_model(self, kind: str, round_: int) -> Path: return self.ddo / f"{round_name(kind, round_)}.safetensors"
+
+    # guidance: fake banks, discriminators, guided samples
+    @property
+    def fakes(self) -> Path: return self.root / "fakes"
+    @property
+    def fakes_index(self) -> Path: return self.fakes / "banks.json"
+    @property
+    def fakes_work(self) -> Path: return self.runs / "fakes-work"  # finished fake shards; fakes/ is their copy
+    @property
+    def discriminators(self) -> Path: return self.root / "models" / "guidance"
+    @property
+    def discriminators_index(self) -> Path: return self.discriminators / "discriminators.json"
+    def discriminator(self, guided: str) -> Path: return self.discriminators / f"{guided}.safetensors"
+    @property
+    def guided_samples(self) -> Path: return self.root / "samples-guided"
+    @property
+    def guided_index(self) -> Path: return self.guided_samples / "guided.json"
+    def guided_work(self, key: str) -> Path: return self.runs / f"guided-{key}"  # shards of one guidance setting
 
     # samples and results
     @property

@@ -1,4 +1,5 @@
-"""One run of ours as a table: the base model against each DDO round (and the MLE control).
+"""One run of ours as a table: the base model against each DDO round (and the MLE control), and each guided model
+against the model it guides.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def _find_base(models: list[dict]) -> dict:
 
 def _is_control(m: dict) -> bool:
     return bool(m.get("control")) or "control" in str(m["name"]).lower()
+
+
+def _unguided(m: dict, by_name: dict) -> dict | None:
+    """The entry of the model a guided model guides (its ``guided.model``), if the run has it."""
+    g = m.get("guided")
+    return by_name.get(g.get("model")) if isinstance(g, dict) else None
 
 
 def _run_description(metrics: dict) -> tuple[str, list[str]]:
@@ -105,6 +112,8 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     ``protocol.reduce`` says otherwise), one column per seed range, Δ vs base (absolute and %), Δ vs
     control (only if the run has a control entry: ``control: true`` or "control" in its name), the
     paper row a model fills (only if some entry has a ``cell``) and notes (only if some entry has one).
+    A run with guided models (entries with ``guided: {model: ...}``) has a Δ vs unguided column: each guided
+    model against the model it guides, measured on the same seeds.
     A title and a protocol line (n samples, seed ranges, sampler, extractor, reference, full/reduced)
     precede the table.
 
@@ -123,6 +132,8 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     base = _find_base(models)
     controls = [m for m in models if _is_control(m) and m is not base]
     control = controls[0] if controls else None
+    by_name = {m["name"]: m for m in models}
+    guided = any(_unguided(m, by_name) is not None for m in models)
     n_rep = max((len(m.get("values") or []) for m in models), default=0)
     ranges = prot.get("seed_ranges") or []
     n = int(prot["n_samples"])
@@ -130,7 +141,8 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     if fmt == "csv":
         header = ["preset", "paper", "metric", "model", "round", "reduce", "value"]
         header += [f"repeat_{i + 1}" for i in range(n_rep)]
-        header += ["delta_vs_base"] + (["delta_vs_control"] if control else []) + ["cell", "note", "n_samples", "full"]
+        header += ["delta_vs_base"] + (["delta_vs_control"] if control else [])
+        header += (["delta_vs_unguided"] if guided else []) + ["cell", "note", "n_samples", "full"]
         recs = []
         for m in models:
             vals = list(m.get("values") or [])
@@ -141,6 +153,9 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
             if control:
                 ddo_row = m is not base and m is not control and not _is_control(m)
                 rec.append(_num_repr(m["value"] - control["value"]) if ddo_row else None)
+            if guided:
+                u = _unguided(m, by_name)
+                rec.append(_num_repr(m["value"] - u["value"]) if u is not None else None)
             rec += [m.get("cell"), m.get("note"), n, "yes" if prot["full"] else "no"]
             recs.append(rec)
         return _csv_text(header, recs) + "\n"
@@ -153,8 +168,10 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     has_cell = any(m.get("cell") for m in models)
     has_note = any(m.get("note") for m in models)
     header = ["model", "round", f"{metrics['metric']} ({reduce})"] + rep_headers + ["Δ vs base"]
-    header += (["Δ vs control"] if control else []) + (["paper row"] if has_cell else []) + (["note"] if has_note else [])
-    align = ["l", "r", "r"] + ["r"] * n_rep + ["r"] + (["r"] if control else []) + (["l"] if has_cell else []) + (["l"] if has_note else [])
+    header += (["Δ vs control"] if control else []) + (["Δ vs unguided"] if guided else [])
+    header += (["paper row"] if has_cell else []) + (["note"] if has_note else [])
+    align = ["l", "r", "r"] + ["r"] * n_rep + ["r"] + (["r"] if control else []) + (["r"] if guided else [])
+    align += (["l"] if has_cell else []) + (["l"] if has_note else [])
     grid = _Grid(title=title, header=header, align=align, preamble=lines)
     for m in models:
         vals = list(m.get("values") or [])
@@ -164,6 +181,9 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
         if control:
             ddo_row = m is not base and m is not control and not _is_control(m)
             cells.append(_rel_delta(m["value"] - control["value"], control["value"]) if ddo_row else DASH)
+        if guided:
+            u = _unguided(m, by_name)
+            cells.append(_rel_delta(m["value"] - u["value"], u["value"]) if u is not None else DASH)
         if has_cell:
             cells.append(f"`{m['cell']}`" if m.get("cell") else "")
         if has_note:

@@ -17,6 +17,7 @@ from repro.evaluation.metric import METRIC_LABELS, evaluate_range, feature_metri
 from repro.evaluation.tables.data import write_result
 from repro.nets.checkpoint import read_model_meta, weight_dtypes
 from repro.pipeline.common import load_data, require, tracked
+from repro.pipeline.stages.guided import guided_shards
 from repro.pipeline.stages.sample import eval_models
 from repro.pipeline.tracking import git_commit
 from repro.sampling.shards import eval_ranges, model_sha256, plan_shards, range_batches, range_shards, sample_devices
@@ -29,6 +30,7 @@ log = logging.getLogger("repro.pipeline")
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
     models = eval_models(cfg, paths)
     require(paths.samples, paths.rounds_json)
+    guided, guided_in = guided_shards(cfg, paths)  # the guided models beside them (none with guidance off)
     metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
     history = json.loads(paths.rounds_json.read_text())["history"]  # empty for an evaluation-only preset
     paper, cells = cfg.paper.name, dict(cfg.paper.cells)
@@ -37,7 +39,8 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
     reduce = "mean"  # over the seed ranges; a paper protocol says how it reduces (EDM: the minimum of three)
     if cfg.sample.protocol != "custom":
         reduce = protocols.get(cfg.sample.protocol).reduce
-    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.samples)
+    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.samples) + guided_in
+    models = {**models, **{name: paths.root / g["generator"] for name, g in guided.items()}}
     m = cfg.metrics
     data = load_data(paths) if paths.data.is_file() else None
     extras = extra_metrics(m.extra, cfg.extractor, paths.root, data.images if data else None,
@@ -50,7 +53,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
     with tracked("fid", cfg, paths) as t:
         entries = []
         for name in models:
-            kind, _, r = name.partition("-round")
+            kind, _, r = (guided[name]["model"] if name in guided else name).partition("-round")
             values, more = [], {}
             for lo, hi in eval_ranges(cfg.sample):
                 # The range's shards streamed through the extractors: one set of statistics each, no PNGs.
@@ -77,9 +80,16 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 entry["extra"] = {k: {"value": reduce_values(v, reduce if k == "fid" else "mean"), "values": v}
                                   for k, v in more.items()}
                 t.log_metrics({f"{k}/{name}": e["value"] for k, e in entry["extra"].items()})
-            if kind in history:
+            if name in guided:  # what it is: its generator, variant, discriminator and sampler settings
+                g = guided[name]
+                entry["guided"] = {"model": g["model"], "variant": g["variant"], "guidance": g["guidance"],
+                                   "discriminator_sha256": g["discriminator_sha256"],
+                                   "discriminator": {k: v for k, v in g["discriminator_info"].items()
+                                                     if k in ("source", "objective", "epochs", "head", "extractor")}}
+                entry["note"] = f"{g['method']} on {g['model']} (w = {g['guidance']['w']:g})"
+            elif kind in history:
                 entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
-            if kind == "control":
+            if kind == "control" and name not in guided:
                 entry["note"] = ("MLE control: the same rounds, steps, optimizer and selection as DDO, "
                                  "with the EDM loss on real images instead of the DDO loss")
             entries.append(entry)
