@@ -1,0 +1,155 @@
+"""VAR and its multi-scale VQ tokenizer (issue 13): published sizes, strict loading of the released key layout,
+the one-pass exact log-likelihood, sampling (CFG conventions, top-k/top-p), and the AR DDO loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from repro.nets.factory import build_network
+from repro.nets.var import VAR, build_var, count_parameters, load_var
+from repro.nets.vqvae import VQVAE, build_vqvae, load_vqvae
+
+SMALL = dict(depth=2, embed_dim=32, num_heads=2, num_classes=5, vocab_size=16, Cvae=4, patch_nums=(1, 2, 3))
+SMALL_VQ = dict(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), patch_nums=(1, 2, 3), in_channels=1)
+
+
+def small_models(seed: int = 0) -> tuple[VAR, VQVAE]:
+    torch.manual_seed(seed)
+    net, vq = VAR(**SMALL), VQVAE(**SMALL_VQ)
+    with torch.no_grad():  # perturb everything so no path is trivially zero (adaLN gains start near 0)
+        for p in list(net.parameters()) + list(vq.parameters()):
+            p.add_(0.3 * torch.randn_like(p))
+    return net.eval(), vq.eval()
+
+
+# ---------------------------------------------------------------- sizes (meta device: nothing is allocated)
+@pytest.mark.parametrize("arch,count", [("var-d16", 310_283_520), ("var-d30", 2_010_020_356)])
+def test_var_parameter_counts(arch, count):
+    with torch.device("meta"):
+        net = build_var(arch)
+    assert count_parameters(net) == count
+    assert net.L == 680 and net.class_emb.num_embeddings == 1001 and net.head.out_features == 4096
+
+
+def test_tokenizer_parameter_count():
+    with torch.device("meta"):
+        vq = build_vqvae("var-vqvae")
+    assert count_parameters(vq) == 108_948_355
+    assert vq.quantize.embedding.weight.shape == (4096, 32) and len(vq.quantize.quant_resi.qresi_ls) == 4
+
+
+def test_factory_builds_token_models():
+    net = build_network(dict(precond="var", **SMALL))
+    assert isinstance(net, VAR) and net.L == 14
+    with pytest.raises(ValueError, match="unknown architecture key 'img_resolution'"):
+        build_network(dict(precond="var", img_resolution=8, **SMALL))
+
+
+# ---------------------------------------------------------------- the released key layout, written independently
+def released_var_layout(depth, C, heads, classes, V, Cvae, patch_nums) -> dict[str, tuple]:
+    """Keys and shapes of a released var_d*.pth, written out from the published layout (not from our module)."""
+    L = sum(p * p for p in patch_nums)
+    keys = {"word_embed.weight": (C, Cvae), "word_embed.bias": (C,), "class_emb.weight": (classes + 1, C),
+            "pos_start": (1, 1, C), "pos_1LC": (1, L, C), "lvl_embed.weight": (len(patch_nums), C),
+            "head_nm.ada_lin.1.weight": (2 * C, C), "head_nm.ada_lin.1.bias": (2 * C,),
+            "head.weight": (V, C), "head.bias": (V,), "lvl_1L": (1, L), "attn_bias_for_masking": (1, 1, L, L)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        keys.update({b + "attn.scale_mul_1H11": (1, heads, 1, 1), b + "attn.q_bias": (C,), b + "attn.v_bias": (C,),
+                     b + "attn.zero_k_bias": (C,), b + "attn.mat_qkv.weight": (3 * C, C),
+                     b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
+                     b + "ffn.fc1.weight": (4 * C, C), b + "ffn.fc1.bias": (4 * C,),
+                     b + "ffn.fc2.weight": (C, 4 * C), b + "ffn.fc2.bias": (C,),
+                     b + "ada_lin.1.weight": (6 * C, C), b + "ada_lin.1.bias": (6 * C,)})
+    return keys
+
+
+def test_d16_key_layout_matches_the_released_one():
+    with torch.device("meta"):
+        net = build_var("var-d16")
+    want = released_var_layout(16, 1024, 16, 1000, 4096, 32, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == want
+
+
+def _fake_release(layout: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {k: (torch.zeros(s, dtype=torch.long) if k == "lvl_1L" else torch.randn(s, generator=g))
+            for k, s in layout.items()}
+
+
+def test_released_layout_loads_strictly_and_bad_files_are_refused(tmp_path):
+    state = _fake_release(released_var_layout(2, 32, 2, 5, 16, 4, (1, 2, 3)))
+    torch.save(state, tmp_path / "var.pth")
+    net = load_var(tmp_path / "var.pth", SMALL)
+    assert torch.equal(net.head.weight, state["head.weight"])
+    assert torch.equal(net.blocks[1].attn.mat_qkv.weight, state["blocks.1.attn.mat_qkv.weight"])
+
+    reshaped = dict(state, **{"head.weight": state["head.weight"].T.contiguous()})
+    torch.save(reshaped, tmp_path / "reshaped.pth")
+    with pytest.raises(ValueError, match=r"shape mismatch.*head.weight"):
+        load_var(tmp_path / "reshaped.pth", SMALL)
+    extra = dict(state, **{"blocks.2.attn.q_bias": torch.zeros(32)})
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"unexpected \['blocks.2.attn.q_bias'\]"):
+        load_var(tmp_path / "extra.pth", SMALL)
+    foreign = {k.replace("ada_lin", "adaLN_modulation"): v for k, v in state.items()}
+    torch.save(foreign, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="missing"):
+        load_var(tmp_path / "foreign.pth", SMALL)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"head.weight": torch.zeros(1), "fn": VAR}, tmp_path / "obj.pth")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_var(tmp_path / "obj.pth", SMALL)
+
+
+def test_tokenizer_layout_loads_strictly(tmp_path):
+    vq = VQVAE(**SMALL_VQ)
+    keys = {k: tuple(v.shape) for k, v in vq.state_dict().items()}
+    # the parts the VAR tokenizer file is known to carry (quantizer, phi convs, 1x1 attention qkv, resample convs)
+    for k, s in {"quantize.embedding.weight": (16, 4), "quantize.ema_vocab_hit_SV": (3, 16),
+                 "quantize.quant_resi.qresi_ls.3.weight": (4, 4, 3, 3), "quant_conv.weight": (4, 4, 3, 3),
+                 "post_quant_conv.bias": (4,), "encoder.down.1.attn.1.qkv.weight": (48, 16, 1, 1),
+                 "encoder.down.0.downsample.conv.weight": (8, 8, 3, 3), "decoder.up.1.upsample.conv.weight":
+                 (16, 16, 3, 3), "decoder.up.1.block.2.conv2.weight": (16, 16, 3, 3),
+                 "decoder.up.0.block.0.nin_shortcut.weight": (8, 16, 1, 1), "encoder.mid.attn_1.proj_out.bias": (16,),
+                 "encoder.conv_out.weight": (4, 16, 3, 3)}.items():
+        assert keys[k] == s, k
+    state = _fake_release(keys)
+    torch.save(state, tmp_path / "vae.pth")
+    assert torch.equal(load_vqvae(tmp_path / "vae.pth", SMALL_VQ).quantize.embedding.weight,
+                       state["quantize.embedding.weight"])
+    del state["quantize.quant_resi.qresi_ls.3.bias"]
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match="missing"):
+        load_vqvae(tmp_path / "short.pth", SMALL_VQ)
+
+
+def test_tokenizer_round_trip_shapes():
+    _, vq = small_models()
+    img = torch.rand(3, 1, 6, 6) * 2 - 1
+    tokens = vq.encode(img)
+    assert tokens.shape == (3, 14) and tokens.dtype == torch.long and int(tokens.max()) < 16
+    assert vq.decode(tokens).shape == (3, 1, 6, 6)
+    assert torch.equal(vq.decode(tokens), vq.decode_fhat(vq.quantize.to_fhat(tokens)))
+
+
+def test_tokenizer_is_residual():
+    """With identity phi convs, a feature map equal to code c everywhere is explained by scale 1 (token c); scale 2
+    quantizes the zero residual to the code z nearest the origin, and scale 3 the residual -z left by it."""
+    _, vq = small_models()
+    q = vq.quantize
+    with torch.no_grad():
+        for phi in q.quant_resi.qresi_ls:
+            phi.weight.zero_()
+            phi.weight[:, :, 1, 1] = torch.eye(4)
+            phi.bias.zero_()
+    c = 7
+    f = q.embedding.weight[c].view(1, 4, 1, 1).expand(2, 4, 3, 3).contiguous()
+    tokens = q.tokenize(f)
+    nearest_zero = int(q.embedding.weight.norm(dim=1).argmin())
+    assert tokens[:, 0].tolist() == [c, c]
+    nearest_minus_z = int((q.embedding.weight + q.embedding.weight[nearest_zero]).norm(dim=1).argmin())
+    assert (tokens[:, 1:5] == nearest_zero).all() and (tokens[:, 5:] == nearest_minus_z).all()
