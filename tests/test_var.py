@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from repro.nets.factory import build_network
-from repro.nets.var import VAR, build_var, count_parameters, load_var
+from repro.nets.var import VAR, build_var, count_parameters, load_var, logp, token_logp
 from repro.nets.vqvae import VQVAE, build_vqvae, load_vqvae
 
 SMALL = dict(depth=2, embed_dim=32, num_heads=2, num_classes=5, vocab_size=16, Cvae=4, patch_nums=(1, 2, 3))
@@ -153,3 +153,140 @@ def test_tokenizer_is_residual():
     assert tokens[:, 0].tolist() == [c, c]
     nearest_minus_z = int((q.embedding.weight + q.embedding.weight[nearest_zero]).norm(dim=1).argmin())
     assert (tokens[:, 1:5] == nearest_zero).all() and (tokens[:, 5:] == nearest_minus_z).all()
+
+
+# ---------------------------------------------------------------- exact log-likelihood (step 2)
+def test_one_pass_logp_equals_scale_by_scale_sum():
+    from repro.sampling.var import scalewise_token_logp
+
+    net, vq = small_models()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 16, (4, net.L), generator=g)
+    labels = torch.tensor([0, 3, 5, 5])  # 5 = the unconditional class (label dropout kept)
+    with torch.no_grad():
+        one_pass = token_logp(net, vq.quantize, tokens, labels)
+    stepwise = scalewise_token_logp(net, vq.quantize, tokens, labels)
+    assert one_pass.shape == (4, 14)
+    torch.testing.assert_close(one_pass, stepwise, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logp(net, vq.quantize, tokens, labels), stepwise.sum(1), rtol=0, atol=1e-4)
+    # the label matters, and so does every scale's prefix (a later token changes nothing before it)
+    assert (one_pass[1] - token_logp(net, vq.quantize, tokens[1:2], torch.tensor([4]))[0]).abs().max() > 1e-3
+    other = tokens.clone()
+    other[:, 5:] = (other[:, 5:] + 1) % 16
+    with torch.no_grad():
+        changed = token_logp(net, vq.quantize, other, labels)
+    torch.testing.assert_close(changed[:, :5], one_pass[:, :5], rtol=0, atol=1e-6)
+    assert (changed[:, 5:] - one_pass[:, 5:]).abs().max() > 1e-3
+
+
+def test_logp_is_a_normalised_distribution_over_token_maps():
+    """With 3 codes and scales (1, 2) there are 3^5 token maps: their probabilities sum to 1 for every class."""
+    from repro.nets.vqvae import VectorQuantizer
+
+    torch.manual_seed(0)
+    net = VAR(depth=1, embed_dim=16, num_heads=2, num_classes=2, vocab_size=3, Cvae=4, patch_nums=(1, 2)).eval()
+    quant = VectorQuantizer(3, 4, (1, 2))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    grid = torch.cartesian_prod(*[torch.arange(3)] * 5)
+    for label in (0, 1, 2):
+        with torch.no_grad():
+            lp = logp(net, quant, grid, torch.full((len(grid),), label))
+        assert abs(lp.exp().sum().item() - 1) < 1e-5
+        assert lp.exp().max() > 2 * lp.exp().min()  # not uniform: the check has teeth
+
+
+def test_label_dropout_rate():
+    net, _ = small_models()
+    g = torch.Generator().manual_seed(0)
+    dropped = net.drop_labels(torch.zeros(20000, dtype=torch.long), generator=g)
+    assert set(dropped.unique().tolist()) == {0, 5}
+    assert abs((dropped == 5).float().mean().item() - 0.1) < 0.01
+
+
+# ---------------------------------------------------------------- sampling (step 3)
+def _teacher_logits(net, vq, tokens, labels):
+    with torch.no_grad():
+        return net(labels, vq.quantize.var_input(tokens))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 1.5])
+def test_cfg_conventions(cfg):
+    from repro.sampling.var import sample_tokens
+
+    net, vq = small_models()
+    labels = torch.tensor([1, 2, 4])
+    uncond = torch.full_like(labels, 5)
+    slices = [slice(0, 1), slice(1, 5), slice(5, 14)]
+    for mode in ("upstream", "guidance-free-at-1"):
+        g = torch.Generator().manual_seed(7)
+        tokens, logits = sample_tokens(net, vq.quantize, labels, cfg=cfg, cfg_mode=mode, generator=g,
+                                       return_logits=True)
+        cond, unc = _teacher_logits(net, vq, tokens, labels), _teacher_logits(net, vq, tokens, uncond)
+        for si, sl in enumerate(slices):
+            t = cfg * si / 2 if mode == "upstream" else (cfg - 1) * si / 2
+            torch.testing.assert_close(logits[si], (1 + t) * cond[:, sl] - t * unc[:, sl], rtol=1e-4, atol=1e-4)
+            is_cond = torch.allclose(logits[si], cond[:, sl], rtol=1e-4, atol=1e-4)
+            # exactly where they should: upstream guides at every scale but the first even at cfg 1.0; the shifted
+            # convention is the conditional model at cfg 1.0 and guides, more weakly than upstream, above it
+            assert is_cond == (si == 0 or (mode == "guidance-free-at-1" and cfg == 1.0)), (mode, si)
+
+
+def test_sampling_is_seeded():
+    from repro.sampling.var import sample_tokens
+
+    net, vq = small_models()
+    labels = torch.tensor([0, 1])
+    a = sample_tokens(net, vq.quantize, labels, cfg=1.5, generator=torch.Generator().manual_seed(1))
+    b = sample_tokens(net, vq.quantize, labels, cfg=1.5, generator=torch.Generator().manual_seed(1))
+    c = sample_tokens(net, vq.quantize, labels, cfg=1.5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _direct_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus, one row at a time in plain Python."""
+    out = logits.clone()
+    for row in out.view(-1, out.shape[-1]):
+        vals = row.tolist()
+        if top_k > 0:
+            kth = sorted(vals, reverse=True)[top_k - 1]
+            for j, v in enumerate(vals):
+                if v < kth:
+                    row[j] = -torch.inf
+        if top_p > 0:
+            probs = row.softmax(0).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            for j, pj in enumerate(probs):
+                below = sum(q for q in probs if q < pj) + pj  # mass of j and every less likely token
+                if below <= 1 - top_p and j != best:
+                    row[j] = -torch.inf
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (5, 0.0), (0, 0.8), (6, 0.7), (1, 0.0), (0, 0.01)])
+def test_top_k_top_p_matches_direct_computation(top_k, top_p):
+    from repro.sampling.var import filter_top_k_top_p
+
+    logits = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(top_k))
+    got = filter_top_k_top_p(logits, top_k, top_p)
+    want = _direct_filter(logits, top_k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got[~torch.isinf(got)], logits[~torch.isinf(got)])
+    kept = (~torch.isinf(got)).sum(-1)
+    if top_k:
+        assert (kept <= top_k).all()
+    if top_p == 0.01 or top_k == 1:
+        assert (kept == 1).all()
+
+
+def test_sampled_tokens_stay_in_the_filtered_set():
+    from repro.sampling.var import sample_tokens
+
+    net, vq = small_models()
+    labels = torch.arange(5).repeat(8)
+    tokens, logits = sample_tokens(net, vq.quantize, labels, cfg=1.5, top_k=2, top_p=0.9,
+                                   generator=torch.Generator().manual_seed(0), return_logits=True)
+    full = torch.cat(logits, 1)
+    assert torch.isfinite(full.gather(-1, tokens.unsqueeze(-1))).all()
+    assert ((~torch.isinf(full)).sum(-1) <= 2).all() and (torch.isinf(full).sum(-1) >= 14).all()
