@@ -380,3 +380,69 @@ def test_ar_ddo_loss_on_a_small_var():
     f1[1] = (f1[1] + 3) % 16
     f0[0] = (f0[0] + 3) % 16
     assert at(f1) == pytest.approx(base, abs=1e-7) and at(f0) != pytest.approx(base, abs=1e-6)
+
+
+# ---------------------------------------------------------------- presets and dry runs (step 5)
+VAR_PRESETS = {"var-d16": ("var_d16", "imagenet256/var-d16-no-tricks:fid_no_guidance"),
+               "var-d30": ("var_d30", "imagenet256/var-d30-no-tricks:fid_no_guidance"),
+               "released-ddo-var-d16": ("var_d16-ddo", "imagenet256/var-d16-ddo:fid_no_guidance"),
+               "released-ddo-var-d30": ("var_d30-ddo", "imagenet256/var-d30-ddo:fid_no_guidance")}
+
+
+@pytest.mark.parametrize("preset", sorted(VAR_PRESETS))
+def test_var_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, preset):
+    import yaml
+    from click.testing import CliRunner
+
+    from repro.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    source, cell = VAR_PRESETS[preset]
+    plans = {}
+    for stage in ("pretrained", "sample", "fid", "ddo"):
+        r = CliRunner().invoke(main, [stage, "--preset", preset, "--dry-run"])
+        assert r.exit_code == 0, r.output
+        plans[stage] = yaml.safe_load(r.output.split("# would do:\n")[1])["plan"]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    p = plans["pretrained"]
+    assert p["checkpoint"] == source and p["url"].endswith(f"/{source}.pth") and p["format"] == "torch-pth"
+    assert p["architecture"] == source.split("-")[0].replace("_", "-") and p["supported"] is False
+    s = plans["sample"]
+    assert s["protocol"]["name"] == "ddo-var-imagenet256-fid50k" and s["protocol"]["nfe"] == 10
+    assert s["protocol"]["label_mode"] == "balanced" and s["protocol"]["reference_format"] == "openai-npz"
+    assert s["sampler"]["cfg"] == 1.0 and s["sampler"]["cfg_mode"] == "upstream" and s["sampler"]["guided"]
+    assert s["sampler"]["top_k"] == 0 and s["sampler"]["top_p"] == 0.0 and "not runnable yet" in s["status"]
+    # upstream's cfg 1.0 runs the unconditional pass too: 2 x 10 scales per image
+    assert s["cost"]["images"] == 50000 and s["cost"]["network_evaluations_per_image"] == 20
+    assert plans["fid"]["protocol"]["name"] == "ddo-var-imagenet256-fid50k"
+    assert plans["ddo"]["cost"]["rounds"] == 0 and plans["ddo"]["evaluation_protocol"] == s["protocol"]["name"]
+    from repro.config import load_config
+
+    cfg = load_config(preset=preset)
+    assert cfg.paper.cells == {"final": cell} and cfg.ar.tokenizer == "vae_ch160v4096z32"
+    free = load_config(preset=preset, overrides=["ar.cfg_mode=guidance-free-at-1"])
+    from repro.pipeline.cost import nfe
+
+    assert nfe(free) == 10 and nfe(cfg) == 20
+
+
+@pytest.mark.parametrize("override,field,words", [
+    (["ddo.rounds=2"], "ddo.rounds", "AR DDO rounds are not wired"),
+    (["ar.tokenizer=''"], "ar.tokenizer", "is a VAR model"),
+    (["ar.top_k=900"], "ar.top_k", "ddo-var-imagenet256-fid50k"),
+    (["ar.cfg_mode=linear"], "ar.cfg_mode", "must be one of"),
+    (["pretrain.source=edm2-img64-s-1073741-0.075", "sample.protocol=custom"], "ar.tokenizer", "not a VAR model"),
+])
+def test_var_preset_bad_settings_are_refused(tmp_path, monkeypatch, override, field, words):
+    from click.testing import CliRunner
+
+    from repro.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["sample", "--preset", "var-d16", "--dry-run"]
+    for o in override:
+        args += ["--set", o]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert field in r.output and words in r.output, r.output
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from repro.config import Config
 from repro.nets.checkpoint import read_model_meta
 from repro.nets.released import sampling_extras
 from repro.pipeline.common import require, stage_context, tracked
-from repro.pipeline.cost import sample_cost
+from repro.pipeline.cost import is_ar, sample_cost
 from repro.sampling.shards import Shard, plan_shards, run_shard, sample_models, shard_done
 from repro.storage.files import atomic_dir, link_or_copy
 from repro.storage.layout import Paths
@@ -84,6 +84,12 @@ class ShardJob:
 def describe(cfg: Config, paths: Paths) -> dict:
     """The protocol and cost of the stage (--dry-run)."""
     out = {"models": list(eval_models(cfg, paths)), "cost": sample_cost(cfg)}
+    if is_ar(cfg):
+        a = cfg.ar
+        out["sampler"] = {"name": "var-next-scale (repro.sampling.var)", "tokenizer": a.tokenizer, "cfg": a.cfg,
+                          "cfg_mode": a.cfg_mode, "guided": a.guided, "top_k": a.top_k, "top_p": a.top_p}
+        out["status"] = ("not runnable yet: the pretrained and sample stages do not drive VAR models (the sampler "
+                         "exists as a library function)")
     if cfg.sample.protocol != "custom":
         out["protocol"] = protocols.get(cfg.sample.protocol).to_dict()
     return out
