@@ -406,12 +406,15 @@ def test_var_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []  # nothing written
     p = plans["pretrained"]
     assert p["checkpoint"] == source and p["url"].endswith(f"/{source}.pth") and p["format"] == "torch-pth"
-    assert p["architecture"] == source.split("-")[0].replace("_", "-") and p["supported"] is False
+    assert p["architecture"] == source.split("-")[0].replace("_", "-") and p["supported"] is True
+    assert p["tokenizer"]["checkpoint"] == "vae_ch160v4096z32" and p["tokenizer"]["licence"] == "MIT"
+    assert p["licence"] == ("MIT" if "released" not in preset else "CC BY-NC-SA 4.0")
     s = plans["sample"]
     assert s["protocol"]["name"] == "ddo-var-imagenet256-fid50k" and s["protocol"]["nfe"] == 10
     assert s["protocol"]["label_mode"] == "balanced" and s["protocol"]["reference_format"] == "openai-npz"
     assert s["sampler"]["cfg"] == 1.0 and s["sampler"]["cfg_mode"] == "upstream" and s["sampler"]["guided"]
     assert s["sampler"]["top_k"] == 0 and s["sampler"]["top_p"] == 0.0 and "not runnable yet" in s["status"]
+    assert s["sampler"]["tokenizer"] == "vae_ch160v4096z32"
     # upstream's cfg 1.0 runs the unconditional pass too: 2 x 10 scales per image
     assert s["cost"]["images"] == 50000 and s["cost"]["network_evaluations_per_image"] == 20
     assert plans["fid"]["protocol"]["name"] == "ddo-var-imagenet256-fid50k"
@@ -419,7 +422,7 @@ def test_var_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, 
     from repro.config import load_config
 
     cfg = load_config(preset=preset)
-    assert cfg.paper.cells == {"final": cell} and cfg.ar.tokenizer == "vae_ch160v4096z32"
+    assert cfg.paper.cells == {"final": cell}
     free = load_config(preset=preset, overrides=["ar.cfg_mode=guidance-free-at-1"])
     from repro.pipeline.cost import nfe
 
@@ -428,10 +431,10 @@ def test_var_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("override,field,words", [
     (["ddo.rounds=2"], "ddo.rounds", "AR DDO rounds are not wired"),
-    (["ar.tokenizer=''"], "ar.tokenizer", "is a VAR model"),
+    (["pretrain.source=vae_ch160v4096z32"], "pretrain.source", "tokenizer, not a generator"),
     (["ar.top_k=900"], "ar.top_k", "ddo-var-imagenet256-fid50k"),
     (["ar.cfg_mode=linear"], "ar.cfg_mode", "must be one of"),
-    (["pretrain.source=edm2-img64-s-1073741-0.075", "sample.protocol=custom"], "ar.tokenizer", "not a VAR model"),
+    (["pretrain.source=edm2-img64-s-1073741-0.075", "sample.protocol=custom", "ar.top_k=5"], "ar", "not a VAR model"),
 ])
 def test_var_preset_bad_settings_are_refused(tmp_path, monkeypatch, override, field, words):
     from click.testing import CliRunner
@@ -446,3 +449,53 @@ def test_var_preset_bad_settings_are_refused(tmp_path, monkeypatch, override, fi
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert field in r.output and words in r.output, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the pretrained stage: fetch, pin, strict load
+def test_pretrained_stage_fetches_pins_and_converts_var_from_a_mirror(tmp_path, monkeypatch):
+    """The registry's VAR entries through the pretrained stage, with stand-ins of the released files (small
+    architectures, the released key layout) in a local mirror folder: both files pinned in the lock, the model
+    converted to our format, the tokenizer checked, a sample grid drawn; a swapped tokenizer is refused."""
+    import hashlib
+    import json
+
+    from click.testing import CliRunner
+
+    from repro.cli import main
+    from repro.nets import var as var_mod
+    from repro.nets import vqvae as vq_mod
+    from repro.nets.checkpoint import load_model
+
+    monkeypatch.setitem(var_mod.PRESETS, "var-d16", dict(SMALL))
+    monkeypatch.setitem(vq_mod.PRESETS, "var-vqvae", dict(SMALL_VQ))
+    monkeypatch.setenv("REPRO_TRACKING", "off")
+    served, project = tmp_path / "served", tmp_path / "project"
+    served.mkdir()
+    project.mkdir()
+    monkeypatch.chdir(project)
+    net, vq = small_models()
+    torch.save(net.state_dict(), served / "var_d16.pth")
+    torch.save(vq.state_dict(), served / "vae_ch160v4096z32.pth")
+
+    r = CliRunner().invoke(main, ["pretrained", "--preset", "var-d16", "--no-progress", "--set",
+                                  f"pretrain.mirror={served}"])
+    assert r.exit_code == 0, r.output
+    got, arch, info = load_model(project / "models/base.safetensors")
+    assert arch["precond"] == "var" and info["tokenizer"] == "vae_ch160v4096z32"
+    for k, v in net.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
+    lock = json.loads((project / "checkpoints.lock.json").read_text())
+    for name in ("var_d16", "vae_ch160v4096z32"):
+        assert lock[name]["sha256"] == hashlib.sha256((served / f"{name}.pth").read_bytes()).hexdigest()
+    assert (project / "models/base_grid.png").stat().st_size > 0
+
+    # the sample stage refuses clearly (it does not drive VAR yet); nothing written
+    r = CliRunner().invoke(main, ["sample", "--preset", "var-d16"])
+    assert r.exit_code == 2 and "does not drive VAR" in r.output and not (project / "samples").exists()
+
+    # another tokenizer file on the mirror: refused against the pinned hash
+    torch.save(small_models(seed=1)[1].state_dict(), served / "vae_ch160v4096z32.pth")
+    (project / "checkpoints/vae_ch160v4096z32.pth").unlink()
+    r = CliRunner().invoke(main, ["pretrained", "--preset", "var-d16", "--no-progress", "--set",
+                                  f"pretrain.mirror={served}"])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "vae_ch160v4096z32" in r.output, r.output

@@ -448,17 +448,15 @@ class ImprovedDGConfig:
                    "set dg_improved.tau_min <= dg_improved.tau_max")
 
 
-VAR_MODELS = tuple(n for n, c in CHECKPOINTS.items() if c.family == "var" and c.arch != "var-vqvae")
+VAR_MODELS = tuple(n for n, c in CHECKPOINTS.items() if c.tokenizer)
 VAR_TOKENIZERS = tuple(n for n, c in CHECKPOINTS.items() if c.arch == "var-vqvae")
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class ARConfig:
-    """Autoregressive (VAR) models: the tokenizer and the next-scale sampler (repro.sampling.var). Unused (and
-    left at its defaults) when pretrain.source is a diffusion model."""
+    """Autoregressive (VAR) models: the next-scale sampler (repro.sampling.var); the tokenizer is the registry
+    entry's. Unused (and left at its defaults) when pretrain.source is a diffusion model."""
 
-    tokenizer: Literal[("", *VAR_TOKENIZERS)] = Field("", description=(
-        "registry checkpoint of the multi-scale VQ tokenizer a VAR source needs ('' = not an AR preset)"))
     cfg: Float = Field(1.0, ge=0, description="classifier-free guidance scale, read in the convention cfg_mode")
     cfg_mode: Literal["upstream", "guidance-free-at-1"] = Field("upstream", description=(
         "upstream: t = cfg * k / (K - 1) at scale k (VAR's sampler; cfg 1.0 still guides); guidance-free-at-1: "
@@ -649,14 +647,14 @@ class Config:
 
 
 def _ar_rules(cfg: "Config"):
-    """A VAR source needs its tokenizer; what the pipeline does not drive for AR models yet is refused by name."""
+    """A tokenizer is no model; what the pipeline does not drive for AR models yet is refused by name."""
     ar_model = cfg.pretrain.source in VAR_MODELS
-    if ar_model and not cfg.ar.tokenizer:
-        yield ("ar.tokenizer", f"is empty, but pretrain.source {cfg.pretrain.source} is a VAR model, which samples "
-               "token maps", f"set ar.tokenizer: {VAR_TOKENIZERS[0]}")
-    if cfg.ar.tokenizer and not ar_model:
-        yield ("ar.tokenizer", f"is set, but pretrain.source {cfg.pretrain.source} is not a VAR model",
-               "set ar.tokenizer: '' (or a VAR pretrain.source)")
+    if cfg.pretrain.source in VAR_TOKENIZERS:
+        yield ("pretrain.source", f"{cfg.pretrain.source} is VAR's tokenizer, not a generator",
+               f"name a VAR model ({', '.join(VAR_MODELS)}); its registry entry names the tokenizer")
+    if cfg.ar != ARConfig() and not ar_model:
+        yield ("ar", f"is set, but pretrain.source {cfg.pretrain.source} is not a VAR model",
+               "leave the ar section at its defaults (or name a VAR pretrain.source)")
     if ar_model and cfg.ddo.rounds > 0:
         yield ("ddo.rounds", f"is {cfg.ddo.rounds}, but AR DDO rounds are not wired into the pipeline yet (the loss is "
                "repro.methods.ddo.loss.ar_ddo_loss)", "set ddo.rounds: 0 (evaluate the model)")

@@ -111,3 +111,21 @@ def sample_tokens(net: VAR, quantizer, labels: torch.Tensor, *, cfg: float = 1.0
             f_hat, x_in = quantizer.next_input(si, f_hat, idx)
     out = torch.cat(tokens, 1)
     return (out, logits_all) if return_logits else out
+
+
+@torch.no_grad()
+def sample_images(net: VAR, tokenizer, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Sampled token maps decoded by the tokenizer: uint8 images [B, C, H, W] (``kwargs``: :func:`sample_tokens`)."""
+    tokens = sample_tokens(net, tokenizer.quantize, labels, **kwargs)
+    x = tokenizer.decode(tokens)
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def var_grid(net: VAR, tokenizer, n: int = 32, ncol: int = 8, seed: int = 0):
+    """A fixed-seed grid to look at (labels 0..n-1 cycling): the conditional model, no guidance, no tricks."""
+    from repro.sampling.generate import image_grid
+
+    labels = torch.arange(n) % net.num_classes
+    images = sample_images(net, tokenizer, labels, cfg=1.0, cfg_mode="guidance-free-at-1",
+                           generator=torch.Generator().manual_seed(seed))
+    return image_grid(images.numpy(), ncol=ncol)

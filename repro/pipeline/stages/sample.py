@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from repro.catalog import protocols
+from repro.catalog import protocols, registry
 from repro.cluster.launcher import Wave
 from repro.config import Config
 from repro.nets.checkpoint import read_model_meta
@@ -44,7 +44,15 @@ def _sampling_setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
     return device, sampling_extras(cfg, paths.root, arch, info, device=device)
 
 
+def _refuse_ar(cfg: Config) -> None:
+    if is_ar(cfg):
+        raise ValueError(f"pretrain.source {cfg.pretrain.source} is a VAR model: the sample stage does not drive VAR "
+                         "models yet (next-scale sampling exists as repro.sampling.var.sample_images). Fix: sample it "
+                         "from Python, or choose a diffusion preset")
+
+
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
+    _refuse_ar(cfg)
     models = eval_models(cfg, paths)
     require(*models.values())
     device, extras = _sampling_setup(cfg, paths)  # guide (sampler.guidance != 1), latent decoder
@@ -86,10 +94,10 @@ def describe(cfg: Config, paths: Paths) -> dict:
     out = {"models": list(eval_models(cfg, paths)), "cost": sample_cost(cfg)}
     if is_ar(cfg):
         a = cfg.ar
-        out["sampler"] = {"name": "var-next-scale (repro.sampling.var)", "tokenizer": a.tokenizer, "cfg": a.cfg,
+        out["sampler"] = {"name": "var-next-scale (repro.sampling.var)", "tokenizer": registry.get(cfg.pretrain.source).tokenizer, "cfg": a.cfg,
                           "cfg_mode": a.cfg_mode, "guided": a.guided, "top_k": a.top_k, "top_p": a.top_p}
-        out["status"] = ("not runnable yet: the pretrained and sample stages do not drive VAR models (the sampler "
-                         "exists as a library function)")
+        out["status"] = ("not runnable yet: the sample stage does not drive VAR models (the pretrained stage fetches "
+                         "and converts them; next-scale sampling exists as a library function)")
     if cfg.sample.protocol != "custom":
         out["protocol"] = protocols.get(cfg.sample.protocol).to_dict()
     return out
@@ -97,6 +105,7 @@ def describe(cfg: Config, paths: Paths) -> dict:
 
 def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave]) -> Iterator[Wave]:
     """The shards not yet made as one job array, then the stage here (it only publishes them)."""
+    _refuse_ar(cfg)
     todo = shards(cfg, Paths.of(cfg, root))
     if todo:
         yield Wave("sample-shards", "sample", tuple(ShardJob(cfg, str(root), s) for s in todo))
