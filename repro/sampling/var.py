@@ -86,13 +86,16 @@ def scalewise_token_logp(net: VAR, quantizer, tokens: torch.Tensor, labels: torc
 @torch.no_grad()
 def sample_tokens(net: VAR, quantizer, labels: torch.Tensor, *, cfg: float = 1.0, cfg_mode: str = "upstream",
                   top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None,
-                  return_logits: bool = False):
+                  seeds=None, return_logits: bool = False):
     """Sample token maps [B, L] for ``labels`` (VAR Alg. 2 with guidance); ``return_logits`` also returns each
     scale's guided, filtered logits (for tests and diagnostics).
 
+    Randomness: ``seeds`` (one int per row) gives row i its own generator seeded with seeds[i], so token map i
+    depends only on seed i and its label, whatever the batch; else one ``generator`` for the batch.
     The conditional and unconditional passes run as one batch of 2B whenever some scale has t != 0.
     """
     B, K, H = labels.shape[0], len(net.patch_nums), net.patch_nums[-1]
+    rows = None if seeds is None else [torch.Generator(labels.device).manual_seed(int(s)) for s in seeds]
     ts = [guidance_weight(cfg, si, K, cfg_mode) for si in range(K)]
     guided = any(t != 0 for t in ts)
     both = torch.cat((labels, torch.full_like(labels, net.num_classes))) if guided else labels
@@ -105,7 +108,10 @@ def sample_tokens(net: VAR, quantizer, labels: torch.Tensor, *, cfg: float = 1.0
                 logits = (1 + ts[si]) * logits[:B] - ts[si] * logits[B:]
             logits = filter_top_k_top_p(logits, top_k, top_p)
             probs = logits.softmax(-1)
-            idx = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(B, -1)
+            if rows is None:
+                idx = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(B, -1)
+            else:
+                idx = torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, rows)])
             tokens.append(idx)
             logits_all.append(logits)
             f_hat, x_in = quantizer.next_input(si, f_hat, idx)
@@ -122,10 +128,11 @@ def sample_images(net: VAR, tokenizer, labels: torch.Tensor, **kwargs) -> torch.
 
 
 def var_grid(net: VAR, tokenizer, n: int = 32, ncol: int = 8, seed: int = 0):
-    """A fixed-seed grid to look at (labels 0..n-1 cycling): the conditional model, no guidance, no tricks."""
+    """A grid to look at (seeds seed..seed+n-1, labels 0..n-1 cycling): the conditional model, no guidance, no
+    tricks."""
     from repro.sampling.generate import image_grid
 
     labels = torch.arange(n) % net.num_classes
     images = sample_images(net, tokenizer, labels, cfg=1.0, cfg_mode="guidance-free-at-1",
-                           generator=torch.Generator().manual_seed(seed))
+                           seeds=range(seed, seed + n))
     return image_grid(images.numpy(), ncol=ncol)

@@ -112,3 +112,14 @@ def ar_ddo_loss(net, ref, quantizer, tokens_real: torch.Tensor, y_real: torch.Te
         "uncond_fraction": uncond.float().mean().item(),
     }
     return loss.mean(), stats
+
+
+@torch.no_grad()
+def ar_fakes(ref, tokenizer, labels: torch.Tensor, seeds) -> torch.Tensor:
+    """AR DDO's fakes: token maps sampled from the reference (the guidance-free conditional model, no sampling
+    tricks; one seed per row), decoded to pixels and re-encoded by the tokenizer (the "pixel-encoded space" the
+    author found better, research/ddo.md 1.4); shape [N, L]."""
+    from repro.sampling.var import sample_tokens
+
+    tokens = sample_tokens(ref, tokenizer.quantize, labels, cfg=1.0, cfg_mode="guidance-free-at-1", seeds=seeds)
+    return tokenizer.encode(tokenizer.decode(tokens))
