@@ -470,7 +470,7 @@ def test_var_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, 
     assert s["protocol"]["name"] == "ddo-var-imagenet256-fid50k" and s["protocol"]["nfe"] == 10
     assert s["protocol"]["label_mode"] == "balanced" and s["protocol"]["reference_format"] == "openai-npz"
     assert s["sampler"]["cfg"] == 1.0 and s["sampler"]["cfg_mode"] == "upstream" and s["sampler"]["guided"]
-    assert s["sampler"]["top_k"] == 0 and s["sampler"]["top_p"] == 0.0 and "not runnable yet" in s["status"]
+    assert s["sampler"]["top_k"] == 0 and s["sampler"]["top_p"] == 0.0
     assert s["sampler"]["tokenizer"] == "vae_ch160v4096z32"
     # upstream's cfg 1.0 runs the unconditional pass too: 2 x 10 scales per image
     assert s["cost"]["images"] == 50000 and s["cost"]["network_evaluations_per_image"] == 20
@@ -512,7 +512,8 @@ def test_var_preset_bad_settings_are_refused(tmp_path, monkeypatch, override, fi
 def test_pretrained_stage_fetches_pins_and_converts_var_from_a_mirror(tmp_path, monkeypatch):
     """The registry's VAR entries through the pretrained stage, with stand-ins of the released files (small
     architectures, the released key layout) in a local mirror folder: both files pinned in the lock, the model
-    converted to our format, the tokenizer checked, a sample grid drawn; a swapped tokenizer is refused."""
+    converted to our format, the tokenizer checked, a sample grid drawn; then the sample stage; a swapped tokenizer
+    is refused."""
     import hashlib
     import json
 
@@ -546,9 +547,31 @@ def test_pretrained_stage_fetches_pins_and_converts_var_from_a_mirror(tmp_path, 
         assert lock[name]["sha256"] == hashlib.sha256((served / f"{name}.pth").read_bytes()).hexdigest()
     assert (project / "models/base_grid.png").stat().st_size > 0
 
-    # the sample stage refuses clearly (it does not drive VAR yet); nothing written
-    r = CliRunner().invoke(main, ["sample", "--preset", "var-d16"])
-    assert r.exit_code == 2 and "does not drive VAR" in r.output and not (project / "samples").exists()
+    # the sample stage: per-seed shards (seed i gets class i mod 5), the same images whatever the batch and shard
+    # size, equal to the library sampler's with the preset's settings (upstream cfg 1.0)
+    from repro.sampling.var import sample_images
+
+    runner = CliRunner()
+    common = ["--set", "sample.protocol=custom", "--set", "sample.n_samples=6", "--no-progress"]
+    r = runner.invoke(main, ["sample", "--preset", "var-d16", *common, "--set", "sample.batch=4",
+                             "--set", "sample.shard_size=3"])
+    assert r.exit_code == 0, r.output
+    shards = sorted((project / "samples/base").glob("seeds-*.npz"))
+    assert len(shards) == 2
+    import numpy as np
+
+    z = [np.load(f) for f in shards]
+    images, labels = np.concatenate([x["images"] for x in z]), np.concatenate([x["labels"] for x in z])
+    assert images.shape == (6, 1, 6, 6) and images.dtype == np.uint8 and labels.tolist() == [0, 1, 2, 3, 4, 0]
+    want = sample_images(net, vq, torch.tensor([0, 1, 2, 3, 4, 0]), cfg=1.0, cfg_mode="upstream", seeds=range(6))
+    assert np.array_equal(images, want.numpy())
+    assert not np.array_equal(images, sample_images(net, vq, torch.tensor([0, 1, 2, 3, 4, 0]), cfg=1.0,
+                                                    cfg_mode="guidance-free-at-1", seeds=range(6)).numpy())
+    # another guidance convention is another sampler: the shards are made again, with other images
+    r = runner.invoke(main, ["sample", "--preset", "var-d16", *common, "--set", "ar.cfg_mode=guidance-free-at-1"])
+    assert r.exit_code == 0, r.output
+    again = np.concatenate([np.load(f)["images"] for f in sorted((project / "samples/base").glob("seeds-*.npz"))])
+    assert not np.array_equal(again, images)
 
     # another tokenizer file on the mirror: refused against the pinned hash
     torch.save(small_models(seed=1)[1].state_dict(), served / "vae_ch160v4096z32.pth")

@@ -27,6 +27,8 @@ from repro.config.schema import STAGE_PARAMS, Config
 # Fields left out of a stage's params (run directory keys, MLflow hashes) while empty, so that adding them changed
 # no run directory of the settings that do not use them.
 OMIT_WHEN_EMPTY = ("ddo.sweep_alpha", "ddo.sweep_beta")
+# Sections left out of a stage's params while at their defaults, for the same reason (ar: read for VAR models only).
+OMIT_WHEN_DEFAULT = ("ar",)
 
 PRESETS = "repro.config.presets"
 
@@ -135,6 +137,9 @@ def stage_dict(cfg: Config, stage: str) -> dict:
         section, _, key = name.partition(".")
         if out.get(section, {}).get(key, None) == []:
             del out[section][key]
+    for section in OMIT_WHEN_DEFAULT:
+        if section in out and out[section] == to_dict(type(getattr(cfg, section))()):
+            del out[section]
     return out
 
 

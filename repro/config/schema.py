@@ -553,13 +553,13 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "extractor": ("extractor",),
     "pretrain": ("pretrain", "sampler"),
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
-    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control"),
+    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "ar"),
     "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
     "discriminator": ("guidance.evaluate", "discriminator", "ddo.rounds", "pretrain.mirror"),
     "guided": ("guidance.evaluate", "dg", "dg_improved", "sample", "sampler", "ddo.rounds"),
     "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
             "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper",
-            "guidance.evaluate"),
+            "guidance.evaluate", "ar"),
     "table": ("preset", "paper.name"),
 }
 

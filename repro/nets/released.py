@@ -242,10 +242,13 @@ def load_decoder(root: Path, name: str, encoder: dict | None = None, device="cpu
 
 
 def sampling_extras(cfg: Config, root: Path, arch: dict, info: dict | None = None, device="cpu") -> dict:
-    """Keyword arguments for ``generate_images``: ``guide`` when guidance is on, ``decoder`` for a latent model."""
+    """Keyword arguments for ``generate_images``: ``guide`` when guidance is on, ``decoder`` for a latent model;
+    ``tokenizer`` for a VAR model (``generate_var_images``)."""
     extras = {}
     if cfg.sampler.guidance != 1.0:
         extras["guide"] = load_guide(root, cfg.sampler, arch, device)
     if decoder_name(cfg.pretrain):
         extras["decoder"] = load_decoder(root, decoder_name(cfg.pretrain), (info or {}).get("encoder"), device)
+    if tokenizer_name(cfg.pretrain):
+        extras["tokenizer"] = load_tokenizer(root, tokenizer_name(cfg.pretrain), device)
     return extras

@@ -136,3 +136,23 @@ def var_grid(net: VAR, tokenizer, n: int = 32, ncol: int = 8, seed: int = 0):
     images = sample_images(net, tokenizer, labels, cfg=1.0, cfg_mode="guidance-free-at-1",
                            seeds=range(seed, seed + n))
     return image_grid(images.numpy(), ncol=ncol)
+
+
+def generate_var_images(net: VAR, tokenizer, seeds, *, ar, batch: int, device="cpu", progress: bool = False,
+                        desc: str = "sampling"):
+    """Yield (seeds, uint8 images [B, C, H, W], labels) batch by batch, as repro.sampling.generate does for
+    diffusion: seed i gets class i mod num_classes (50 per class for 50k seeds, DDO's VAR protocol) and its own
+    generator, so image i depends only on seed i. ``ar``: the config's ARConfig (cfg, cfg_mode, top_k, top_p)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    seeds = np.asarray(seeds, dtype=np.int64)
+    bar = tqdm(total=len(seeds), desc=desc, unit="img", disable=not progress, leave=False)
+    for i in range(0, len(seeds), batch):
+        s = seeds[i:i + batch]
+        labels = torch.as_tensor(s % net.num_classes, device=device)
+        images = sample_images(net, tokenizer, labels, cfg=ar.cfg, cfg_mode=ar.cfg_mode, top_k=ar.top_k,
+                               top_p=ar.top_p, seeds=s.tolist())
+        bar.update(len(s))
+        yield s, images.cpu(), labels.cpu()
+    bar.close()

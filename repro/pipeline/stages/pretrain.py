@@ -38,7 +38,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
         # A sample grid of the base model (seeds 0..n-1), to look at before spending compute on it (rank 0).
         if distributed.is_main():
             net, arch, info = load_model(paths.base)
-            if arch["precond"] == "var":  # token maps through the tokenizer: guidance-free, no sampling tricks
+            if arch.get("precond") == "var":  # token maps through the tokenizer: guidance-free, no sampling tricks
                 grid = var_grid(net, released.load_tokenizer(paths.root, info["tokenizer"]), n=32, ncol=8)
             else:
                 shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])

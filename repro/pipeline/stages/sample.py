@@ -44,21 +44,18 @@ def _sampling_setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
     return device, sampling_extras(cfg, paths.root, arch, info, device=device)
 
 
-def _refuse_ar(cfg: Config) -> None:
-    if is_ar(cfg):
-        raise ValueError(f"pretrain.source {cfg.pretrain.source} is a VAR model: the sample stage does not drive VAR "
-                         "models yet (next-scale sampling exists as repro.sampling.var.sample_images). Fix: sample it "
-                         "from Python, or choose a diffusion preset")
+def shard_sampler(cfg: Config):
+    """The settings a shard's images depend on (recorded in each shard): EDM's sampler, or a VAR model's ``ar``."""
+    return cfg.ar if is_ar(cfg) else cfg.sampler
 
 
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
-    _refuse_ar(cfg)
     models = eval_models(cfg, paths)
     require(*models.values())
     device, extras = _sampling_setup(cfg, paths)  # guide (sampler.guidance != 1), latent decoder
     with tracked("sample", cfg, paths) as t:
         # Shards of another shard size or seed range left in the work directory are not published.
-        written = sample_models(models, cfg.sample, cfg.sampler, paths.samples_work, t, progress, device, **extras)
+        written = sample_models(models, cfg.sample, shard_sampler(cfg), paths.samples_work, t, progress, device, **extras)
         with atomic_dir(paths.samples) as tmp:
             for name, files in written.items():
                 (tmp / name).mkdir()
@@ -70,8 +67,8 @@ def shards(cfg: Config, paths: Paths, missing_only: bool = True) -> list[Shard]:
     """The stage's shards (not yet finished ones by default)."""
     models = eval_models(cfg, paths)
     require(*models.values())
-    planned = plan_shards(models, cfg.sample, cfg.sampler, paths.samples_work)
-    return [s for s in planned if not (missing_only and shard_done(s, cfg.sampler))]
+    planned = plan_shards(models, cfg.sample, shard_sampler(cfg), paths.samples_work)
+    return [s for s in planned if not (missing_only and shard_done(s, shard_sampler(cfg)))]
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,7 @@ class ShardJob:
     def __call__(self) -> str:
         with stage_context("sample", self.cfg, self.root) as paths:
             device, extras = _sampling_setup(self.cfg, paths)
-            return str(run_shard(self.shard, self.cfg.sampler, self.cfg.sample.batch, progress=False, device=device,
+            return str(run_shard(self.shard, shard_sampler(self.cfg), self.cfg.sample.batch, progress=False, device=device,
                                  **extras))
 
 
@@ -96,8 +93,6 @@ def describe(cfg: Config, paths: Paths) -> dict:
         a = cfg.ar
         out["sampler"] = {"name": "var-next-scale (repro.sampling.var)", "tokenizer": registry.get(cfg.pretrain.source).tokenizer, "cfg": a.cfg,
                           "cfg_mode": a.cfg_mode, "guided": a.guided, "top_k": a.top_k, "top_p": a.top_p}
-        out["status"] = ("not runnable yet: the sample stage does not drive VAR models (the pretrained stage fetches "
-                         "and converts them; next-scale sampling exists as a library function)")
     if cfg.sample.protocol != "custom":
         out["protocol"] = protocols.get(cfg.sample.protocol).to_dict()
     return out
@@ -105,7 +100,6 @@ def describe(cfg: Config, paths: Paths) -> dict:
 
 def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave]) -> Iterator[Wave]:
     """The shards not yet made as one job array, then the stage here (it only publishes them)."""
-    _refuse_ar(cfg)
     todo = shards(cfg, Paths.of(cfg, root))
     if todo:
         yield Wave("sample-shards", "sample", tuple(ShardJob(cfg, str(root), s) for s in todo))
