@@ -484,6 +484,11 @@ def test_var_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, 
     from repro.pipeline.cost import nfe
 
     assert nfe(free) == 10 and nfe(cfg) == 20
+    from repro.config import stage_dict
+
+    # the ar section is a param of the sample stage for a VAR model, left out for a diffusion one (stable hashes)
+    assert stage_dict(cfg, "sample")["ar"]["cfg_mode"] == "upstream"
+    assert "ar" not in stage_dict(load_config(preset="tiny"), "sample")
 
 
 @pytest.mark.parametrize("override,field,words", [
