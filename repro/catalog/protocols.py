@@ -20,16 +20,17 @@ class Protocol:
     seed_ranges: tuple[tuple[int, int], ...]
     reduce: str               # "min" or "mean" over the seed ranges
     label_mode: str           # "random" (per-seed generator), "balanced" (seed i -> class i mod K), or "none"
-    num_steps: int            # EDM Heun steps; NFE = 2 * num_steps - 1
+    num_steps: int            # EDM Heun steps (NFE = 2 * num_steps - 1), or VAR's scales (NFE = num_steps)
     extractor: str
     extractor_weights: str
     reference: str
     reference_format: str
     source: str
+    sampler: str = "edm-heun"  # edm-heun | var-next-scale (one network evaluation per scale)
 
     @property
     def nfe(self) -> int:
-        return 2 * self.num_steps - 1
+        return self.num_steps if self.sampler == "var-next-scale" else 2 * self.num_steps - 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -44,6 +45,8 @@ INCEPTION = ("inception-v3-compat (Inception-v3 2015-12-05, 2048-d pool features
 EDM_REF = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"
 IMG64_REF = "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img64.pkl"
 IMG512_REF = "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl"
+IMG256_REF = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+              "VIRTUAL_imagenet256_labeled.npz")
 ONE_RANGE = ((0, 50000),)
 THREE_RANGES = ((0, 50000), (50000, 100000), (100000, 150000))
 
@@ -78,6 +81,14 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
     Protocol("ddo-img512-fid50k", "DDO ImageNet-512 (EDM2-L retested 1.96, DDO 1.26, +AG 1.21)", 50000, ONE_RANGE,
              "mean", "balanced", 32, "inception-v3-compat", INCEPTION, IMG512_REF, "edm2-pkl",
              "NVlabs/DDO README + EDM2_sample.py + EDM2 calculate_metrics.py; research/ddo.md section 4"),
+    # DDO's VAR_sample.py: 1000 classes x 50 images (class-balanced), next-scale sampling over 10 scales without
+    # top-k/top-p; the OpenAI evaluator (its TF graph is the same Inception-v3 2015-12-05 as our port; the two have
+    # not been compared on ImageNet-256 here) against VIRTUAL_imagenet256_labeled.npz. The guidance convention is the
+    # preset's (ar.cfg, ar.cfg_mode; research/ddo.md 4, CFG caveat).
+    Protocol("ddo-var-imagenet256-fid50k", "DDO Table 3 (ImageNet-256 VAR: d16 11.33/3.71 -> 3.12/2.54, d30 4.74/1.92 "
+             "-> 1.79/1.73)", 50000, ONE_RANGE, "mean", "balanced", 10, "inception-v3-compat", INCEPTION, IMG256_REF,
+             "openai-npz", "NVlabs/DDO VAR_sample.py + OpenAI evaluator; research/ddo.md section 4",
+             sampler="var-next-scale"),
 ]}
 
 

@@ -8,7 +8,8 @@ wrote this file (no internet), so no hash is known yet: the first download pins 
 Licences: EDM, EDM2 and DDO weights are CC BY-NC-SA 4.0 (non-commercial, share-alike). They and anything
 derived from them (converted or fine-tuned weights) are downloaded at run time and never committed.
 
-Latent models (EDM2 ImageNet-512) name the decoder their samples need (``decoder``): an entry of
+VAR models (torch state dicts, read with ``weights_only=True``) name the multi-scale VQ tokenizer their token maps
+need (``tokenizer``), itself an entry here. Latent models (EDM2 ImageNet-512) name the decoder their samples need (``decoder``): an entry of
 :data:`DECODERS`, fetched and verified the same way (repro.nets.sd_vae builds it from our config, no hub call).
 """
 
@@ -36,6 +37,7 @@ class Checkpoint:
     sha256: str | None = None
     convertible: bool = False  # our converter reads it today
     decoder: str | None = None  # latent models: the DECODERS entry that turns samples into images
+    tokenizer: str | None = None  # VAR models: the CHECKPOINTS entry of the VQ tokenizer (tokens <-> images)
 
     @property
     def filename(self) -> str:
@@ -67,15 +69,17 @@ _ENTRIES = [
                "FID 1.26 without guidance, 1.21 with autoguidance (DDO README)", CC,
                convertible=True, decoder="sd-vae-ft-mse"),
     Checkpoint("var_d16", f"{VAR}/var_d16.pth", "var", "torch-pth", "var-d16",
-               "FID 3.62/3.30 (VAR); 11.33/3.71 without sampling tricks (DDO Table 3)", "MIT"),
+               "FID 3.62/3.30 (VAR); 11.33/3.71 without sampling tricks (DDO Table 3)", "MIT", convertible=True,
+               tokenizer="vae_ch160v4096z32"),
     Checkpoint("var_d30", f"{VAR}/var_d30.pth", "var", "torch-pth", "var-d30",
-               "FID 2.17/1.90 (VAR); 4.74/1.92 without sampling tricks (DDO Table 3)", "MIT"),
+               "FID 2.17/1.90 (VAR); 4.74/1.92 without sampling tricks (DDO Table 3)", "MIT", convertible=True,
+               tokenizer="vae_ch160v4096z32"),
     Checkpoint("vae_ch160v4096z32", f"{VAR}/vae_ch160v4096z32.pth", "var", "torch-pth", "var-vqvae",
-               "VAR's multi-scale VQ-VAE (tokenizer for the VAR presets)", "MIT"),
+               "VAR's multi-scale VQ-VAE (tokenizer for the VAR presets)", "MIT", convertible=True),
     Checkpoint("var_d16-ddo", f"{DDO}/var_d16-ddo.pth", "var", "torch-pth", "var-d16",
-               "FID 3.12/2.54 (DDO Table 3)", CC),
+               "FID 3.12/2.54 (DDO Table 3)", CC, convertible=True, tokenizer="vae_ch160v4096z32"),
     Checkpoint("var_d30-ddo", f"{DDO}/var_d30-ddo.pth", "var", "torch-pth", "var-d30",
-               "FID 1.79/1.73 (DDO Table 3)", CC),
+               "FID 1.79/1.73 (DDO Table 3)", CC, convertible=True, tokenizer="vae_ch160v4096z32"),
 ]
 
 CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in _ENTRIES}

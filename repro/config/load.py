@@ -22,11 +22,14 @@ from typing import Any, Sequence
 import yaml
 
 from repro.config.errors import ConfigError, validate
-from repro.config.schema import STAGE_PARAMS, Config
+from repro.config.schema import STAGE_PARAMS, VAR_MODELS, Config
 
 # Fields left out of a stage's params (run directory keys, MLflow hashes) while empty, so that adding them changed
 # no run directory of the settings that do not use them.
 OMIT_WHEN_EMPTY = ("ddo.sweep_alpha", "ddo.sweep_beta")
+# Sections left out of a stage's params while at their defaults and unused, for the same reason: ar is read for VAR
+# models only.
+OMIT_WHEN_DEFAULT = ("ar",)
 
 PRESETS = "repro.config.presets"
 
@@ -135,6 +138,10 @@ def stage_dict(cfg: Config, stage: str) -> dict:
         section, _, key = name.partition(".")
         if out.get(section, {}).get(key, None) == []:
             del out[section][key]
+    for section in OMIT_WHEN_DEFAULT:
+        unused = cfg.pretrain.source not in VAR_MODELS
+        if section in out and unused and out[section] == to_dict(type(getattr(cfg, section))()):
+            del out[section]
     return out
 
 

@@ -448,6 +448,28 @@ class ImprovedDGConfig:
                    "set dg_improved.tau_min <= dg_improved.tau_max")
 
 
+VAR_MODELS = tuple(n for n, c in CHECKPOINTS.items() if c.tokenizer)
+VAR_TOKENIZERS = tuple(n for n, c in CHECKPOINTS.items() if c.arch == "var-vqvae")
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
+class ARConfig:
+    """Autoregressive (VAR) models: the next-scale sampler (repro.sampling.var); the tokenizer is the registry
+    entry's. Unused (and left at its defaults) when pretrain.source is a diffusion model."""
+
+    cfg: Float = Field(1.0, ge=0, description="classifier-free guidance scale, read in the convention cfg_mode")
+    cfg_mode: Literal["upstream", "guidance-free-at-1"] = Field("upstream", description=(
+        "upstream: t = cfg * k / (K - 1) at scale k (VAR's sampler; cfg 1.0 still guides); guidance-free-at-1: "
+        "t = (cfg - 1) * k / (K - 1) (cfg 1.0 = the conditional model); logits = (1 + t) cond - t uncond"))
+    top_k: Int = Field(0, ge=0, description="keep the k most likely tokens (0 = off; DDO's protocol: off)")
+    top_p: Float = Field(0.0, ge=0, lt=1, description="nucleus sampling mass (0 = off; DDO's protocol: off)")
+
+    @property
+    def guided(self) -> bool:
+        """Whether any scale mixes in the unconditional logits (t != 0 somewhere)."""
+        return self.cfg != (1.0 if self.cfg_mode == "guidance-free-at-1" else 0.0)
+
+
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class Resources:
     """What one job asks SLURM for (sbatch options); any other option goes in ``extra``."""
@@ -531,13 +553,13 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "extractor": ("extractor",),
     "pretrain": ("pretrain", "sampler"),
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
-    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control"),
+    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "ar"),
     "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
     "discriminator": ("guidance.evaluate", "discriminator", "ddo.rounds", "pretrain.mirror"),
     "guided": ("guidance.evaluate", "dg", "dg_improved", "sample", "sampler", "ddo.rounds"),
     "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
             "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper",
-            "guidance.evaluate"),
+            "guidance.evaluate", "ar"),
     "table": ("preset", "paper.name"),
 }
 
@@ -559,6 +581,7 @@ class Config:
     discriminator: DiscriminatorConfig = Field(DiscriminatorConfig(), description="their discriminators")
     dg: DGConfig = Field(DGConfig(), description="DG's guided sampler")
     dg_improved: ImprovedDGConfig = Field(ImprovedDGConfig(), description="improved DG's guided sampler")
+    ar: ARConfig = Field(ARConfig(), description="autoregressive (VAR) models: tokenizer and next-scale sampler")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="where stages run")
 
     @rules
@@ -590,8 +613,12 @@ class Config:
         if e.protocol != "custom":
             p = PROTOCOLS[e.protocol]
             want = {"sample.n_samples": (e.n_samples, p.n_samples), "sample.repeats": (e.repeats, len(p.seed_ranges)),
-                    "sample.first_seed": (e.first_seed, p.seed_ranges[0][0]),
-                    "sampler.num_steps": (self.sampler.num_steps, p.num_steps)}
+                    "sample.first_seed": (e.first_seed, p.seed_ranges[0][0])}
+            if p.sampler == "var-next-scale":  # VAR: no sampling tricks; an AR model
+                want.update({"ar.top_k": (self.ar.top_k, 0), "ar.top_p": (self.ar.top_p, 0.0),
+                             "pretrain.source": (self.pretrain.source in VAR_MODELS, True)})
+            else:
+                want["sampler.num_steps"] = (self.sampler.num_steps, p.num_steps)
             if p.label_mode != "none" and self.pretrain.network.conditional and self.pretrain.source == "train":
                 want["sampler.label_mode"] = (self.sampler.label_mode, p.label_mode)
             if p.extractor == "inception-v3-compat":
@@ -616,6 +643,23 @@ class Config:
                 yield ("ddo.fake_first_seed", f"the fake-bank seeds [{f0}, {f1}) overlap the {name} [{a0}, {a1})",
                        "move ddo.fake_first_seed above the other seed ranges")
         yield from _guidance_rules(self)
+        yield from _ar_rules(self)
+
+
+def _ar_rules(cfg: "Config"):
+    """A tokenizer is no model; what the pipeline does not drive for AR models yet is refused by name."""
+    ar_model = cfg.pretrain.source in VAR_MODELS
+    if cfg.pretrain.source in VAR_TOKENIZERS:
+        yield ("pretrain.source", f"{cfg.pretrain.source} is VAR's tokenizer, not a generator",
+               f"name a VAR model ({', '.join(VAR_MODELS)}); its registry entry names the tokenizer")
+    if cfg.ar != ARConfig() and not ar_model:
+        yield ("ar", f"is set, but pretrain.source {cfg.pretrain.source} is not a VAR model",
+               "leave the ar section at its defaults (or name a VAR pretrain.source)")
+    if ar_model and cfg.ddo.rounds > 0:
+        yield ("ddo.rounds", f"is {cfg.ddo.rounds}, but AR DDO rounds are not wired into the pipeline yet (the loss is "
+               "repro.methods.ddo.loss.ar_ddo_loss)", "set ddo.rounds: 0 (evaluate the model)")
+    if ar_model and cfg.guidance.evaluate:
+        yield ("guidance.evaluate", "discriminator guidance of a VAR model is not built", "set guidance.evaluate: []")
 
 
 def _guidance_rules(cfg: "Config"):

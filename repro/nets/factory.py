@@ -9,6 +9,8 @@ precond    network                                          module
 =========  ===============================================  =====================================
 edm, vp    DDPM++ U-Net (SongUNet) in EDMPrecond/VPPrecond  repro.nets.edm (EDM, Karras et al. 2022)
 edm2       magnitude-preserving U-Net in Precond            repro.nets.edm2 (EDM2, Karras et al. 2024)
+var        next-scale AR transformer (no img_* keys)        repro.nets.var (VAR, Tian et al. 2024)
+var-vqvae  VAR's multi-scale VQ tokenizer (no img_* keys)   repro.nets.vqvae
 =========  ===============================================  =====================================
 
 Example::
@@ -25,7 +27,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from repro.nets import edm, edm2
+from repro.nets import edm, edm2, var, vqvae
 
 # Keys every family takes, then each family's network class and its own keys.
 _COMMON = {"img_resolution", "img_channels", "label_dim", "use_fp16"}
@@ -41,6 +43,13 @@ FAMILIES: dict[str, tuple[type, frozenset]] = {
     "edm2": (edm2.Precond, frozenset(_COMMON | _EDM2_UNET | {"sigma_data", "logvar_channels"})),
 }
 _LISTS = ("channel_mult", "attn_resolutions", "resample_filter")
+# Token models: their constructor arguments only (they take no img_resolution / img_channels).
+AR_FAMILIES: dict[str, tuple[type, frozenset]] = {
+    "var": (var.VAR, frozenset({"depth", "embed_dim", "num_heads", "num_classes", "vocab_size", "Cvae", "patch_nums",
+                                "mlp_ratio", "norm_eps", "cond_drop_rate"})),
+    "var-vqvae": (vqvae.VQVAE, frozenset({"vocab_size", "z_channels", "ch", "ch_mult", "patch_nums", "in_channels",
+                                          "share_quant_resi"})),
+}
 
 
 def arch_keys(precond: str) -> frozenset:
@@ -73,6 +82,12 @@ def build_network(arch: Mapping[str, Any]) -> nn.Module:
     """
     arch = dict(arch)
     precond = arch.pop("precond", None)
+    if precond in AR_FAMILIES:
+        cls, allowed = AR_FAMILIES[precond]
+        unknown = sorted(set(arch) - allowed)
+        if unknown:
+            raise ValueError(f"unknown architecture key {unknown[0]!r} for precond={precond!r}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
     cls, allowed = FAMILIES[precond] if precond in FAMILIES else (None, arch_keys(precond))
     for key in arch:
         if key not in allowed:

@@ -56,6 +56,9 @@ def plan(cfg: PretrainConfig, root: Path, out: Path, sampler: SamplerConfig | No
     if decoder_name(cfg):
         d = registry.get_decoder(decoder_name(cfg))
         out_plan["decoder"] = _plan_one(d, cfg, root, Paths(root).decoder(d.name))
+    if ck.tokenizer:
+        tk = registry.get(ck.tokenizer)
+        out_plan["tokenizer"] = _plan_one(tk, cfg, root, Paths(root).checkpoint(tk.filename))
     return out_plan
 
 
@@ -83,10 +86,64 @@ def fetch_and_convert(cfg: PretrainConfig, root: Path, out: Path, progress: bool
     dest = Paths(root).checkpoint(ck.filename)
     path = fetch(ck.url, dest, sha256=ck.sha256, lock=Lock(Paths(root).lock), name=ck.name,
                  mirror=cfg.mirror or None, progress=progress)
-    summary = convert_edm_pickle(path, out)
+    summary = convert_var(path, ck, out) if ck.family == "var" else convert_edm_pickle(path, out)
     log.info("converted %s (%s parameters, sha256 %s) into %s", path, summary.get("parameters"),
              str(summary.get("sha256"))[:12], out)
     return summary
+
+
+def convert_var(path: Path, ck: registry.Checkpoint, out: Path) -> dict:
+    """A released VAR state dict (``weights_only=True``, strict keys and shapes) -> our format (precond 'var')."""
+    from repro.nets.checkpoint import save_model
+    from repro.nets.var import PRESETS, count_parameters, load_var
+    from repro.storage.files import sha256_file
+
+    net = load_var(path, ck.arch)
+    digest = sha256_file(path)
+    info = {"source_file": path.name, "source_sha256": digest, "parameters": count_parameters(net),
+            "tokenizer": ck.tokenizer}
+    save_model(out, net, {"precond": "var", **PRESETS[ck.arch]}, info)
+    return {**info, "sha256": digest}
+
+
+def fetch_tokenizer(cfg: PretrainConfig, name: str, root: Path, progress: bool = True) -> Path:
+    """Fetch + verify VAR's tokenizer ``name`` into ``checkpoints/`` and check that it loads strictly."""
+    from repro.nets.vqvae import load_vqvae
+    from repro.storage.download import Lock, fetch
+
+    ck = registry.get(name)
+    path = fetch(ck.url, Paths(root).checkpoint(ck.filename), sha256=ck.sha256, lock=Lock(Paths(root).lock),
+                 name=ck.name, mirror=cfg.mirror or None, progress=progress)
+    load_vqvae(path, ck.arch)  # refuses a file whose tensors do not fit, before any sampling starts
+    return path
+
+
+def load_tokenizer(root: Path, name: str, device="cpu"):
+    """VAR's tokenizer ``name``, its file checked against the lock (or registry hash) before it is read."""
+    from repro.nets.vqvae import load_vqvae
+
+    ck = registry.get(name)
+    path = Paths(root).checkpoint(ck.filename)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: VAR models need the tokenizer {name}; run the pretrain stage "
+                                "first (`repro pretrain`), which fetches and verifies it")
+    _check_pinned(root, path, name, ck.sha256)
+    return load_vqvae(path, ck.arch, device=device)
+
+
+def _check_pinned(root: Path, path: Path, name: str, sha256: str | None) -> None:
+    from repro.storage.download import Lock
+    from repro.storage.files import sha256_file
+
+    lock_path = Paths(root).lock
+    want = sha256 or ((Lock(lock_path).get(name) or {}).get("sha256") if lock_path.is_file() else None)
+    if not want:
+        raise ValueError(f"{path}: no pinned sha256 for {name} in {lock_path}. Fix: rerun the pretrain stage, "
+                         "which pins it on first download")
+    got = sha256_file(path)
+    if got != want:
+        raise ValueError(f"{path}: sha256 {got} does not match the pinned {want}; refused. Fix: delete the file and "
+                         "rerun the pretrain stage")
 
 
 def fetch_guide(cfg: PretrainConfig, name: str, root: Path, progress: bool = True) -> dict:
@@ -126,7 +183,16 @@ def fetch_extras(cfg: Config, root: Path, progress: bool = True) -> dict:
         from repro.storage.files import sha256_file
 
         done["decoder"] = sha256_file(fetch_decoder(cfg.pretrain, decoder_name(cfg.pretrain), root, progress))
+    if tokenizer_name(cfg.pretrain):
+        from repro.storage.files import sha256_file
+
+        done["tokenizer"] = sha256_file(fetch_tokenizer(cfg.pretrain, tokenizer_name(cfg.pretrain), root, progress))
     return done
+
+
+def tokenizer_name(cfg: PretrainConfig) -> str | None:
+    """The VQ tokenizer a released VAR model's token maps need (registry), or None (not a VAR model)."""
+    return None if cfg.source == "train" else registry.get(cfg.source).tokenizer
 
 
 def load_guide(root: Path, sampler: SamplerConfig, arch: dict, device="cpu"):
@@ -158,23 +224,13 @@ def load_decoder(root: Path, name: str, encoder: dict | None = None, device="cpu
     import numpy as np
 
     from repro.nets.sd_vae import LatentDecoder, edm2_scale_bias, load_autoencoder
-    from repro.storage.download import Lock
-    from repro.storage.files import sha256_file
 
     ck = registry.get_decoder(name)
     path = Paths(root).decoder(name)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the samples are latents and need the {name} decoder; run the "
                                 "pretrain stage first (`repro pretrain`), which fetches and verifies it")
-    lock_path = Paths(root).lock
-    want = ck.sha256 or ((Lock(lock_path).get(name) or {}).get("sha256") if lock_path.is_file() else None)
-    if not want:
-        raise ValueError(f"{path}: no pinned sha256 for {name} in {lock_path}. Fix: rerun the pretrain stage, "
-                         "which pins it on first download")
-    got = sha256_file(path)
-    if got != want:
-        raise ValueError(f"{path}: sha256 {got} does not match the pinned {want}; refused. Fix: delete the file and "
-                         "rerun the pretrain stage")
+    _check_pinned(root, path, name, ck.sha256)
     scale, bias = edm2_scale_bias()
     attrs = (encoder or {}).get("attributes") or {}
     if "scale" in attrs and "bias" in attrs:
@@ -186,10 +242,13 @@ def load_decoder(root: Path, name: str, encoder: dict | None = None, device="cpu
 
 
 def sampling_extras(cfg: Config, root: Path, arch: dict, info: dict | None = None, device="cpu") -> dict:
-    """Keyword arguments for ``generate_images``: ``guide`` when guidance is on, ``decoder`` for a latent model."""
+    """Keyword arguments for ``generate_images``: ``guide`` when guidance is on, ``decoder`` for a latent model;
+    ``tokenizer`` for a VAR model (``generate_var_images``)."""
     extras = {}
     if cfg.sampler.guidance != 1.0:
         extras["guide"] = load_guide(root, cfg.sampler, arch, device)
     if decoder_name(cfg.pretrain):
         extras["decoder"] = load_decoder(root, decoder_name(cfg.pretrain), (info or {}).get("encoder"), device)
+    if tokenizer_name(cfg.pretrain):
+        extras["tokenizer"] = load_tokenizer(root, tokenizer_name(cfg.pretrain), device)
     return extras

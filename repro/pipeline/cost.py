@@ -7,6 +7,7 @@ from repro.catalog import registry
 from repro.catalog.costs import DATASET_SIZES, FWD_BWD, device_hours, discriminator_hours
 from repro.config import Config
 from repro.methods.ddo.sweep import sweep_grid
+from repro.nets.var import PATCH_NUMS
 from repro.nets.vpsde import tau_from_sigma
 from repro.sampling.edm import sigma_steps
 
@@ -16,8 +17,16 @@ def architecture(cfg: Config) -> str:
     return registry.get(cfg.pretrain.source).arch if cfg.pretrain.source != "train" else "trained here"
 
 
+def is_ar(cfg: Config) -> bool:
+    """Whether the base is an autoregressive (VAR) model, sampled scale by scale."""
+    return cfg.pretrain.source != "train" and registry.get(cfg.pretrain.source).family == "var"
+
+
 def nfe(cfg: Config) -> int:
-    """Network evaluations per sample: EDM's Heun sampler, doubled when autoguidance evaluates a guide too."""
+    """Network evaluations per sample: EDM's Heun sampler, doubled when autoguidance evaluates a guide too; VAR: one
+    per scale, doubled when classifier-free guidance runs the unconditional pass (upstream's cfg 1.0 does)."""
+    if is_ar(cfg):
+        return len(PATCH_NUMS) * (2 if cfg.ar.guided else 1)
     return (2 * cfg.sampler.num_steps - 1) * (2 if cfg.sampler.guidance != 1.0 else 1)
 
 

@@ -142,18 +142,26 @@ def run_shard(shard: Shard, sampler: SamplerConfig, batch: int, progress: bool =
 
     ``device``: default the GPU when there is one. Note that per-seed noise is drawn on that device, so CPU and
     GPU runs of the same seed give different (equally valid) images; the device is recorded in the shard.
-    ``extras``: ``guide`` / ``decoder`` for generate_images (repro.nets.released.sampling_extras), on ``device``.
+    ``extras``: ``guide`` / ``decoder`` for generate_images (repro.nets.released.sampling_extras), on ``device``;
+    a VAR model's ``tokenizer`` (then ``sampler`` is the config's ``ar`` section).
     """
     if shard_done(shard, sampler):
         return shard.out
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sha = model_sha256(shard.model_path)
     net, arch = _load_net(shard.model_path, device)
-    shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
+    desc = f"sample {shard.model} [{shard.lo},{shard.hi})"
+    if arch.get("precond") == "var":  # next-scale sampling: ``sampler`` is the config's ar section
+        from repro.sampling.var import generate_var_images
+
+        batches = generate_var_images(net, extras["tokenizer"], shard.seeds, ar=sampler, batch=batch, device=device,
+                                      progress=progress, desc=desc)
+    else:
+        shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
+        batches = generate_images(net, shard.seeds, img_shape=shape, label_dim=arch["label_dim"], sampler=sampler,
+                                  batch=batch, device=device, progress=progress, desc=desc, **extras)
     imgs, labels = [], []
-    for _, x, y in generate_images(net, shard.seeds, img_shape=shape, label_dim=arch["label_dim"], sampler=sampler,
-                                   batch=batch, device=device, progress=progress,
-                                   desc=f"sample {shard.model} [{shard.lo},{shard.hi})", **extras):
+    for _, x, y in batches:
         imgs.append(x.numpy())
         labels.append(y.numpy() if y is not None else np.full(len(x), -1))
     save_npz(shard.out, images=np.concatenate(imgs), labels=np.concatenate(labels), seeds=shard.seeds,

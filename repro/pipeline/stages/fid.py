@@ -16,9 +16,10 @@ from repro.evaluation.extractor import extra_metrics
 from repro.evaluation.metric import METRIC_LABELS, evaluate_range, feature_metrics, load_metric, reference_features
 from repro.evaluation.tables.data import write_result
 from repro.nets.checkpoint import read_model_meta, weight_dtypes
+from repro.nets.var import PATCH_NUMS
 from repro.pipeline.common import load_data, require, tracked
 from repro.pipeline.stages.guided import guided_shards
-from repro.pipeline.stages.sample import eval_models
+from repro.pipeline.stages.sample import eval_models, shard_sampler
 from repro.pipeline.tracking import git_commit
 from repro.sampling.shards import eval_ranges, model_sha256, plan_shards, range_batches, range_shards, sample_devices
 from repro.storage.files import sha256_file, write_text
@@ -39,7 +40,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
     reduce = "mean"  # over the seed ranges; a paper protocol says how it reduces (EDM: the minimum of three)
     if cfg.sample.protocol != "custom":
         reduce = protocols.get(cfg.sample.protocol).reduce
-    shards = plan_shards(models, cfg.sample, cfg.sampler, paths.samples) + guided_in
+    shards = plan_shards(models, cfg.sample, shard_sampler(cfg), paths.samples) + guided_in
     models = {**models, **{name: paths.root / g["generator"] for name, g in guided.items()}}
     m = cfg.metrics
     data = load_data(paths) if paths.data.is_file() else None
@@ -97,6 +98,18 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             log.info("fid: %s %s = %.4f (%s)", name, metric.name, entry["value"],
                      ", ".join(f"{v:.4f}" for v in values))
         sampler = to_dict(cfg.sampler)
+        ar = base_arch.get("precond") == "var"
+        if ar:  # VAR: next-scale sampling, one evaluation per scale (two where the unconditional pass runs)
+            a = cfg.ar
+            scales = len(base_arch.get("patch_nums") or PATCH_NUMS)
+            sampler_record = {"name": "var-next-scale", "num_steps": scales, "nfe": scales, "cfg": a.cfg,
+                              "cfg_mode": a.cfg_mode, "top_k": a.top_k, "top_p": a.top_p,
+                              "network_evaluations": scales * (2 if a.guided else 1)}
+        else:
+            sampler_record = {"name": "edm-heun", "num_steps": sampler["num_steps"],
+                              "nfe": 2 * sampler["num_steps"] - 1, "S_churn": sampler["S_churn"],
+                              "dtype": sampler["dtype"], "guidance": sampler["guidance"],
+                              **({"guide": sampler["guide"]} if sampler["guidance"] != 1.0 else {})}
         metrics = {
             "preset": cfg.preset,
             "paper": paper,
@@ -104,13 +117,10 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             "metric_label": METRIC_LABELS.get(metric.name, metric.name),
             "protocol": {
                 "n_samples": cfg.sample.n_samples, "seed_ranges": [list(r) for r in eval_ranges(cfg.sample)],
-                "name": cfg.sample.protocol, "reduce": reduce, "cond": bool(base_arch.get("label_dim")),
-                "label_mode": cfg.sampler.label_mode if base_arch.get("label_dim") else "none",
+                "name": cfg.sample.protocol, "reduce": reduce, "cond": ar or bool(base_arch.get("label_dim")),
+                "label_mode": "balanced" if ar else (cfg.sampler.label_mode if base_arch.get("label_dim") else "none"),
                 **metric.protocol(),
-                "sampler": {"name": "edm-heun", "num_steps": sampler["num_steps"],
-                            "nfe": 2 * sampler["num_steps"] - 1, "S_churn": sampler["S_churn"],
-                            "dtype": sampler["dtype"], "guidance": sampler["guidance"],
-                            **({"guide": sampler["guide"]} if sampler["guidance"] != 1.0 else {})},
+                "sampler": sampler_record,
                 "reference": (cfg.extractor.reference if cfg.extractor.reference
                               else f"{paths.data.relative_to(paths.root)} (all real images)"),
                 **({"selection_seeds": [cfg.ddo.selection_first_seed,

@@ -12,6 +12,7 @@ from repro.nets import released
 from repro.nets.checkpoint import load_model
 from repro.pipeline.common import load_data, log_data_input, require, run_dir, tracked
 from repro.sampling.generate import sample_grid
+from repro.sampling.var import var_grid
 from repro.storage.files import save_png
 from repro.storage.layout import Paths
 
@@ -37,9 +38,12 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
         # A sample grid of the base model (seeds 0..n-1), to look at before spending compute on it (rank 0).
         if distributed.is_main():
             net, arch, info = load_model(paths.base)
-            shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
-            extras = released.sampling_extras(cfg, paths.root, arch, info)  # guided / latent: as the evaluation
-            grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8, **extras)
+            if arch.get("precond") == "var":  # token maps through the tokenizer: guidance-free, no sampling tricks
+                grid = var_grid(net, released.load_tokenizer(paths.root, info["tokenizer"]), n=32, ncol=8)
+            else:
+                shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
+                extras = released.sampling_extras(cfg, paths.root, arch, info)  # guided / latent: as the evaluation
+                grid = sample_grid(net, arch.get("label_dim", 0), shape, cfg.sampler, n=32, ncol=8, **extras)
             save_png(paths.base_grid, grid, scale=max(1, min(4, 128 // (grid.shape[0] // 4))))  # 4 rows; 512 px: x1
             t.log_image(grid, "base_samples.png")
             log.info("pretrain: wrote %s and a sample grid %s", paths.base, paths.base_grid)

@@ -13,13 +13,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from repro.catalog import protocols
+from repro.catalog import protocols, registry
 from repro.cluster.launcher import Wave
 from repro.config import Config
 from repro.nets.checkpoint import read_model_meta
 from repro.nets.released import sampling_extras
 from repro.pipeline.common import require, stage_context, tracked
-from repro.pipeline.cost import sample_cost
+from repro.pipeline.cost import is_ar, sample_cost
 from repro.sampling.shards import Shard, plan_shards, run_shard, sample_models, shard_done
 from repro.storage.files import atomic_dir, link_or_copy
 from repro.storage.layout import Paths
@@ -44,13 +44,18 @@ def _sampling_setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
     return device, sampling_extras(cfg, paths.root, arch, info, device=device)
 
 
+def shard_sampler(cfg: Config):
+    """The settings a shard's images depend on (recorded in each shard): EDM's sampler, or a VAR model's ``ar``."""
+    return cfg.ar if is_ar(cfg) else cfg.sampler
+
+
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
     models = eval_models(cfg, paths)
     require(*models.values())
     device, extras = _sampling_setup(cfg, paths)  # guide (sampler.guidance != 1), latent decoder
     with tracked("sample", cfg, paths) as t:
         # Shards of another shard size or seed range left in the work directory are not published.
-        written = sample_models(models, cfg.sample, cfg.sampler, paths.samples_work, t, progress, device, **extras)
+        written = sample_models(models, cfg.sample, shard_sampler(cfg), paths.samples_work, t, progress, device, **extras)
         with atomic_dir(paths.samples) as tmp:
             for name, files in written.items():
                 (tmp / name).mkdir()
@@ -62,8 +67,8 @@ def shards(cfg: Config, paths: Paths, missing_only: bool = True) -> list[Shard]:
     """The stage's shards (not yet finished ones by default)."""
     models = eval_models(cfg, paths)
     require(*models.values())
-    planned = plan_shards(models, cfg.sample, cfg.sampler, paths.samples_work)
-    return [s for s in planned if not (missing_only and shard_done(s, cfg.sampler))]
+    planned = plan_shards(models, cfg.sample, shard_sampler(cfg), paths.samples_work)
+    return [s for s in planned if not (missing_only and shard_done(s, shard_sampler(cfg)))]
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,17 @@ class ShardJob:
     def __call__(self) -> str:
         with stage_context("sample", self.cfg, self.root) as paths:
             device, extras = _sampling_setup(self.cfg, paths)
-            return str(run_shard(self.shard, self.cfg.sampler, self.cfg.sample.batch, progress=False, device=device,
+            return str(run_shard(self.shard, shard_sampler(self.cfg), self.cfg.sample.batch, progress=False, device=device,
                                  **extras))
 
 
 def describe(cfg: Config, paths: Paths) -> dict:
     """The protocol and cost of the stage (--dry-run)."""
     out = {"models": list(eval_models(cfg, paths)), "cost": sample_cost(cfg)}
+    if is_ar(cfg):
+        a = cfg.ar
+        out["sampler"] = {"name": "var-next-scale (repro.sampling.var)", "tokenizer": registry.get(cfg.pretrain.source).tokenizer, "cfg": a.cfg,
+                          "cfg_mode": a.cfg_mode, "guided": a.guided, "top_k": a.top_k, "top_p": a.top_p}
     if cfg.sample.protocol != "custom":
         out["protocol"] = protocols.get(cfg.sample.protocol).to_dict()
     return out
