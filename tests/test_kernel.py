@@ -121,7 +121,7 @@ def test_guidance_vanishes_in_expectation_for_banks_of_one_distribution(kernel):
     assert same.mean(0).norm() < 0.25 * diff.mean(0).norm()
 
 
-@pytest.mark.parametrize("kernel,h,w", [("gaussian", 0.3, 5.0), ("polyharmonic", 0.3, 5.0)])
+@pytest.mark.parametrize("kernel,h,w", [("gaussian", 0.3, 5.0), ("polyharmonic", 0.3, 3.0)])
 def test_kernel_guidance_moves_toy_samples_toward_the_data(kernel, h, w):
     """EDM's sampler on the toy model's exact denoiser, with and without kernel guidance from banks of 600 real and
     600 model samples: the NLL under the exact data density and the mode-frequency error both drop."""
