@@ -109,7 +109,8 @@ def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
                           "generator_forwards": gen_forwards,
                           "device_hours": {"discriminator": discriminator_hours(disc_arch, steps),
                                            **({"generator": device_hours(arch, gen_forwards)} if gen_forwards else {})}
-                          if any(steps.values()) else "nothing to train",
+                          if any(steps.values()) else
+                          ("see dcd_critic_hours" if critic_images else "nothing to train"),
                           **({"dcd_critic_images": critic_images, "dcd_critic_hours": "not measured"}
                              if critic_images else {})},
         "guided": {"models": len(guided), "images": images, "network_evaluations_per_image": k,
