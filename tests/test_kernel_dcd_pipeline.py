@@ -80,6 +80,9 @@ def test_stages_make_kernel_and_dcd_samples_on_the_micro_preset(tmp_path, base, 
     assert set(records) == {"base+kernel", "base+dcd"}
     assert records["base+kernel"]["banks"]["fake"] == "fakes/base" and records["base+kernel"]["guidance"]["w"] == 3.0
     assert records["base+dcd"]["guidance"]["steps"] == 5
+    for r in records.values():  # what the fid stage reads of each guided model
+        assert {"model", "variant", "method", "generator", "guidance", "discriminator_sha256",
+                "discriminator_info"} <= set(r)
     # the unguided images of the same seeds
     from repro.sampling.shards import plan_shards, run_shard
 

@@ -45,7 +45,7 @@ def _record(cfg: Config, paths: Paths, gm: GuidedModel) -> dict:
         fakes = bank_shards(cfg, paths, gm.model)
         return {"model": gm.model, "variant": gm.variant.name, "method": gm.variant.title,
                 "generator": str(gm.path.relative_to(paths.root)), "generator_sha256": model_sha256(gm.path),
-                "discriminator": None, "discriminator_sha256": None,
+                "discriminator": None, "discriminator_sha256": None, "discriminator_info": {"source": "closed-form"},
                 "banks": {"real": str(paths.data.relative_to(paths.root)), "real_sha256": sha256_file(paths.data),
                           "fake": f"fakes/{gm.model}", "fake_sha256": [sha256_file(s.out) for s in fakes]},
                 "guidance": guidance_settings(gm.variant, sampler_settings(cfg, gm.variant), cfg.sampler)}
