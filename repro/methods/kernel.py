@@ -42,9 +42,10 @@ Where the kernel acts (``where``):
 * ``denoised``: the critic on the clean banks, evaluated at the model's denoised estimate x0_hat = D_theta(x_t;
   sigma) (one more network evaluation per guided step), its gradient in x0_hat used as the gradient in x_t (the
   denoiser's Jacobian taken as the identity, as the paper's pixel/latent variants would need it differentiated
-  otherwise). Offered for comparison. On the 2-D toy (repro.toys.dg_toy, banks of 600, 12 Heun steps) with the
-  polyharmonic kernel (n = 2, m = 1: -log r) it diverged (exact NLL 21.6 at w = 1, unguided 5.9) where
-  ``noised`` improved it (5.78 at w = 3): a further reason for the default.
+  otherwise). Offered for comparison. On the 2-D toy (benchmarks/kernel_dcd_toy.py, output in
+  benchmarks/results/kernel_dcd_toy_cpu.txt: banks of 600, 12 Heun steps) with the polyharmonic kernel (n = 2,
+  m = 1: -log r) it diverged (exact NLL 21.6 at w = 1, unguided 5.9) where ``noised`` improved it (5.78 at w = 3),
+  and with the Gaussian kernel ``noised`` did better at every weight tried: a further reason for the default.
 
 Example::
 
