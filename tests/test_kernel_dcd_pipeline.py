@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
@@ -59,19 +58,28 @@ def test_a_bad_setting_on_the_command_line_is_one_error_line_and_exit_2(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stages_make_kernel_and_dcd_samples_on_the_micro_preset(tmp_path, base, monkeypatch):
-    """data -> fakes -> discriminator -> guided with base+kernel and base+dcd: the kernel writes no discriminator,
-    DCD's critic is trained and written; both guided models are published with their settings, and differ from
-    the unguided images (the same seeds through the sample stage's sampler)."""
+def test_one_run_measures_base_kernel_and_dcd_on_the_same_seeds(tmp_path, base, monkeypatch):
+    """Every stage in order (data, extractor, ddo, sample, fakes, discriminator, guided, fid, table; the pretrained
+    base from conftest) on the micro preset with base+kernel and base+dcd: the kernel writes no discriminator, DCD's
+    critic is trained and written, both guided models are sampled on the evaluation's seeds (differing from the
+    unguided images there) and measured beside the base in one table."""
+    from repro.evaluation.tables.data import read_result
+    from repro.pipeline.stages import ddo as ddo_stage
+    from repro.pipeline.stages import extractor as extractor_stage
+    from repro.pipeline.stages import fid as fid_stage
+    from repro.pipeline.stages import sample as sample_stage
+    from repro.pipeline.stages import table as table_stage
+
     monkeypatch.setenv("REPRO_TRACKING", "off")
-    cfg = _cfg("micro", "guidance.evaluate=[base+kernel, base+dcd]", "guidance.fakes=32", "sample.n_samples=8",
-               "sample.repeats=1", "sample.batch=8", "sample.shard_size=8", "ddo.control=false",
+    cfg = _cfg("micro", "guidance.evaluate=[base+kernel, base+dcd]", "guidance.fakes=32", "sample.n_samples=16",
+               "ddo.rounds=0", "ddo.control=false", "ddo.sweep_alpha=[]", "ddo.sweep_beta=[]",
                "dcd.critic_steps=4", "dcd.batch=8", "dcd.steps=5", "dcd.step_size=0.05", "kernel.max_bank=32",
                "kernel.w=3.0")
     paths = Paths.of(cfg, tmp_path)
     paths.base.parent.mkdir(parents=True)
     shutil.copy(base, paths.base)
-    for stage in (data_stage, fakes_stage, disc_stage, guided_stage):
+    for stage in (data_stage, extractor_stage, ddo_stage, sample_stage, fakes_stage, disc_stage, guided_stage,
+                  fid_stage, table_stage):
         stage.run(cfg, paths, progress=False)
     index = json.loads(paths.discriminators_index.read_text())["discriminators"]
     assert index["base+kernel"]["source"] == "closed-form" and not paths.discriminator("base+kernel").exists()
@@ -80,21 +88,23 @@ def test_stages_make_kernel_and_dcd_samples_on_the_micro_preset(tmp_path, base, 
     assert set(records) == {"base+kernel", "base+dcd"}
     assert records["base+kernel"]["banks"]["fake"] == "fakes/base" and records["base+kernel"]["guidance"]["w"] == 3.0
     assert records["base+dcd"]["guidance"]["steps"] == 5
-    for r in records.values():  # what the fid stage reads of each guided model
-        assert {"model", "variant", "method", "generator", "guidance", "discriminator_sha256",
-                "discriminator_info"} <= set(r)
-    # the unguided images of the same seeds
-    from repro.sampling.shards import plan_shards, run_shard
-
-    plain = plan_shards({"base": paths.base}, cfg.sample, cfg.sampler, tmp_path / "plain")
-    for s in plain:
-        run_shard(s, cfg.sampler, cfg.sample.batch, False, "cpu")
-    ref = load_npz(plain[0].out)["images"]
+    # the same seeds as the unguided model's shards, other images
     for name in ("base+kernel", "base+dcd"):
-        (s,) = [s for s in shards if s.model == name]
-        imgs = load_npz(s.out)["images"]
-        assert imgs.shape == ref.shape and imgs.dtype == np.uint8
-        assert not np.array_equal(imgs, ref), name
+        mine = sorted((s for s in shards if s.model == name), key=lambda s: s.lo)
+        for s in mine:
+            ref = load_npz(paths.samples / "base" / s.out.name)
+            got = load_npz(s.out)
+            assert np.array_equal(got["seeds"], ref["seeds"]) and got["images"].dtype == np.uint8
+            assert not np.array_equal(got["images"], ref["images"]), name
+    # one result: the base and both guided models, each on both seed ranges
+    result = read_result(paths.results)
+    models = {m["name"]: m for m in result["models"]}
+    assert set(models) == {"base", "base+kernel", "base+dcd"}
+    assert all(len(m["values"]) == 2 and np.isfinite(m["value"]) for m in models.values())
+    assert models["base+kernel"]["guided"]["discriminator"] == {"source": "closed-form"}
+    assert models["base+dcd"]["note"] == "DCD on base (5 Langevin steps)"
+    table = paths.table.read_text()
+    assert "| base+kernel |" in table and "| base+dcd |" in table
     # the kernel correction the stage builds is the settings' one
     corr, _ = guided_stage._correction_and_extras(cfg, paths, G.guided_models(cfg, paths)[0], "cpu")
     assert isinstance(corr, KernelGuidance) and corr.w == 3.0 and corr.critic.real.shape == (32, 64)
@@ -124,7 +134,14 @@ def test_cifar10_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypat
         assert plans["discriminator"]["cost"]["dcd_critic_images"] > 0
 
 
-def test_the_tiny_preset_has_kernel_and_dcd_beside_dg():
+def test_the_tiny_preset_has_kernel_and_dcd_beside_dg_and_ddo():
     cfg = load_config(preset="guidance-tiny")
-    assert {"base+dg", "base+kernel", "base+dcd"} <= set(cfg.guidance.evaluate)
-    assert torch.is_tensor(torch.zeros(1))
+    assert {"base+dg", "base+dg-improved", "last+dg", "base+kernel", "base+dcd"} == set(cfg.guidance.evaluate)
+    assert cfg.ddo.rounds > 0
+
+
+def test_paper_tables_print_dcd_rows_and_say_the_kernel_paper_has_none():
+    r = CliRunner().invoke(main, ["table", "--paper", "dcd"])
+    assert r.exit_code == 0 and "21.67" in r.output and "16.24" in r.output and "SN-GAN" in r.output
+    r = CliRunner().invoke(main, ["table", "--paper", "ipm_kernel"])
+    assert r.exit_code == 0 and "No result numbers" in r.output
