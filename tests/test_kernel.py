@@ -158,3 +158,17 @@ def test_banks_are_subsampled():
     c = KernelCritic(real, fake, "gaussian", 1.0, max_bank=64, seed=1)
     assert c.real.shape == (64, 3) and c.fake.shape == (64, 3)
     assert torch.equal(c.real, KernelCritic(real, fake, "gaussian", 1.0, max_bank=64, seed=1).real)
+
+
+def test_normalized_guidance_is_a_unit_rms_direction_at_the_score_scale():
+    """normalize=True: delta = w * grad D / rms(grad D) / sigma, whatever the kernel's range (here r^-62)."""
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(40, 64, generator=g) * 2 - 1, torch.rand(40, 64, generator=g) * 2 - 1
+    x = torch.rand(6, 64, generator=g, dtype=F64) * 2 - 1
+    critic = KernelCritic(real, fake, "polyharmonic", 1.0)
+    sigma = torch.full([6], 0.5, dtype=F64)
+    delta = KernelGuidance(critic, w=0.3, normalize=True)(x, sigma, None, 0, 1)
+    rms = delta.pow(2).mean(1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, 0.3 / 0.5), rtol=1e-12)
+    direction = critic.at_sigma(0.5, seed=1).grad(x, normalize=True)
+    assert torch.allclose(torch.nn.functional.cosine_similarity(delta, direction, dim=1), torch.ones(6, dtype=F64))

@@ -74,7 +74,7 @@ def test_one_run_measures_base_kernel_and_dcd_on_the_same_seeds(tmp_path, base, 
     cfg = _cfg("micro", "guidance.evaluate=[base+kernel, base+dcd]", "guidance.fakes=32", "sample.n_samples=16",
                "ddo.rounds=0", "ddo.control=false", "ddo.sweep_alpha=[]", "ddo.sweep_beta=[]",
                "dcd.critic_steps=4", "dcd.batch=8", "dcd.steps=5", "dcd.step_size=0.05", "kernel.max_bank=32",
-               "kernel.w=3.0")
+               "kernel.w=0.3")
     paths = Paths.of(cfg, tmp_path)
     paths.base.parent.mkdir(parents=True)
     shutil.copy(base, paths.base)
@@ -86,7 +86,7 @@ def test_one_run_measures_base_kernel_and_dcd_on_the_same_seeds(tmp_path, base, 
     assert index["base+dcd"]["objective"] == "wgan-gp" and paths.discriminator("base+dcd").is_file()
     records, shards = guided_stage.guided_shards(cfg, paths)
     assert set(records) == {"base+kernel", "base+dcd"}
-    assert records["base+kernel"]["banks"]["fake"] == "fakes/base" and records["base+kernel"]["guidance"]["w"] == 3.0
+    assert records["base+kernel"]["banks"]["fake"] == "fakes/base" and records["base+kernel"]["guidance"]["w"] == 0.3
     assert records["base+dcd"]["guidance"]["steps"] == 5
     # the same seeds as the unguided model's shards, other images
     for name in ("base+kernel", "base+dcd"):
@@ -107,7 +107,7 @@ def test_one_run_measures_base_kernel_and_dcd_on_the_same_seeds(tmp_path, base, 
     assert "| base+kernel |" in table and "| base+dcd |" in table
     # the kernel correction the stage builds is the settings' one
     corr, _ = guided_stage._correction_and_extras(cfg, paths, G.guided_models(cfg, paths)[0], "cpu")
-    assert isinstance(corr, KernelGuidance) and corr.w == 3.0 and corr.critic.real.shape == (32, 64)
+    assert isinstance(corr, KernelGuidance) and corr.w == 0.3 and corr.critic.real.shape == (32, 64)
 
 
 @pytest.mark.parametrize("preset", ["kernel-cifar10-uncond", "dcd-cifar10-uncond"])

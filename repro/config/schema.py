@@ -465,13 +465,15 @@ class KernelConfig:
     where: Literal["noised", "denoised"] = Field("noised", description=(
         "noised: x_t against the banks noised to the step's sigma (the critic between the noised marginals; "
         "default, argued in repro.methods.kernel); denoised: the denoised estimate against the clean banks"))
-    w: Float = Field(1.0, ge=0, description="weight at each step's first evaluation")
+    w: Float = Field(0.1, ge=0, description=(
+        "weight at each step's first evaluation; with normalize, the guidance's size relative to the model's score "
+        "(0.1: a tenth of it; ours, not tuned)"))
     w2: Float = Field(0.0, ge=0, description="weight at the Heun correction's evaluation")
     tau_min: Float = Field(0.0, ge=0, le=1, description="window: guidance only where tau(sigma) >= tau_min")
     tau_max: Float = Field(1.0, ge=0, le=1, description="... and tau(sigma) <= tau_max")
     normalize: Bool = Field(True, description=(
-        "use grad D divided by its largest term (its direction; w sets the size): needed for the polyharmonic "
-        "kernel in image dimensions, whose values leave float64's range"))
+        "use grad D's direction at the size of a score, g / rms(g) / sigma (w then sets the size relative to the "
+        "model's score): needed for the polyharmonic kernel in image dimensions, whose values leave float64's range"))
     max_bank: Int = Field(10_000, ge=0, description="each bank subsampled to at most this many images (0 = all)")
     chunk: Int = Field(1024, ge=1, description="bank images and query images per block (memory ~ chunk^2)")
     seed: Int = Field(0, ge=0, description="the banks' subsampling")

@@ -259,9 +259,13 @@ class KernelGuidance:
 
     ``critic``: a :class:`KernelCritic` on the banks; ``where``: ``noised`` (default, argued in the module) or
     ``denoised`` (needs ``denoise(x, sigma, labels)``, the model's denoiser); ``w`` the weight at each step's
-    first evaluation, ``w2`` at the Heun correction's; window tau(sigma) in [tau_min, tau_max] (as DG's);
-    ``normalize``: use the critic's gradient scaled by its largest term (needed for polyharmonic kernels in image
-    dimensions; then w sets the step's size). ``w = 0``: returns None (the unguided sampler exactly).
+    first evaluation, ``w2`` at the Heun correction's; window tau(sigma) in [tau_min, tau_max] (as DG's).
+    ``normalize``: use only the direction of grad D, scaled to the size of a score at sigma: g / rms(g) / sigma
+    per sample (rms over the sample's dimensions), so that the sampler's step moves by w times a unit-RMS direction
+    per unit of sigma, next to the model's own (x - D(x)) / sigma, whose RMS is about 1 along the trajectory: w is
+    the guidance's size relative to the model's score. Needed for polyharmonic kernels in image dimensions, whose
+    gradient's magnitude leaves float64's range (the critic is evaluated with :meth:`KernelCritic.grad`
+    ``normalize=True`` and rescaled). ``w = 0``: returns None (the unguided sampler exactly).
     ``evaluations`` counts critic gradient evaluations (one per call on a batch); ``denoiser_evaluations`` the
     extra network evaluations of ``denoised``.
 
@@ -307,6 +311,10 @@ class KernelGuidance:
             at = self.denoise(x.to(torch.float32), sigma.to(torch.float32), labels).to(F64)
             self.denoiser_evaluations += 1
         g = critic.grad(at, normalize=self.normalize)
+        if self.normalize:
+            rms = g.flatten(1).pow(2).mean(1).sqrt()
+            g = g / (rms.clamp_min(1e-300) * sigma.to(F64)).reshape(-1, *([1] * (g.ndim - 1)))
+            g = torch.where(rms.reshape(-1, *([1] * (g.ndim - 1))) > 0, g, torch.zeros_like(g))
         self.evaluations += 1
         scale = torch.where(inside, torch.full([n], w, dtype=F64, device=x.device),
                             torch.zeros([n], dtype=F64, device=x.device))
