@@ -39,7 +39,7 @@ def _cfg(preset="micro", *sets):
 
 def test_the_variants_are_the_configs():
     assert tuple(G.VARIANTS) == GUIDANCE_VARIANTS
-    assert {v.objective for v in G.VARIANTS.values()} == {"bce", "mse"}
+    assert {v.objective for v in G.VARIANTS.values()} == {"bce", "mse", "wgan-gp", None}
 
 
 def test_guided_models_resolve_last_and_say_what_they_need(tmp_path):

@@ -319,7 +319,7 @@ class MetricsConfig:
 # models (guidance), their discriminators (discriminator), DG's guided sampler (dg).
 
 # The guidance variants (repro.methods.guidance.VARIANTS describes each; a test checks the two agree).
-GUIDANCE_VARIANTS = ("dg", "dg-improved")
+GUIDANCE_VARIANTS = ("dg", "dg-improved", "kernel", "dcd")
 GUIDED_MODEL = re.compile(r"base|last|(ddo|control)-round[1-9][0-9]*")
 
 
@@ -336,7 +336,9 @@ class GuidanceConfig:
     evaluate: Tuple(Str) = Field((), description=(
         "guided models, each 'model+variant' (e.g. base+dg, last+dg-improved): model = base, last (the last DDO "
         "round; the base without rounds), ddo-round<r> or control-round<r>; variant = dg (Kim et al. 2023: BCE "
-        "discriminator) or dg-improved (Verine et al. 2025: the objective that bounds the KL). Each is sampled on "
+        "discriminator), dg-improved (Verine et al. 2025: the objective that bounds the KL), kernel (closed-form "
+        "IPM critic from the real and fake banks, no training) or dcd (a WGAN-GP critic, then Langevin steps on "
+        "the sampler's output). Each is sampled on "
         "the evaluation seeds and measured beside the unguided models. Empty = off (the fakes, discriminator and "
         "guided stages do nothing)"))
     fakes: Int = Field(0, ge=0, description=(
@@ -471,6 +473,60 @@ class ARConfig:
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
+class KernelConfig:
+    """Closed-form IPM kernel guidance (repro.methods.kernel; Srikanth, Asokan et al. 2023/2025): score <- score +
+    w grad D(x), D the closed-form critic of the real bank (the data set) and the model's fake bank. Nothing is
+    trained. The paper's settings could not be read (research/dg.md c.2): the defaults are ours."""
+
+    kernel: Literal["polyharmonic", "gaussian"] = Field("polyharmonic", description=(
+        "polyharmonic: r^(2m - n) (times log r for even n, 2m - n >= 0), the authors' closed-form discriminator's "
+        "basis; gaussian: exp(-r^2 / 2)"))
+    bandwidth: Float = Field(0.0, ge=0, description="h, distances in units of h; 0 = the median real-fake distance")
+    poly_m: Int = Field(1, ge=1, description="polyharmonic order m")
+    poly_n: Int = Field(0, ge=0, description="polyharmonic dimension n (0 = the images' C x H x W)")
+    where: Literal["noised", "denoised"] = Field("noised", description=(
+        "noised: x_t against the banks noised to the step's sigma (the critic between the noised marginals; "
+        "default, argued in repro.methods.kernel); denoised: the denoised estimate against the clean banks"))
+    w: Float = Field(0.1, ge=0, description=(
+        "weight at each step's first evaluation; with normalize, the guidance's size relative to the model's score "
+        "(0.1: a tenth of it; ours, not tuned)"))
+    w2: Float = Field(0.0, ge=0, description="weight at the Heun correction's evaluation")
+    tau_min: Float = Field(0.0, ge=0, le=1, description="window: guidance only where tau(sigma) >= tau_min")
+    tau_max: Float = Field(1.0, ge=0, le=1, description="... and tau(sigma) <= tau_max")
+    normalize: Bool = Field(True, description=(
+        "use grad D's direction at the size of a score, g / rms(g) / sigma (w then sets the size relative to the "
+        "model's score): needed for the polyharmonic kernel in image dimensions, whose values leave float64's range"))
+    max_bank: Int = Field(10_000, ge=0, description="each bank subsampled to at most this many images (0 = all)")
+    chunk: Int = Field(1024, ge=1, description="bank images and query images per block (memory ~ chunk^2)")
+    seed: Int = Field(0, ge=0, description="the banks' subsampling")
+
+    @rules
+    def _rules(self):
+        if self.tau_min > self.tau_max:
+            yield "tau_min", f"is above kernel.tau_max ({self.tau_max})", "set kernel.tau_min <= kernel.tau_max"
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
+class DCDConfig:
+    """Discriminator Contrastive Divergence (repro.methods.dcd; Song et al. 2020): a WGAN-GP critic trained on the
+    real images vs the model's fake bank (stage discriminator, in memory), then ``steps`` Langevin steps along its
+    gradient on the sampler's output, in pixel space (stage guided). Critic training follows DCD's configs (batch
+    64, Adam 2e-4, betas (0, 0.9)); the Langevin defaults are ours (DCD's per-dataset values were not found)."""
+
+    critic_steps: Int = Field(1000, gt=0, description="critic updates (DCD trains 50,000 on CIFAR-10)")
+    batch: Int = Field(64, gt=0, description="real and fake images per critic update (DCD: 64)")
+    lr: Float = Field(2e-4, gt=0, description="Adam (DCD: 2e-4, betas (0, 0.9))")
+    gp_weight: Float = Field(10.0, ge=0, description="gradient penalty weight (Gulrajani et al.: 10)")
+    steps: Int = Field(20, ge=0, description="Langevin steps per image (DCD: 20; 0 = off)")
+    step_size: Float = Field(0.01, ge=0, description="eps in x <- x + eps/2 grad D/T + sqrt(eps) noise xi")
+    noise: Float = Field(0.05, ge=0, description="noise scale (1 = exact Langevin; sqrt(eps) x 0.05 = DCD's 0.005)")
+    temperature: Float = Field(1.0, gt=0, description="T (DCD: 1)")
+    grad_clip: Float = Field(1.0, ge=0, description="the critic's gradient clipped to +-grad_clip per pixel (DCD's "
+                                                     "proj_norm 1.0; 0 = off)")
+    seed: Int = Field(0, ge=0, description="critic initialisation and minibatches, and the Langevin noise")
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
 class Resources:
     """What one job asks SLURM for (sbatch options); any other option goes in ``extra``."""
 
@@ -555,8 +611,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
     "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "ar"),
     "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
-    "discriminator": ("guidance.evaluate", "discriminator", "ddo.rounds", "pretrain.mirror"),
-    "guided": ("guidance.evaluate", "dg", "dg_improved", "sample", "sampler", "ddo.rounds"),
+    "discriminator": ("guidance.evaluate", "discriminator", "dcd", "ddo.rounds", "pretrain.mirror"),
+    "guided": ("guidance.evaluate", "dg", "dg_improved", "kernel", "dcd", "sample", "sampler", "ddo.rounds"),
     "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
             "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper",
             "guidance.evaluate", "ar"),
@@ -582,6 +638,8 @@ class Config:
     dg: DGConfig = Field(DGConfig(), description="DG's guided sampler")
     dg_improved: ImprovedDGConfig = Field(ImprovedDGConfig(), description="improved DG's guided sampler")
     ar: ARConfig = Field(ARConfig(), description="autoregressive (VAR) models: tokenizer and next-scale sampler")
+    kernel: KernelConfig = Field(KernelConfig(), description="closed-form IPM kernel guidance")
+    dcd: DCDConfig = Field(DCDConfig(), description="Discriminator Contrastive Divergence: its critic and Langevin steps")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="where stages run")
 
     @rules

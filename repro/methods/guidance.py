@@ -15,10 +15,16 @@ evaluation seeds, through three stages:
 The fid stage measures them beside the unguided models and records each one's guidance settings.
 
 A variant says what it trains (``objective``: a discriminator loss, or None for nothing to train), whether that
-needs the model's fake bank, and how it becomes a correction (:func:`build_correction`). DG and improved DG are
-here; closed-form kernel guidance (banks, no training) and DCD (a critic, then Langevin steps) fit the same
-pieces: a variant with ``objective=None`` and ``uses_fakes=True``, a correction built from the banks; or a
-refinement applied after the sampler.
+needs the model's fake bank, and how it becomes a correction (:func:`build_correction`). Four variants:
+
+* ``dg``, ``dg-improved``: a trained noise-conditioned discriminator, its log-ratio's gradient in each Heun step;
+* ``kernel``: closed-form kernel guidance (repro.methods.kernel): ``objective=None`` (nothing trained; the
+  discriminator stage records it and writes no file) and ``uses_fakes=True``; its correction is built in the
+  guided stage from the real bank (the data set) and the model's fake bank (:func:`kernel_correction`);
+* ``dcd``: Discriminator Contrastive Divergence (repro.methods.dcd): a WGAN-GP critic trained in the discriminator
+  stage on the data vs the fake bank (``objective='wgan-gp'``, :func:`train_dcd_critic`, in memory: not
+  resumable), applied after the sampler as Langevin steps on its output (:func:`dcd_decoder`, the sampler's
+  ``decoder`` hook; pixel-space models only).
 
 Example::
 
@@ -35,10 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from repro.catalog import registry
-from repro.config import Config, DGConfig, ImprovedDGConfig, SampleConfig, SamplerConfig, split_guided, to_dict
-from repro.methods.dg import DiscriminatorGuidance, vp_logit
+from repro.config import (Config, DCDConfig, DGConfig, ImprovedDGConfig, KernelConfig, SampleConfig, SamplerConfig,
+                          split_guided, to_dict)
+from repro.methods.dg import T_MIN, DiscriminatorGuidance, vp_logit
 from repro.nets.adm import DG_CIFAR10_EXTRACTOR, ADMConfig, EncoderUNet, dg_head, load_adm
 from repro.nets.discriminators import (ADMDiscriminator, EncoderDiscriminator, NoiseConditionedDiscriminator,
                                        encoder_config)
@@ -71,6 +79,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "Verine et al. 2025 (ECML-PKDD): the same discriminator trained with the objective that bounds the KL "
             "(denoising score matching of the refined score on real data; reconstructed, repro.methods.dg); "
             "the same sampler, its logit never clipped and no boosting (the logit's offset is free)"),
+    Variant("kernel", "kernel", "kernel", None, True, "kernel IPM guidance",
+            "Srikanth, Asokan et al. (arXiv 2306.01654): the closed-form IPM critic of the real and fake banks, "
+            "mean_i k(x, x_i) - mean_j k(x, y_j) (polyharmonic or Gaussian kernel); score + w grad D; no training"),
+    Variant("dcd", "dcd", "dcd", "wgan-gp", True, "DCD",
+            "Song et al. 2020 (arXiv 2004.01704): a WGAN-GP critic on real vs the model's samples, then Langevin "
+            "steps along its gradient from the sampler's output (pixel space)"),
 ]}
 
 # The frozen feature extractors a released file can be (repro.catalog.registry.DG_FILES, kind adm-extractor).
@@ -122,7 +136,8 @@ def needs_training(cfg: Config, gm: GuidedModel) -> bool:
 
 
 def needs_fakes(cfg: Config, gm: GuidedModel) -> bool:
-    return gm.variant.uses_fakes and needs_training(cfg, gm)
+    """Whether the guided model reads its generator's fake bank: to train on, or (kernel) as the critic's bank."""
+    return gm.variant.uses_fakes and (needs_training(cfg, gm) or gm.variant.objective is None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,7 +246,8 @@ def sampler_settings(cfg: Config, variant: Variant):
     return getattr(cfg, variant.section)
 
 
-def guidance_settings(variant: Variant, dg: DGConfig | ImprovedDGConfig, sampler: SamplerConfig) -> dict:
+def guidance_settings(variant: Variant, dg: DGConfig | ImprovedDGConfig | KernelConfig | DCDConfig,
+                      sampler: SamplerConfig) -> dict:
     """What a guided model's samples depend on besides its generator and discriminator (recorded with them);
     ``dg``: the variant's section (:func:`sampler_settings`)."""
     if variant.method == "dg":
@@ -244,6 +260,8 @@ def guidance_settings(variant: Variant, dg: DGConfig | ImprovedDGConfig, sampler
                      boost_weight_period=dg.boost_weight_period, boost_factor=dg.boost_factor,
                      num_steps=sampler.num_steps)
         return s
+    if variant.method in ("kernel", "dcd"):
+        return {"variant": variant.name, "method": variant.method, **to_dict(dg)}
     raise ValueError(f"no correction for method {variant.method!r}")
 
 
@@ -253,19 +271,34 @@ def build_correction(variant: Variant, dg: DGConfig | ImprovedDGConfig, sampler:
     :func:`guidance_settings`), evaluating ``disc``.
 
     DG: :class:`repro.methods.dg.DiscriminatorGuidance` of the VP-native discriminator, weight w in the window;
-    improved DG: the same, with d never clipped and no boosting.
+    improved DG: the same, with d never clipped and no boosting. (Kernel guidance: :func:`kernel_correction`;
+    DCD is no correction: :func:`dcd_decoder`.)
     """
+    if variant.method != "dg":
+        raise ValueError(f"build_correction: variant {variant.name} is not a discriminator correction. Fix: use "
+                         "kernel_correction (kernel) or dcd_decoder (dcd)")
     s = guidance_settings(variant, dg, sampler)
     boost = {k: s[k] for k in ("boost_churn", "boost_period", "boost_weight_period", "boost_factor") if k in s}
     return DiscriminatorGuidance(vp_logit(disc), w=s["w"], w2=s["w2"], tau_min=s["tau_min"], tau_max=s["tau_max"],
                                  d_clip=s["d_clip"], boosting=s["boosting"], num_steps=sampler.num_steps, **boost)
 
 
+def _discriminator_words(cfg: Config, gm: GuidedModel) -> str:
+    if released_head(cfg, gm):
+        return "released " + str(released_head(cfg, gm))
+    if gm.variant.method == "kernel":
+        return (f"none: closed-form {cfg.kernel.kernel} critic of the data and the fake bank (up to "
+                f"{cfg.kernel.max_bank or 'all'} each)")
+    if gm.variant.method == "dcd":
+        return (f"trained here (wgan-gp critic, {cfg.discriminator.arch}, {cfg.dcd.critic_steps} steps), then "
+                f"{cfg.dcd.steps} Langevin steps per image")
+    return f"trained here ({gm.variant.objective}, {cfg.discriminator.arch}, {cfg.discriminator.epochs} epochs)"
+
+
 def describe(cfg: Config, paths: Paths) -> list[dict]:
     """The guided models as the dry runs print them."""
     return [{"name": gm.name, "model": gm.model, "variant": gm.variant.name, "method": gm.variant.title,
-             "discriminator": ("released " + str(released_head(cfg, gm))) if released_head(cfg, gm) else
-             f"trained here ({gm.variant.objective}, {cfg.discriminator.arch}, {cfg.discriminator.epochs} epochs)",
+             "discriminator": _discriminator_words(cfg, gm),
              "objective": gm.variant.objective, "trained": needs_training(cfg, gm), "fake_bank": needs_fakes(cfg, gm),
              "sampler": guidance_settings(gm.variant, sampler_settings(cfg, gm.variant), cfg.sampler)}
             for gm in guided_models(cfg, paths)]
@@ -276,3 +309,77 @@ def dg_train_settings(cfg: Config, objective: str) -> dict:
     d = to_dict(cfg.discriminator)
     keep = ("epochs", "batch", "lr", "weight_decay", "t_min", "importance_sampling", "num_data", "seed")
     return {"objective": objective, **{k: d[k] for k in keep}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel guidance and DCD: what the guided stage builds for them.
+
+
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """A bank as float32: uint8 images scaled to [-1, 1] (float arrays as they are)."""
+    from repro.sampling.generate import from_uint8
+
+    t = torch.as_tensor(images)
+    return from_uint8(t) if t.dtype == torch.uint8 else t.to(torch.float32)
+
+
+def kernel_correction(k: KernelConfig, real: np.ndarray, fake: np.ndarray, device: str = "cpu",
+                      denoise=None):
+    """The kernel variant's correction: :class:`repro.methods.kernel.KernelGuidance` of the closed-form critic of
+    ``real`` (the data set's images) and ``fake`` (the model's bank), uint8 [N, C, H, W] (scaled to [-1, 1]) or
+    float; ``denoise``: the model's denoiser (``where: denoised`` only). Labels are not used: the critic compares
+    the class-mixed banks (a class-conditional model gets the unconditional critic's gradient)."""
+    from repro.methods.kernel import KernelCritic, KernelGuidance, median_bandwidth
+
+    r, f = _pixels(real).to(device), _pixels(fake).to(device)
+    h = k.bandwidth or median_bandwidth(r, f, seed=k.seed)
+    critic = KernelCritic(r, f, k.kernel, h, poly_m=k.poly_m, poly_n=k.poly_n, max_bank=k.max_bank, chunk=k.chunk,
+                          seed=k.seed)
+    return KernelGuidance(critic, w=k.w, w2=k.w2, where=k.where, tau_min=k.tau_min, tau_max=k.tau_max,
+                          normalize=k.normalize, denoise=denoise)
+
+
+class FixedTimeCritic(torch.nn.Module):
+    """A noise-conditioned discriminator used as a critic on clean images: D(x) = disc(x, tau = T_MIN) (DCD's critic
+    reuses the discriminator networks and their files; at tau = 1e-5, x_vp = x to 1e-8)."""
+
+    def __init__(self, disc: NoiseConditionedDiscriminator):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.disc(x, torch.full([len(x)], T_MIN, device=x.device, dtype=x.dtype), None)
+
+
+def train_dcd_critic(disc: NoiseConditionedDiscriminator, real: np.ndarray, fake: np.ndarray, d: DCDConfig,
+                     device: str = "cpu", tracker=None) -> list[dict]:
+    """Train ``disc`` (a fresh one, repro.nets.discriminators) as DCD's WGAN-GP critic on the data vs the fake bank,
+    in memory (not resumable: DCD's critic is small next to the sampling it refines); the minibatches come from
+    d.seed. Returns the per-step statistics (the last ones are logged every 50 steps to ``tracker``)."""
+    from repro.methods.dcd import CriticTrainConfig, train_critic
+
+    critic = FixedTimeCritic(disc).to(device)
+    log = (lambda k, s: tracker.log_metrics({f"critic_{n}": v for n, v in s.items()}, step=k)) if tracker else None
+    hist = train_critic(critic, _pixels(real), _pixels(fake), CriticTrainConfig(
+        steps=d.critic_steps, batch=d.batch, lr=d.lr, gp_weight=d.gp_weight, seed=d.seed), log_every=50, log=log)
+    disc.eval()
+    return hist
+
+
+def dcd_decoder(d: DCDConfig, disc: NoiseConditionedDiscriminator):
+    """The sampler's ``decoder`` for DCD: ``d.steps`` Langevin steps along grad D / T (clipped, pixels kept in
+    [-1, 1]) from the sampler's output, then uint8. The noise comes from a generator seeded by d.seed and the
+    batch's first values (the same images give the same chain)."""
+    from repro.methods.dcd import critic_grad, langevin
+    from repro.sampling.generate import to_uint8
+
+    energy = critic_grad(FixedTimeCritic(disc), d.temperature)
+
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        key = int(x32.flatten()[:64].double().abs().sum().item() * 1e6) % (2 ** 31)
+        g = torch.Generator().manual_seed(d.seed * 7919 + key)
+        y = langevin(x32, energy, steps=d.steps, step_size=d.step_size, noise=d.noise, grad_clip=d.grad_clip,
+                     clamp=(-1.0, 1.0), generator=g)
+        return to_uint8(y)
+    return decode

@@ -84,8 +84,11 @@ def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
     real = min(d.num_data or n_data, n_data)
     steps = {"bce_step": 0, "mse_step": 0}
     gen_forwards = 0
+    critic_images = 0
     for x in guided:
-        if x["trained"]:
+        if x["trained"] and x["objective"] == "wgan-gp":  # DCD's critic: its own steps, real + fake per step
+            critic_images += cfg.dcd.critic_steps * 2 * cfg.dcd.batch
+        elif x["trained"]:
             fake = min(d.num_data or n_fakes, n_fakes)
             steps[f"{x['objective']}_step"] += d.epochs * (real + (fake if x["objective"] == "bce" else 0))
             gen_forwards += d.epochs * real if x["objective"] == "mse" else 0
@@ -93,11 +96,19 @@ def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
     s = cfg.sampler
     tau = tau_from_sigma(sigma_steps(s.num_steps, s.sigma_min, s.sigma_max, s.rho)[:-1])
     n = cfg.sample.repeats * cfg.sample.n_samples
-    images, evaluations = len(guided) * n, 0
+    images, evaluations, kernel_pairs, langevin = len(guided) * n, 0, 0, 0
     for x in guided:
         g = x["sampler"]
+        if x["variant"] == "dcd":  # unguided sampling, then Langevin steps (a critic gradient each)
+            langevin += n * cfg.dcd.steps
+            continue
         inside = int(((tau >= g["tau_min"]) & (tau <= g["tau_max"])).sum())
-        evaluations += n * ((inside if g["w"] else 0) + (max(inside - 1, 0) if g["w2"] else 0))
+        calls = n * ((inside if g["w"] else 0) + (max(inside - 1, 0) if g["w2"] else 0))
+        if x["variant"] == "kernel":  # each call: the image against both (subsampled) banks
+            bank = min(cfg.kernel.max_bank or n_data, n_data) + min(cfg.kernel.max_bank or n_fakes, n_fakes)
+            kernel_pairs += calls * bank
+        else:
+            evaluations += calls
     per_image = evaluations // images if images else 0
     return {
         "fakes": {"banks": banks, "images": len(banks) * n_fakes, "image_forwards": fake_forwards,
@@ -107,10 +118,16 @@ def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
                           "generator_forwards": gen_forwards,
                           "device_hours": {"discriminator": discriminator_hours(disc_arch, steps),
                                            **({"generator": device_hours(arch, gen_forwards)} if gen_forwards else {})}
-                          if any(steps.values()) else "nothing to train"},
+                          if any(steps.values()) else
+                          ("see dcd_critic_hours" if critic_images else "nothing to train"),
+                          **({"dcd_critic_images": critic_images, "dcd_critic_hours": "not measured"}
+                             if critic_images else {})},
         "guided": {"models": len(guided), "images": images, "network_evaluations_per_image": k,
                    "discriminator_evaluations_per_image": per_image, "image_forwards": images * k,
                    "discriminator_evaluations": evaluations,
+                   **({"kernel_image_pairs": kernel_pairs, "kernel_hours": "not measured (benchmarks/kernel_banks.py "
+                       "prints time and memory against bank size on this machine)"} if kernel_pairs else {}),
+                   **({"dcd_langevin_critic_gradients": langevin, "dcd_hours": "not measured"} if langevin else {}),
                    "device_hours": {"generator": device_hours(arch, images * k),
                                     "discriminator": discriminator_hours(disc_arch, {"guidance": evaluations})}},
     }

@@ -4,7 +4,10 @@ models/guidance/.
 A trained discriminator learns real images (the data set) against its model's fake bank (DG's BCE), or the real
 images through the frozen model (improved DG's objective), with repro.methods.dg_train: resumable and preemptible in
 its run directory (keyed by the settings, the model, the data and the bank), on several processes under torchrun.
-A released one (discriminator.head) is fetched, verified and converted. Each is written as
+A released one (discriminator.head) is fetched, verified and converted. DCD's critic (variant dcd) is a fresh
+discriminator of the same kind trained here with the WGAN-GP loss on the data vs the fake bank
+(repro.methods.guidance.train_dcd_critic: in memory, retrained when the stage reruns). Kernel guidance (variant
+kernel) has nothing to train: its index entry says so and no file is written. Each other is written as
 models/guidance/<model+variant>.safetensors with its spec, and models/guidance/discriminators.json says what each
 is. With guidance off it writes the empty index at once. On a cluster the discriminators still to train go out as
 one job array (:func:`waves`), then the stage publishes them here.
@@ -21,9 +24,10 @@ from typing import Callable, Iterator
 from repro.cluster import distributed
 from repro.cluster.launcher import Wave
 from repro.config import Config, config_hash
-from repro.methods.dg_train import DGTrainConfig, load_trainable, train_discriminator
+from repro.methods.dg_train import OBJECTIVES, DGTrainConfig, load_trainable, train_discriminator
 from repro.methods.guidance import (GuidedModel, dg_train_settings, guided_models, load_bank, needs_fakes,
-                                    needs_training, new_discriminator, released_discriminator, released_head)
+                                    needs_training, new_discriminator, released_discriminator, released_head,
+                                    train_dcd_critic)
 from repro.nets.checkpoint import load_model, read_model_meta
 from repro.nets.discriminators import save_discriminator, spec_of
 from repro.pipeline.common import load_data, log_data_input, require, stage_context, tracked
@@ -98,8 +102,13 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
         for gm in gms:
             arch, _ = read_model_meta(gm.path)
             entry = {"model": gm.model, "variant": gm.variant.name, "model_sha256": model_sha256(gm.path)}
+            if gm.variant.method == "kernel":  # closed form: nothing to train or write
+                index[gm.name] = {**entry, "source": "closed-form", "fakes": f"fakes/{gm.model}"}
+                continue
             if released_head(cfg, gm):
                 disc, info = released_discriminator(cfg, arch, paths.root, progress)
+            elif gm.variant.method == "dcd":
+                disc, info = _dcd_critic(cfg, paths, gm, arch, t, progress)
             else:
                 job = _plan(cfg, paths, gm, progress)
                 with t.child(gm.name, params=job.settings, tags={"guided_model": gm.name}) as child:
@@ -119,6 +128,25 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 write_json(tmp / paths.discriminators_index.name, {"discriminators": index})
             log.info("discriminator: wrote %s (%s)", paths.discriminators, ", ".join(index))
         distributed.barrier()
+
+
+def _dcd_critic(cfg: Config, paths: Paths, gm: GuidedModel, arch: dict, tracker, progress: bool):
+    """DCD's WGAN-GP critic of ``gm``: a fresh discriminator of discriminator.arch (initialised from dcd.seed),
+    always unconditional (DCD's critic sees images only; its CIFAR-10 rows are unconditional), trained in memory."""
+    import dataclasses
+
+    import torch
+
+    torch.manual_seed(cfg.dcd.seed)
+    uncond = dataclasses.replace(cfg, discriminator=dataclasses.replace(cfg.discriminator, conditional=False))
+    disc, info = new_discriminator(uncond, arch, paths.root, progress)
+    data = load_data(paths)
+    fake, _ = load_bank(bank_shards(cfg, paths, gm.model))
+    log.info("discriminator %s: training DCD's critic (wgan-gp, %d steps)", gm.name, cfg.dcd.critic_steps)
+    with tracker.child(gm.name, params={"critic_steps": cfg.dcd.critic_steps}, tags={"guided_model": gm.name}) as c:
+        hist = train_dcd_critic(disc, data.images, fake, cfg.dcd, distributed.device(), c)
+    return disc, {**info, "source": "trained", "objective": "wgan-gp", "steps": cfg.dcd.critic_steps,
+                  "last_wasserstein": hist[-1]["wasserstein"], "fakes": f"fakes/{gm.model}"}
 
 
 @dataclass(frozen=True)
@@ -151,7 +179,7 @@ def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave]) -> Iterator[Wa
     paths = Paths.of(cfg, root)
     todo = []
     for gm in guided_models(cfg, paths):
-        if needs_training(cfg, gm):
+        if needs_training(cfg, gm) and gm.variant.objective in OBJECTIVES:  # DCD's critic trains in the stage
             job = _plan(cfg, paths, gm, progress=True)  # fetches and pins the extractor here, before any job
             if not (job.run_dir / "done.json").is_file():
                 todo.append(TrainJob(cfg, str(root), gm.name))

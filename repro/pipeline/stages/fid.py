@@ -87,7 +87,9 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                                    "discriminator_sha256": g["discriminator_sha256"],
                                    "discriminator": {k: v for k, v in g["discriminator_info"].items()
                                                      if k in ("source", "objective", "epochs", "head", "extractor")}}
-                entry["note"] = f"{g['method']} on {g['model']} (w = {g['guidance']['w']:g})"
+                how = (f"w = {g['guidance']['w']:g}" if "w" in g["guidance"]
+                       else f"{g['guidance']['steps']} Langevin steps")  # DCD: a refinement after sampling
+                entry["note"] = f"{g['method']} on {g['model']} ({how})"
             elif kind in history:
                 entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
             if kind == "control" and name not in guided:

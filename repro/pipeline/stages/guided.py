@@ -5,7 +5,10 @@ each Heun step (repro.sampling.edm Correction; the sampler is not edited). Shard
 the discriminator file and the guidance settings (runs/guided-<key>/; a rerun continues, a finished shard is never
 made twice), then published as samples-guided/<model+variant>/ with samples-guided/guided.json, which says what each
 guided model is (generator, discriminator, settings) for the fid stage. With guidance off it writes the empty index
-at once. On a cluster the shards not yet made go out as one job array (:func:`waves`).
+at once. Kernel guidance builds its correction here from the data set and the model's fake bank (no discriminator
+file; its run directory is keyed by the banks instead); DCD samples unguided and refines each batch with Langevin
+steps along its critic's gradient (the sampler's ``decoder`` hook: pixel-space models only). On a cluster the shards
+not yet made go out as one job array (:func:`waves`).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import torch
 from repro.cluster import distributed
 from repro.cluster.launcher import Wave
 from repro.config import Config, config_hash
-from repro.methods.guidance import (GuidedModel, build_correction, guidance_settings, guided_models,
-                                    sampler_settings)
-from repro.nets.checkpoint import read_model_meta
+from repro.methods.guidance import (GuidedModel, build_correction, dcd_decoder, guidance_settings, guided_models,
+                                    kernel_correction, load_bank, sampler_settings)
+from repro.nets.checkpoint import load_model, read_model_meta
 from repro.nets.discriminators import load_discriminator
 from repro.nets.released import sampling_extras
-from repro.pipeline.common import require, stage_context, tracked
+from repro.pipeline.common import load_data, require, stage_context, tracked
 from repro.pipeline.cost import guidance_cost
+from repro.pipeline.stages.fakes import bank_shards
 from repro.sampling.generate import image_grid
 from repro.sampling.shards import Shard, model_sha256, plan_shards, run_shard, shard_done
 from repro.storage.files import atomic_dir, link_or_copy, load_npz, sha256_file, write_json
@@ -34,7 +38,17 @@ from repro.storage.layout import Paths
 
 
 def _record(cfg: Config, paths: Paths, gm: GuidedModel) -> dict:
-    """What the guided model's samples depend on: generator, discriminator (file and what it is), settings."""
+    """What the guided model's samples depend on: generator, discriminator (file and what it is) or, for kernel
+    guidance, the banks; settings."""
+    if gm.variant.method == "kernel":
+        require(gm.path, paths.data)
+        fakes = bank_shards(cfg, paths, gm.model)
+        return {"model": gm.model, "variant": gm.variant.name, "method": gm.variant.title,
+                "generator": str(gm.path.relative_to(paths.root)), "generator_sha256": model_sha256(gm.path),
+                "discriminator": None, "discriminator_sha256": None, "discriminator_info": {"source": "closed-form"},
+                "banks": {"real": str(paths.data.relative_to(paths.root)), "real_sha256": sha256_file(paths.data),
+                          "fake": f"fakes/{gm.model}", "fake_sha256": [sha256_file(s.out) for s in fakes]},
+                "guidance": guidance_settings(gm.variant, sampler_settings(cfg, gm.variant), cfg.sampler)}
     disc = paths.discriminator(gm.name)
     require(gm.path, disc, paths.discriminators_index)
     index = json.loads(paths.discriminators_index.read_text())["discriminators"]
@@ -49,17 +63,31 @@ def _record(cfg: Config, paths: Paths, gm: GuidedModel) -> dict:
 
 def _work(cfg: Config, paths: Paths, gm: GuidedModel, record: dict) -> list[Shard]:
     """The guided model's shards in the run directory of its discriminator and settings."""
-    key = config_hash({"discriminator": record["discriminator_sha256"], "guidance": record["guidance"]})
+    key = config_hash({"discriminator": record["discriminator_sha256"], "guidance": record["guidance"],
+                       **({"banks": record["banks"]} if "banks" in record else {})})
     return plan_shards({gm.name: gm.path}, cfg.sample, cfg.sampler, paths.guided_work(key))
 
 
 def _correction_and_extras(cfg: Config, paths: Paths, gm: GuidedModel, device: str):
     arch, info = read_model_meta(gm.path)
+    extras = sampling_extras(cfg, paths.root, arch, info, device=device)
+    if gm.variant.method == "kernel":
+        fake, _ = load_bank(bank_shards(cfg, paths, gm.model))
+        denoise = None
+        if cfg.kernel.where == "denoised":
+            net, _, _ = load_model(gm.path, device)
+            denoise = net.float().eval().requires_grad_(False)
+        return kernel_correction(cfg.kernel, load_data(paths).images, fake, device, denoise), extras
     ext = json.loads(paths.discriminators_index.read_text())["discriminators"][gm.name]
     extractor = paths.checkpoint(ext["extractor_file"]) if ext.get("extractor_file") else None
     disc, _ = load_discriminator(paths.discriminator(gm.name), extractor, ext.get("extractor_sha256"), device)
+    if gm.variant.method == "dcd":
+        if "decoder" in extras:
+            raise ValueError(f"{gm.name}: DCD is wired in pixel space, and this model samples latents. Fix: use dcd "
+                             "with a pixel-space model, or another variant")
+        return None, {**extras, "decoder": dcd_decoder(cfg.dcd, disc)}
     correction = build_correction(gm.variant, sampler_settings(cfg, gm.variant), cfg.sampler, disc)
-    return correction, sampling_extras(cfg, paths.root, arch, info, device=device)
+    return correction, extras
 
 
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
