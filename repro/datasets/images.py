@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from repro.config import DataConfig
-from repro.storage.files import load_npz, save_npz, sha256_file, write_json
+from repro.storage.files import load_npz, read_json, save_npz, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,12 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
 
 def load_prepared(npz: Path, manifest: dict | None = None) -> Dataset:
     """Read the prepared array file, verifying its sha256 against the manifest first."""
-    import json
 
     if manifest is None:
         mpath = npz.with_name("manifest.json")
         if not mpath.is_file():
             raise FileNotFoundError(f"{mpath} not found: run the data stage first (`repro data`)")
-        manifest = json.loads(mpath.read_text())
+        manifest = read_json(mpath)
     if not npz.is_file():
         raise FileNotFoundError(f"{npz} not found: run the data stage first (`repro data`)")
     digest = sha256_file(npz)

@@ -16,6 +16,7 @@ A project directory (the one holding params.yaml) looks like this::
                                            guidance: the guided models' evaluation images (runs/guided-<key>/)
     results/<preset>/                      metrics.json (numbers), protocol.json, rounds.tsv, table.md
     runs/<stage>-<key>/                    resumable work of a stage, keyed by its params and inputs
+    runs/.repro.lock                       held by the `repro` stage command running on this project
     runs/slurm/<job id>/                   submitit's scripts and logs
 
 Inside a ddo run directory, round r of kind k ('ddo' or 'control') lives in ``<k>-round<r>/`` (:class:`RoundDir`);
@@ -133,6 +134,8 @@ class Paths:
     # resumable work
     @property
     def runs(self) -> Path: return self.root / "runs"
+    @property
+    def project_lock(self) -> Path: return self.runs / ".repro.lock"  # one `repro` stage command at a time
     def run_dir(self, stage: str, key: str) -> Path: return self.runs / f"{stage}-{key}"
     @property
     def samples_work(self) -> Path: return self.runs / "samples-work"  # finished shards; samples/ is their copy

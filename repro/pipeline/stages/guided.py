@@ -10,7 +10,6 @@ at once. On a cluster the shards not yet made go out as one job array (:func:`wa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,7 +28,7 @@ from repro.pipeline.common import require, stage_context, tracked
 from repro.pipeline.cost import guidance_cost
 from repro.sampling.generate import image_grid
 from repro.sampling.shards import Shard, model_sha256, plan_shards, run_shard, shard_done
-from repro.storage.files import atomic_dir, link_or_copy, load_npz, sha256_file, write_json
+from repro.storage.files import atomic_dir, link_or_copy, load_npz, read_json, sha256_file, write_json
 from repro.storage.layout import Paths
 
 
@@ -37,7 +36,7 @@ def _record(cfg: Config, paths: Paths, gm: GuidedModel) -> dict:
     """What the guided model's samples depend on: generator, discriminator (file and what it is), settings."""
     disc = paths.discriminator(gm.name)
     require(gm.path, disc, paths.discriminators_index)
-    index = json.loads(paths.discriminators_index.read_text())["discriminators"]
+    index = read_json(paths.discriminators_index)["discriminators"]
     if gm.name not in index:
         raise FileNotFoundError(f"{paths.discriminators}: no discriminator for {gm.name}; run `repro discriminator`")
     return {"model": gm.model, "variant": gm.variant.name, "method": gm.variant.title,
@@ -55,7 +54,7 @@ def _work(cfg: Config, paths: Paths, gm: GuidedModel, record: dict) -> list[Shar
 
 def _correction_and_extras(cfg: Config, paths: Paths, gm: GuidedModel, device: str):
     arch, info = read_model_meta(gm.path)
-    ext = json.loads(paths.discriminators_index.read_text())["discriminators"][gm.name]
+    ext = read_json(paths.discriminators_index)["discriminators"][gm.name]
     extractor = paths.checkpoint(ext["extractor_file"]) if ext.get("extractor_file") else None
     disc, _ = load_discriminator(paths.discriminator(gm.name), extractor, ext.get("extractor_sha256"), device)
     correction = build_correction(gm.variant, sampler_settings(cfg, gm.variant), cfg.sampler, disc)
@@ -101,7 +100,7 @@ def guided_shards(cfg: Config, paths: Paths) -> tuple[dict[str, dict], list[Shar
     if not cfg.guidance.evaluate:
         return {}, []
     require(paths.guided_index)
-    records = json.loads(paths.guided_index.read_text())["guided"]
+    records = read_json(paths.guided_index)["guided"]
     gms = guided_models(cfg, paths)
     missing = [gm.name for gm in gms if gm.name not in records]
     if missing:
