@@ -160,7 +160,7 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
         from repro.pipeline.run import launch
 
         if round_ is not None and stage != "ddo":
-            _fail(f"--round is an option of the ddo stage only, not of {stage}")
+            _fail(f"--round is an option of the ddo stage only, not of {stage}. Fix: drop --round")
         try:
             with _refusals(), _project_lock(root):
                 launch(stage, cfg, root, progress=not no_progress, **({"round": round_} if round_ is not None else {}))
@@ -276,8 +276,8 @@ def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
     ranges = eval_ranges(cfg.sample)
     if model not in models or not 0 <= which < len(ranges):
         _fail(f"--model must be one of {', '.join(models)} and --range in 0..{len(ranges) - 1}")
-    shards = range_shards(plan_shards(models, cfg.sample, cfg.sampler, paths.samples), model, *ranges[which])
     with _refusals():
+        shards = range_shards(plan_shards(models, cfg.sample, cfg.sampler, paths.samples), model, *ranges[which])
         n = export_samples(shards, out, fmt)
     click.echo(f"wrote {n} images of {model}, seeds [{ranges[which][0]}, {ranges[which][1]}), to {out}")
 

@@ -47,6 +47,8 @@ def _sampling_setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
     models = eval_models(cfg, paths)
     require(*models.values())
+    for path in models.values():  # every model readable before any shard is made (a clear error names the file)
+        read_model_meta(path)
     device, extras = _sampling_setup(cfg, paths)  # guide (sampler.guidance != 1), latent decoder
     with tracked("sample", cfg, paths) as t:
         # Shards of another shard size or seed range left in the work directory are not published.
