@@ -31,7 +31,7 @@ def seed_project(tmp_path_factory):
     from repro.nets.factory import build_network
     from repro.pipeline.stages.sample import eval_models
     from repro.sampling.shards import plan_shards
-    from repro.storage.files import save_npz, write_json
+    from repro.storage.files import record_sha256, save_npz, write_json
     from repro.storage.layout import Paths
 
     d = tmp_path_factory.mktemp("seed")
@@ -45,6 +45,7 @@ def seed_project(tmp_path_factory):
     net = build_network(arch)
     for path in eval_models(cfg, paths).values():
         save_model(path, net, arch, {})
+        record_sha256(path)  # as the pretrain and ddo stages do
     write_json(paths.rounds_json, {"selection_metric": None, "history": {}})
     for s in plan_shards(eval_models(cfg, paths), cfg.sample, cfg.sampler, paths.samples):
         n = s.hi - s.lo
@@ -211,12 +212,23 @@ def _json_list(p: Path) -> None:
     p.write_text("[1, 2]\n")
 
 
+def _flip_64_bytes(p: Path) -> None:
+    """64 bytes of the tensor data inverted: the file still loads, but is not what its stage wrote."""
+    b = bytearray(p.read_bytes())
+    for i in range(len(b) - 200, len(b) - 136):
+        b[i] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
 BREAK = {"truncated": _truncate, "random": _random, "empty": _empty, "huge header": _huge_header, "text": _text}
 
 FILE_CASES = [
     *[(f"base {k}", "models/base.safetensors", f, ["sample"]) for k, f in BREAK.items()],
     *[(f"ddo round {k}", "models/ddo/ddo-round2.safetensors", f, ["sample"]) for k, f in BREAK.items()],
     ("control truncated", "models/ddo/control-round2.safetensors", _truncate, ["sample"]),
+    ("base 64 flipped bytes", "models/base.safetensors", _flip_64_bytes, ["sample"]),
+    ("round 64 flipped bytes", "models/ddo/ddo-round1.safetensors", _flip_64_bytes, ["sample"]),
+    ("control 64 flipped bytes", "models/ddo/control-round2.safetensors", _flip_64_bytes, ["sample"]),
     *[(f"data {k}", "data/digits.npz", f, ["extractor"]) for k, f in BREAK.items() if k != "huge header"],
     ("manifest bad json", "data/manifest.json", _bad_json, ["extractor"]),
     ("manifest empty", "data/manifest.json", _empty, ["extractor"]),
@@ -238,6 +250,8 @@ def test_corrupt_files_are_refused_naming_them(proj, name, rel, brk, args):
     before = snapshot(proj)
     out = refused([*args, "--no-progress"] if args[0] not in ("export-samples", "table") else args, Path(rel).name)
     assert "allow_pickle" not in out and "If you trust" not in out  # numpy's advice is the wrong advice here
+    if "flipped" in name:
+        assert "changed after it was written" in out
     assert snapshot(proj) == before
 
 

@@ -235,3 +235,29 @@ def load_safetensors(path: Path | str, device: str = "cpu") -> dict[str, torch.T
 
     with readable(path, "safetensors file"):
         return load_file(str(path), device=device)
+
+
+def _recorded(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def record_sha256(path: Path) -> str:
+    """Record ``path``'s sha256 beside it, as ``<name>.sha256`` (the format `sha256sum -c` reads), for the stages
+    that read it later (:func:`check_recorded`). The file itself is not touched."""
+    digest = sha256_file(Path(path))
+    write_text(_recorded(path), f"{digest}  {Path(path).name}\n")
+    return digest
+
+
+def check_recorded(path: Path) -> None:
+    """``path`` still has the sha256 its producing stage recorded beside it (no record: nothing to check), else a
+    BadFile: a model changed after its stage wrote it is never used."""
+    rec = _recorded(path)
+    if not rec.is_file():
+        return
+    want = rec.read_text(encoding="utf-8", errors="replace").split(" ", 1)[0].strip()
+    got = sha256_file(Path(path))
+    if got != want:
+        raise BadFile(path, "model file", f"its sha256 {got[:16]}... is not the {want[:16]}... its stage recorded in "
+                      f"{rec.name}: it changed after it was written",
+                      "restore it, or rerun the stage that makes it (`dvc repro -f -s <stage>`)")
