@@ -25,7 +25,7 @@ from repro.config import preset_dict
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("data", "extractor", "pretrain", "ddo", "sample", "fid", "table")
 KILLS = 4
-OUTPUTS = ("data", "models", "samples", "results")
+OUTPUTS = ("data", "models", "samples", "fakes", "samples-guided", "results")
 
 
 def _env(d: Path) -> dict:
@@ -93,12 +93,18 @@ def test_kill9_at_seeded_points_then_rerun_equals_the_uninterrupted_run(tmp_path
     code, out, _ = _repro(d)  # the rerun: no manual cleanup before it
     assert code == 0, out[-3000:]
     assert len(set(killed_in)) >= 2, killed_in  # the kills hit different stages
+    print(f"\nkill -9 in stages {killed_in}; uninterrupted run {whole:.0f} s")
 
     # Every output equals the uninterrupted run's: bytes, or for JSON files naming the project path, every number.
     want, got = _files(ref), _files(d)
     assert sorted(got) == sorted(want)
     for name in want:
-        if got[name] != want[name]:
+        if got[name] == want[name]:
+            continue
+        if name.endswith(".md"):  # a table's "Run: ... finished <time>" line is the only text allowed to differ
+            a, b = ([x for x in (p / name).read_text().splitlines() if not x.startswith("Run:")] for p in (ref, d))
+            assert a == b, name
+        else:
             assert name.endswith(".json"), name
             a, b = (json.loads((p / name).read_text()) for p in (ref, d))
             assert _numbers(a) == _numbers(b), name
@@ -122,5 +128,8 @@ def test_kill9_at_seeded_points_then_rerun_equals_the_uninterrupted_run(tmp_path
     top = [r for r in runs if r["parent"] is None]
     assert not [r for r in runs if r["status"] == "RUNNING"]
     for stage in STAGES:
-        assert [r["status"] for r in top if r["stage"] == stage].count("FINISHED") == 1, stage
+        # One finished run per stage; a stage killed after its run ended but before DVC recorded it in dvc.lock
+        # really runs again on the rerun (reusing its finished work), which is one more finished run.
+        finished = [r["status"] for r in top if r["stage"] == stage].count("FINISHED")
+        assert 1 <= finished <= 1 + killed_in.count(stage), (stage, finished, killed_in)
     assert any(r["status"] == "KILLED" for r in top)
