@@ -174,6 +174,17 @@ def test_bad_command_lines_are_refused(proj, tmp_path):
     assert snapshot(proj) == before
 
 
+def test_an_unexpected_exception_keeps_its_traceback(proj, monkeypatch):
+    import repro.pipeline.stages.data as data_stage
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(data_stage, "prepare", broken)
+    r = CliRunner().invoke(main, ["data", "--no-progress"])
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError) and "error:" not in r.output
+
+
 def test_table_without_results_folder_warns(proj, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(main, ["table", "--paper", "ddo"])

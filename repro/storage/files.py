@@ -79,6 +79,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask sets it to read it, which two
+    threads doing at once could leave changed)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
