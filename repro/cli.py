@@ -117,6 +117,22 @@ def _project_lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+OUTPUT_FOLDERS = (".", "data", "models", "models/ddo", "models/guidance", "samples", "fakes", "samples-guided",
+                  "results", "runs", "checkpoints")
+
+
+def _check_writable(root: Path) -> None:
+    """Refuse before any work when the project folder or an output folder in it is read-only (a stage would fail
+    at its first write, or publish half its outputs)."""
+    for name in OUTPUT_FOLDERS:
+        folder = Path(root) / name
+        for d in [folder, *(sorted(p for p in folder.iterdir() if p.is_dir()) if name in ("samples", "results")
+                            and folder.is_dir() else [])]:
+            if d.is_dir() and not os.access(d, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+                _fail(f"{d.resolve()} is read-only: the stage could not write its outputs. Fix: make it writable "
+                      "(chmod -R u+w), or run the project where you can write")
+
+
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
@@ -161,6 +177,7 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
 
         if round_ is not None and stage != "ddo":
             _fail(f"--round is an option of the ddo stage only, not of {stage}. Fix: drop --round")
+        _check_writable(root)
         try:
             with _refusals(), _project_lock(root):
                 launch(stage, cfg, root, progress=not no_progress, **({"round": round_} if round_ is not None else {}))

@@ -343,3 +343,51 @@ def test_a_full_disk_is_one_error_line(proj):
     assert "Traceback" not in p.stderr and p.stderr.count("error:") == 1 and "ulimit" in p.stderr
     after = snapshot(proj)
     assert after == before, set(after) ^ set(before)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Read-only places. The tests run as root, which writes anywhere: the command runs without the capabilities
+# that bypass file permissions (setpriv, util-linux), as a user's process would.
+
+READ_ONLY_CASES = [
+    ("project folder", ".", [], "read-only"),
+    ("data folder", "data", [], "/data is read-only"),
+    ("samples folder", "samples", [], "/samples is read-only"),
+    ("a samples model folder", "samples/base", [], "/samples/base is read-only"),
+    ("mlflow store", "mlflow.db", ["tracking"], "mlflow"),
+]
+
+
+@pytest.mark.parametrize("name,rel,opts,expect", READ_ONLY_CASES, ids=[c[0] for c in READ_ONLY_CASES])
+def test_read_only_places_are_one_error_line(proj, name, rel, opts, expect):
+    env = {**os.environ, "REPRO_TRACKING": "off"}
+    stage = "sample" if rel.startswith("samples") else "data"
+    if "tracking" in opts:  # a store made by an earlier run, now read-only (file and folder)
+        env.pop("REPRO_TRACKING")
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{proj / 'store' / 'mlflow.db'}"
+        (proj / "store").mkdir()
+        import sqlite3
+
+        sqlite3.connect(proj / "store" / "mlflow.db").execute("create table t (x int)").connection.close()
+        rel = "store/mlflow.db"
+        os.chmod(proj / rel, 0o444)
+        os.chmod(proj / "store", 0o555)
+    if rel == ".":  # a fresh project: nothing but params.yaml
+        for q in proj.iterdir():
+            if q.is_dir():
+                shutil.rmtree(q)
+    before = snapshot(proj)
+    os.chmod(proj / rel, 0o555 if (proj / rel).is_dir() else 0o444)
+    caps = "-dac_override,-dac_read_search,-fowner"
+    try:
+        p = subprocess.run(["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", sys.executable, "-m",
+                            "repro.cli", stage, "--no-progress"], cwd=proj, env=env, capture_output=True, text=True,
+                           timeout=120)
+    finally:
+        for q in (proj, proj / "data", proj / "samples", proj / "samples/base", proj / "store"):
+            if q.exists():
+                os.chmod(q, 0o755)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and p.stderr.count("error:") == 1, p.stderr
+    assert expect in p.stderr and "Fix:" in p.stderr, p.stderr
+    assert snapshot(proj) == before
