@@ -335,6 +335,7 @@ def table_cmd(paper, results_dir, fmt, params, preset, dry_run) -> None:
         from repro.pipeline.run import run_stage
 
         root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
+        _check_writable(root)
         with _refusals(), _project_lock(root):
             run_stage("table", cfg, root, progress=False)
         return
