@@ -391,3 +391,25 @@ def test_read_only_places_are_one_error_line(proj, name, rel, opts, expect):
     assert "Traceback" not in p.stderr and p.stderr.count("error:") == 1, p.stderr
     assert expect in p.stderr and "Fix:" in p.stderr, p.stderr
     assert snapshot(proj) == before
+
+
+@pytest.mark.parametrize("content", [b'{"history": ', b"", b"\xff\xfe\x00garbage"])
+def test_every_json_input_is_read_naming_its_path(tmp_path, content):
+    """rounds.json, done.json, manifests, indexes: all read through read_json, whose error names the file."""
+    from repro.storage.files import BadFile, read_json
+
+    path = tmp_path / "models" / "ddo" / "rounds.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(BadFile, match=r"rounds\.json: JSON file cannot be read .*Fix: "):
+        read_json(path)
+    import re
+
+    # No other JSON read of a file is left, except the two that name their file themselves (and read_json).
+    own = {"storage/files.py", "storage/download.py", "evaluation/tables/data.py"}
+    for p in ROOT_PKG.rglob("*.py"):
+        if str(p.relative_to(ROOT_PKG)) not in own:
+            assert not re.search(r"json\.loads?\([^)]*(read_text|open)\(", p.read_text()), p
+
+
+ROOT_PKG = Path(__file__).resolve().parents[1] / "repro"
