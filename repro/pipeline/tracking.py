@@ -203,7 +203,9 @@ def store_lock(uri: str) -> Iterator[None]:
         return
     import fcntl
 
-    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    from repro.storage.layout import STORE_LOCK_SUFFIX
+
+    lock = Path(uri[len("sqlite:///"):] + STORE_LOCK_SUFFIX)
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -55,6 +55,7 @@ from typing import Any, BinaryIO, Callable
 from tqdm.auto import tqdm
 
 from repro.storage.files import sha256_file
+from repro.storage.layout import QUARANTINE
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def fetch(source: str, dest: Path, *, sha256: str | None = None, lock: Lock | No
 def quarantine(path: Path, name: str, sha: str, error: BaseException) -> Path:
     """Move a downloaded file that failed its check aside, to ``<its folder>/quarantine/``, with the reason beside
     it: never pinned, never picked up again by a later run (which downloads afresh)."""
-    folder = path.parent / "quarantine"
+    folder = path.parent / QUARANTINE
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{path.name}.{sha[:12]}"
     os.replace(path, target)

@@ -247,7 +247,9 @@ def load_safetensors(path: Path | str, device: str = "cpu") -> dict[str, torch.T
 
 
 def _recorded(path: Path) -> Path:
-    return Path(path).with_name(Path(path).name + ".sha256")
+    from repro.storage.layout import SHA256_SUFFIX
+
+    return Path(path).with_name(Path(path).name + SHA256_SUFFIX)
 
 
 def record_sha256(path: Path) -> str:
