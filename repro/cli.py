@@ -17,6 +17,8 @@ import os
 # Torch's OpenMP threads spin-wait by default, which makes them up to 10x slower on a busy 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import contextlib  # noqa: E402
+import errno  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -43,6 +45,92 @@ def _input_errors() -> tuple:
     from repro.storage.download import DownloadError
 
     return (FileNotFoundError, ValueError, DownloadError, pickle.UnpicklingError, KeyError)
+
+
+# OSErrors that are the machine's state, not a bug: the fix is the user's (exit 2, one line).
+_OS_FIXES = {errno.EACCES: "make it writable (chmod u+w) or run in a folder you own",
+             errno.EPERM: "make it writable (chmod u+w) or run in a folder you own",
+             errno.EROFS: "the file system is read-only: run the project on a writable one",
+             errno.ENOSPC: "free disk space (or move runs/ and checkpoints/ to a larger disk) and rerun: finished "
+                           "work is kept",
+             errno.EDQUOT: "free space within your quota and rerun: finished work is kept",
+             errno.EFBIG: "the file is larger than this process may write (ulimit -f): raise the limit and rerun"}
+
+
+def _input_message(e: BaseException) -> str | None:
+    """The one-line message of an input error (bad config, file, store, or an unwritable or full disk), or None for
+    an unexpected exception (a bug: it keeps its traceback)."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno in _OS_FIXES:
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot write{where}: {e.strerror or e}. Fix: {_OS_FIXES[e.errno]}"
+    if isinstance(e, RuntimeError) and ("file write failed" in str(e) or "PytorchStreamWriter failed" in str(e)):
+        return (f"writing a file failed ({' '.join(str(e).split())[:200]}). Fix: check free disk space and that the "
+                "project folder is writable, then rerun")
+    if isinstance(e, _input_errors()):
+        return str(e).strip("'\"")
+    return None
+
+
+@contextlib.contextmanager
+def _refusals():
+    """Every input error inside ends as one `error:` line, exit 2; anything else propagates (a bug)."""
+    try:
+        yield
+    except ConfigError as e:
+        _fail(str(e))
+    except Exception as e:
+        message = _input_message(e)
+        if message is None:
+            raise
+        _fail(message)
+
+
+@contextlib.contextmanager
+def _project_lock(root: Path):
+    """One `repro` stage command at a time on a project: a second one waits for the first (and says so). Not
+    inside a job or a torchrun/srun process group, whose processes share the project by design."""
+    from repro.cluster.launcher import in_job
+    from repro.storage.layout import Paths
+
+    if in_job() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    import fcntl
+
+    path = Paths(Path(root).resolve()).project_lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            log.info("another repro command runs on this project (%s); waiting for it to finish",
+                     f.read().strip() or "pid unknown")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+OUTPUT_FOLDERS = (".", "data", "models", "models/ddo", "models/guidance", "samples", "fakes", "samples-guided",
+                  "results", "runs", "checkpoints")
+
+
+def _check_writable(root: Path) -> None:
+    """Refuse before any work when the project folder or an output folder in it is read-only (a stage would fail
+    at its first write, or publish half its outputs)."""
+    for name in OUTPUT_FOLDERS:
+        folder = Path(root) / name
+        for d in [folder, *(sorted(p for p in folder.iterdir() if p.is_dir()) if name in ("samples", "results")
+                            and folder.is_dir() else [])]:
+            if d.is_dir() and not os.access(d, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+                _fail(f"{d.resolve()} is read-only: the stage could not write its outputs. Fix: make it writable "
+                      "(chmod -R u+w), or run the project where you can write")
 
 
 def _fail(message: str) -> None:
@@ -77,7 +165,8 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
 
             click.echo(f"# stage {stage}, preset {cfg.preset}; outputs under {root}")
             click.echo(dump_yaml(stage_dict(cfg, stage)), nl=False)
-            plan = describe(stage, cfg, root)
+            with _refusals():
+                plan = describe(stage, cfg, root)
             if plan:
                 click.echo("# would do:")
                 click.echo(yaml.safe_dump({"plan": plan}, sort_keys=False, width=1000), nl=False)
@@ -86,12 +175,12 @@ def _stage_command(stage: str, doc: str, name: str | None = None):
         from repro.cluster.preempt import Preempted
         from repro.pipeline.run import launch
 
+        if round_ is not None and stage != "ddo":
+            _fail(f"--round is an option of the ddo stage only, not of {stage}. Fix: drop --round")
+        _check_writable(root)
         try:
-            if round_ is not None and stage != "ddo":
-                _fail(f"--round is an option of the ddo stage only, not of {stage}")
-            launch(stage, cfg, root, progress=not no_progress, **({"round": round_} if round_ is not None else {}))
-        except _input_errors() as e:
-            _fail(str(e).strip("'\""))
+            with _refusals(), _project_lock(root):
+                launch(stage, cfg, root, progress=not no_progress, **({"round": round_} if round_ is not None else {}))
         except JobFailed as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
@@ -204,11 +293,9 @@ def export_samples_cmd(model, which, fmt, out, params, preset) -> None:
     ranges = eval_ranges(cfg.sample)
     if model not in models or not 0 <= which < len(ranges):
         _fail(f"--model must be one of {', '.join(models)} and --range in 0..{len(ranges) - 1}")
-    shards = range_shards(plan_shards(models, cfg.sample, cfg.sampler, paths.samples), model, *ranges[which])
-    try:
+    with _refusals():
+        shards = range_shards(plan_shards(models, cfg.sample, cfg.sampler, paths.samples), model, *ranges[which])
         n = export_samples(shards, out, fmt)
-    except _input_errors() as e:
-        _fail(str(e).strip("'\""))
     click.echo(f"wrote {n} images of {model}, seeds [{ranges[which][0]}, {ranges[which][1]}), to {out}")
 
 
@@ -248,17 +335,20 @@ def table_cmd(paper, results_dir, fmt, params, preset, dry_run) -> None:
         from repro.pipeline.run import run_stage
 
         root = (params or Path("params.yaml")).resolve().parent if preset is None else Path.cwd()
-        try:
+        _check_writable(root)
+        with _refusals(), _project_lock(root):
             run_stage("table", cfg, root, progress=False)
-        except (FileNotFoundError, ValueError) as e:
-            _fail(str(e))
         return
     from repro.evaluation.tables import render_all
 
-    try:
+    if not results_dir.is_dir():
+        if click.get_current_context().get_parameter_source("results_dir") != click.core.ParameterSource.DEFAULT:
+            _fail(f"--results {results_dir}: no such folder. Fix: pass the folder that holds <preset>/metrics.json "
+                  "(default: results, run from the project directory)")
+        click.echo(f"warning: no {results_dir}/ folder here, so no numbers of ours are shown (run from the project "
+                   "directory, or pass --results)", err=True)
+    with _refusals():
         click.echo(render_all(paper, results_dir, fmt), nl=False)
-    except ValueError as e:
-        _fail(str(e))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,6 +34,41 @@ OMIT_WHEN_DEFAULT = ("ar",)
 PRESETS = "repro.config.presets"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (YAML keeps the last one silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)):
+            continue
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is written twice in one mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def safe_load(text: str):
+    """YAML as data (yaml.safe_load: no Python objects), refusing duplicate keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what the parser says and where (no traceback, no file name: the caller has it)."""
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if "python/" in str(e):
+        what = f"Python tags (!!python/...) are not allowed ({what})"
+    return what + where
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESETS).iterdir() if p.name.endswith(".yaml"))
 
@@ -58,7 +93,7 @@ def preset_dict(name: str) -> dict:
     if name not in preset_names():
         raise ConfigError([("--preset", f"unknown preset {name!r}",
                             f"use one of: {', '.join(preset_names())}")], source="command line")
-    raw = yaml.safe_load(preset_text(name)) or {}
+    raw = safe_load(preset_text(name)) or {}
     parent = raw.pop("extends", None)
     if parent:
         raw = _deep_merge(preset_dict(parent), raw)
@@ -74,8 +109,11 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError([("--set", f"{item!r} is not of the form section.key=value",
                                 "write e.g. --set ddo.beta=0.1")], source="command line")
         key, value = item.split("=", 1)
-        node = raw
         parts = key.split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError([("--set", f"{item!r} has an empty key name",
+                                "write section.key=value, e.g. --set ddo.beta=0.1")], source="command line")
+        node = raw
         for p in parts[:-1]:
             if p not in node and parts[0] == "launcher":
                 node[p] = {}  # optional section: --set launcher.executor=slurm works without it in the file
@@ -83,7 +121,12 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
                 raise ConfigError([(key, f"{p!r} is not a section", "check the key against params.yaml")],
                                   source="command line")
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError([(key, f"the value {value!r} is not valid YAML: {_yaml_problem(e)}",
+                                "quote strings, close brackets, e.g. --set 'ddo.sweep_beta=[0.1, 0.3]'")],
+                              source="command line") from None
     return raw
 
 
@@ -106,9 +149,17 @@ def load_config(params: Path | None = None, preset: str | None = None, overrides
                                 "run from the project directory, pass --params PATH, or write one with "
                                 "`repro params --preset tiny > params.yaml`")], source="command line")
         try:
-            raw = yaml.safe_load(params.read_text())
+            raw = safe_load(params.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError([("(file)", f"is not UTF-8 text (byte {e.start}: {e.reason})",
+                                "save it as UTF-8, or write a new one with `repro params --preset tiny > params.yaml`")],
+                              str(params)) from None
         except yaml.YAMLError as e:
-            raise ConfigError([(str(params), f"is not valid YAML ({e})", "fix the YAML syntax")], str(params))
+            raise ConfigError([("(file)", f"is not valid YAML: {_yaml_problem(e)}", "fix the YAML there")],
+                              str(params)) from None
+        except OSError as e:
+            raise ConfigError([("(file)", f"cannot be read ({e.strerror})", "check its permissions")],
+                              str(params)) from None
         source = str(params)
     if overrides:
         raw = apply_overrides(raw, overrides)

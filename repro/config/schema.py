@@ -68,6 +68,9 @@ def Tuple(item):  # noqa: N802 (a type)
 
 
 FORBID = ConfigDict(extra="forbid")
+MAX_LR = 0.1  # Adam learning rates above this diverge at once (the presets use 5e-5 ... 3e-3); also refuses inf
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # results/<preset>/: a plain name, never a path
+RESOLUTION = {"digits": 8, "cifar10": 32, "imagenet64": 64}  # the images of each data set a trained net sees
 
 
 def rules(check):
@@ -117,7 +120,7 @@ class ExtractorConfig:
     feature_dim: Int = Field(gt=0)
     steps: Int = Field(gt=0)
     batch: Int = Field(gt=0)
-    lr: Float = Field(gt=0)
+    lr: Float = Field(gt=0, le=MAX_LR)
     seed: Int = Field(ge=0)
 
     @rules
@@ -141,6 +144,9 @@ class NetworkConfig:
     def _rules(self):
         if not self.channel_mult:
             yield "channel_mult", "is empty", "give at least one level, e.g. [1, 2]"
+        if self.model_channels % 2 or self.model_channels < 4:
+            yield ("model_channels", f"must be even and >= 4 (the noise embedding's sin/cos pairs), got "
+                   f"{self.model_channels}", "set it to an even number such as 8")
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
@@ -153,7 +159,7 @@ class PretrainConfig:
     sigma_data: Float = Field(gt=0)
     P_mean: Float
     P_std: Float = Field(gt=0)
-    lr: Float = Field(gt=0)
+    lr: Float = Field(gt=0, le=MAX_LR)
     batch: Int = Field(gt=0)
     total_nimg: Int = Field(gt=0)
     lr_rampup_nimg: Int = Field(ge=0)
@@ -201,7 +207,7 @@ class DDOConfig:
     rounds: Int = Field(ge=0, description="self-play rounds; 0 = an evaluation of the base model (nothing trained)")
     alpha: Float = Field(gt=0)
     beta: Float = Field(gt=0)
-    lr: Float = Field(gt=0)
+    lr: Float = Field(gt=0, le=MAX_LR)
     batch: Int = Field(gt=0, description="pairs (real, fake) per optimizer step")
     nimg_per_round: Int = Field(gt=0, description="real images seen per round")
     lr_rampup_nimg: Int = Field(ge=0)
@@ -383,7 +389,7 @@ class DiscriminatorConfig:
     epochs: Int = Field(50, gt=0, description="passes over the pool of real and fake images (DG: 50; released heads "
                                               "60 uncond, 250 cond); the last epoch's discriminator is used")
     batch: Int = Field(128, gt=0, description="real and fake images pooled and shuffled (DG: 128)")
-    lr: Float = Field(3e-4, gt=0, description="Adam (DG: 3e-4)")
+    lr: Float = Field(3e-4, gt=0, le=MAX_LR, description="Adam (DG: 3e-4)")
     weight_decay: Float = Field(1e-7, ge=0, description="Adam weight decay (DG: 1e-7)")
     t_min: Float = Field(1e-5, gt=0, lt=1, description="smallest VP time of training (DG: 1e-5)")
     importance_sampling: Bool = Field(True, description=(
@@ -646,6 +652,17 @@ class Config:
     def _rules(self):
         """The rules across sections: the extractor and the metrics, a paper protocol, disjoint seed ranges."""
         x, m, d, e = self.extractor, self.metrics, self.ddo, self.sample
+        if not PRESET_NAME.fullmatch(self.preset) or ".." in self.preset:
+            yield ("preset", f"{self.preset!r} is not a plain name (it names the folder results/<preset>/)",
+                   "use letters, digits, '_', '-' and '.', e.g. preset: my-run")
+        net, res = self.pretrain.network, RESOLUTION.get(self.data.dataset)
+        if self.pretrain.source == "train" and res:
+            have = [res >> i for i in range(len(net.channel_mult))]
+            for i, r in enumerate(net.attn_resolutions):
+                if r not in have:
+                    yield (f"pretrain.network.attn_resolutions[{i}]", f"{r}: the network's levels on "
+                           f"{self.data.dataset} ({res}x{res}) have resolutions {have}, so no attention would run",
+                           f"use resolutions among {have}, or [] for none")
         if self.data.dataset == "none":  # an evaluation against published statistics: nothing may read the data
             needs = [(k, why) for k, bad, why in (
                 ("pretrain.source", self.pretrain.source == "train", "trains the base model on it"),

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from repro.config import DataConfig
-from repro.storage.files import load_npz, save_npz, sha256_file, write_json
+from repro.storage.files import BadFile, load_npz, read_json, save_npz, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +150,20 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
 
 def load_prepared(npz: Path, manifest: dict | None = None) -> Dataset:
     """Read the prepared array file, verifying its sha256 against the manifest first."""
-    import json
 
     if manifest is None:
         mpath = npz.with_name("manifest.json")
         if not mpath.is_file():
             raise FileNotFoundError(f"{mpath} not found: run the data stage first (`repro data`)")
-        manifest = json.loads(mpath.read_text())
+        manifest = read_json(mpath)
     if not npz.is_file():
         raise FileNotFoundError(f"{npz} not found: run the data stage first (`repro data`)")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str) or "num_classes" not in manifest:
+        raise BadFile(npz.with_name("manifest.json"), "data manifest", "no sha256 and num_classes entries",
+                      "rerun the data stage (`repro data`)")
     digest = sha256_file(npz)
     if digest != manifest["sha256"]:
         raise ValueError(f"{npz}: sha256 {digest[:12]}... does not match the manifest ({manifest['sha256'][:12]}...); "
-                         "the file changed after the data stage: rerun `repro data`")
+                         "the file changed after the data stage. Fix: rerun `repro data`")
     arrays = load_npz(npz)
     return Dataset(images=arrays["images"], labels=arrays["labels"], num_classes=int(manifest["num_classes"]))

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repro.storage.files import save_safetensors
+from repro.storage.files import load_safetensors, readable, save_safetensors
 
 __all__ = [
     "DigitsClassifier",
@@ -291,7 +291,7 @@ def read_classifier_metadata(path: str | os.PathLike) -> dict:
     """Return ``{"config": {...}, "extra": {...} | None}`` stored by :func:`save_classifier`."""
     from safetensors import safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as f:
+    with readable(os.fspath(path), "safetensors file"), safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != _FORMAT or "config" not in meta:
         raise ValueError(f"{os.fspath(path)!r} is not a DigitsClassifier file (metadata format={meta.get('format')!r})")
@@ -310,14 +310,13 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
         model = load_classifier("runs/digits_classifier.safetensors")
         feats = model.features(u8_to_float(x_u8))
     """
-    from safetensors.torch import load_file
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"digits classifier weights not found: {path!r}")
     config = read_classifier_metadata(path)["config"]
     model = DigitsClassifier(**config)
-    state = load_file(path, device="cpu")
+    state = load_safetensors(path, device="cpu")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -42,6 +42,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from repro.evaluation.classifier import load_classifier
+from repro.storage.files import load_safetensors, readable
 
 __all__ = [
     "DIGITS_EXTRACTOR",
@@ -244,10 +245,8 @@ def _state_dict_stream(path: str):
     """A safetensors state dict as an in-memory ``torch.save`` stream, which ``torch.load`` reads back."""
     import io
 
-    from safetensors.torch import load_file
-
     buf = io.BytesIO()
-    torch.save(load_file(path), buf)
+    torch.save(load_safetensors(path), buf)
     buf.seek(0)
     return buf
 
@@ -464,7 +463,7 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
         """Read an ``.npz`` with ``mu`` and ``sigma`` (``n`` and ``meta`` optional)."""
-        with np.load(os.fspath(path), allow_pickle=False) as z:
+        with readable(os.fspath(path), "array file (.npz)"), np.load(os.fspath(path), allow_pickle=False) as z:
             d = {"mu": z["mu"], "sigma": z["sigma"]}
             if "n" in z.files:
                 d["n"] = int(z["n"])

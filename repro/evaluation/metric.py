@@ -18,7 +18,7 @@ import torch
 from repro.config import SamplerConfig
 from repro.evaluation import fidelity
 from repro.sampling.generate import generate_images
-from repro.storage.files import sha256_file
+from repro.storage.files import readable, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Metric:
         if self.weights_path.suffix == ".safetensors":  # the extractor stage's copy of Inception weights
             from safetensors import safe_open
 
-            with safe_open(str(self.weights_path), framework="pt") as f:
+            with readable(str(self.weights_path), "safetensors file"), safe_open(str(self.weights_path), framework="pt") as f:
                 meta = f.metadata() or {}
             if "source_sha256" in meta:
                 out["extractor_weights_source_sha256"] = meta["source_sha256"]

@@ -55,7 +55,7 @@ from repro.nets.adm import load_adm_state
 from repro.nets.checkpoint import load_state_strict
 from repro.nets.discriminators import NoiseConditionedDiscriminator
 from repro.sampling.generate import from_uint8, one_hot
-from repro.storage.files import save_safetensors, write_json
+from repro.storage.files import read_json, save_safetensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def train_discriminator(disc: NoiseConditionedDiscriminator, real: np.ndarray, f
         run_dir.mkdir(parents=True, exist_ok=True)
         done_path, state_path = run_dir / "done.json", run_dir / "state.pt"
         if done_path.is_file():
-            d = json.loads(done_path.read_text())
+            d = read_json(done_path)
             log.info("discriminator training already finished in %s (%d epochs)", run_dir, len(d["epochs"]))
             return DiscriminatorRun(d["epochs"], [run_dir / c for c in d["checkpoints"]], d["seconds"])
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repro.nets.checkpoint import load_state_strict
-from repro.storage.files import sha256_file
+from repro.storage.files import load_safetensors, sha256_file
 
 __all__ = [
     "ADMConfig",
@@ -427,9 +427,8 @@ def load_adm_state(path: str | Path, sha256: str | None = None) -> dict[str, tor
             raise ValueError(f"{path}: sha256 {got} does not match the expected {sha256}. Fix: download the file "
                              "again, or correct the expected hash")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
-        return dict(load_file(str(path)))
+        return dict(load_safetensors(str(path)))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:

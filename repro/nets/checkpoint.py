@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from repro.nets.factory import build_network
-from repro.storage.files import save_safetensors
+from repro.storage.files import load_safetensors, readable, save_safetensors
 
 
 def save_model(path: Path, net: torch.nn.Module, arch: dict, info: dict | None = None) -> None:
@@ -27,7 +27,7 @@ def save_model(path: Path, net: torch.nn.Module, arch: dict, info: dict | None =
 def read_model_meta(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with readable(str(path), "safetensors file"), safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "arch" not in meta:
         raise ValueError(f"{path}: not a repro checkpoint (no 'arch' metadata); write it with repro.storage.files.save_model")
@@ -67,11 +67,9 @@ def load_state_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:
     """Rebuild a network from a checkpoint written by :func:`save_model`, in the dtypes it was saved in; returns
     (net, arch, info). Cast it (``net.float()``) where a computation needs one dtype, as DDO's fp32 training does."""
-    from safetensors.torch import load_file
-
     arch, info = read_model_meta(path)
     net = build_network(arch)
-    load_state_strict(net, load_file(str(path)), str(path), keep_dtype=True)
+    load_state_strict(net, load_safetensors(str(path)), str(path), keep_dtype=True)
     return net.to(device).eval(), arch, info
 
 
@@ -80,5 +78,5 @@ def weight_dtypes(path: Path) -> list[str]:
     from safetensors import safe_open
 
     names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-    with safe_open(str(path), framework="pt") as f:
+    with readable(str(path), "safetensors file"), safe_open(str(path), framework="pt") as f:
         return sorted({names.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype().lower()) for k in f.keys()})

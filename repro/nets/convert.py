@@ -31,6 +31,16 @@ _UPSTREAM_POSITIONAL = {
 }
 
 
+class UnsupportedNetwork(NotImplementedError, ValueError):
+    """A released pickle whose network class or configuration the converter does not build: refused input (the
+    CLI says so in one `error:` line, exit 2), nothing of the pickle run. NotImplementedError for callers that
+    catch that."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{message}. Fix: use a checkpoint of a supported family (`repro/catalog/registry.py` "
+                         "lists them), or convert this network to one first")
+
+
 _UPSTREAM_DEFAULT_MODEL_TYPE = {"EDMPrecond": "DhariwalUNet", "VPPrecond": "SongUNet"}
 
 
@@ -127,14 +137,14 @@ def arch_from_record(record: Any) -> dict:
     if name == "Precond":
         return _edm2_arch_from_record(record)
     if name in _EDM2_CLASSES:
-        raise NotImplementedError(f"EDM2 record class {name!r}: convert the whole 'Precond' network, not its {name}")
+        raise UnsupportedNetwork(f"EDM2 record class {name!r}: convert the whole 'Precond' network, not its {name}")
     if name not in _UPSTREAM_POSITIONAL:
-        raise NotImplementedError(f"network class {name!r}: not supported (only EDMPrecond/VPPrecond with SongUNet, "
+        raise UnsupportedNetwork(f"network class {name!r}: not supported (only EDMPrecond/VPPrecond with SongUNet, "
                                   "or EDM2's Precond)")
     given = _recorded_args(record, _UPSTREAM_POSITIONAL[name])
     model_type = given.pop("model_type", _UPSTREAM_DEFAULT_MODEL_TYPE[name])
     if model_type != "SongUNet":
-        raise NotImplementedError(f"{name} with model_type={model_type!r}: not supported (only SongUNet)")
+        raise UnsupportedNetwork(f"{name} with model_type={model_type!r}: not supported (only SongUNet)")
     sub = record.submodules.get("model")
     if isinstance(sub, Record) and sub.class_name != "SongUNet":
         raise ValueError(f"{name}: init kwargs say SongUNet but the 'model' submodule is {sub.class_name!r}")

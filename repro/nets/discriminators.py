@@ -37,6 +37,7 @@ from torch import nn
 
 from repro.nets.adm import DG_CIFAR10_EXTRACTOR, ADMConfig, EncoderUNet, dg_head, load_adm
 from repro.nets.vpsde import sigma_from_tau
+from repro.storage.files import load_safetensors, readable
 
 __all__ = ["NoiseConditionedDiscriminator", "ADMDiscriminator", "EncoderDiscriminator", "MLPDiscriminator",
            "encoder_config", "spec_of", "build_discriminator", "save_discriminator", "load_discriminator",
@@ -231,7 +232,7 @@ def read_discriminator_meta(path: Path) -> tuple[dict, dict]:
     """(spec, info) of a file written by :func:`save_discriminator`."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with readable(str(path), "safetensors file"), safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a discriminator file of this package (format {meta.get('format')!r}). Fix: "
@@ -244,7 +245,6 @@ def load_discriminator(path: Path, extractor_path: Path | None = None, extractor
     """Rebuild a discriminator from its file (strict key and shape check), in eval mode with its parameters frozen
     (guidance differentiates it with respect to its input only); an ADM one also reads its extractor from
     ``extractor_path`` (checked against ``extractor_sha256`` before it is read). Returns (disc, info)."""
-    from safetensors.torch import load_file
 
     from repro.nets.checkpoint import load_state_strict
 
@@ -255,7 +255,7 @@ def load_discriminator(path: Path, extractor_path: Path | None = None, extractor
             raise ValueError(f"{path}: an ADM discriminator; its extractor file is needed too")
         extractor = load_adm(extractor_path, _config(spec["extractor"]), extractor_sha256)
     disc = build_discriminator(spec, extractor)
-    load_state_strict(disc.trainable, load_file(str(path)), str(path))
+    load_state_strict(disc.trainable, load_safetensors(str(path)), str(path))
     return disc.to(device).eval().requires_grad_(False), info
 
 

@@ -84,9 +84,12 @@ def fetch_and_convert(cfg: PretrainConfig, root: Path, out: Path, progress: bool
     check(cfg)
     ck = registry.get(cfg.source)
     dest = Paths(root).checkpoint(ck.filename)
+    summaries = []  # the conversion is the file's check: pinned only once it converted
     path = fetch(ck.url, dest, sha256=ck.sha256, lock=Lock(Paths(root).lock), name=ck.name,
-                 mirror=cfg.mirror or None, progress=progress)
-    summary = convert_var(path, ck, out) if ck.family == "var" else convert_edm_pickle(path, out)
+                 mirror=cfg.mirror or None, progress=progress,
+                 verify=lambda p: summaries.append(convert_var(p, ck, out) if ck.family == "var"
+                                                   else convert_edm_pickle(p, out)))
+    summary = summaries[-1]
     log.info("converted %s (%s parameters, sha256 %s) into %s", path, summary.get("parameters"),
              str(summary.get("sha256"))[:12], out)
     return summary
@@ -155,9 +158,11 @@ def fetch_guide(cfg: PretrainConfig, name: str, root: Path, progress: bool = Tru
     if not ck.convertible:
         raise ValueError(f"sampler.guide {name}: {ck.family} checkpoints ({ck.fmt}) cannot be converted yet. Fix: "
                          "name an EDM/EDM2 checkpoint, e.g. edm2-img512-xs-0134217-0.165")
-    path = fetch(ck.url, Paths(root).checkpoint(ck.filename), sha256=ck.sha256, lock=Lock(Paths(root).lock),
-                 name=ck.name, mirror=cfg.mirror or None, progress=progress)
-    summary = convert_edm_pickle(path, Paths(root).guide)
+    summaries = []  # pinned only once it converted
+    fetch(ck.url, Paths(root).checkpoint(ck.filename), sha256=ck.sha256, lock=Lock(Paths(root).lock),
+          name=ck.name, mirror=cfg.mirror or None, progress=progress,
+          verify=lambda p: summaries.append(convert_edm_pickle(p, Paths(root).guide)))
+    summary = summaries[-1]
     log.info("guide %s converted into %s (%s parameters)", name, Paths(root).guide, summary.get("parameters"))
     return summary
 
@@ -168,9 +173,9 @@ def fetch_decoder(cfg: PretrainConfig, name: str, root: Path, progress: bool = T
     from repro.storage.download import Lock, fetch
 
     ck = registry.get_decoder(name)
+    # load_autoencoder refuses a file whose tensors do not fit (before any sampling starts, and before it is pinned)
     path = fetch(ck.url, Paths(root).decoder(name), sha256=ck.sha256, lock=Lock(Paths(root).lock), name=ck.name,
-                 mirror=cfg.mirror or None, progress=progress)
-    load_autoencoder(path, ck.arch)  # refuses a file whose tensors do not fit, before any sampling starts
+                 mirror=cfg.mirror or None, progress=progress, verify=lambda p: load_autoencoder(p, ck.arch))
     return path
 
 

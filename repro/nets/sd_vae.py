@@ -83,13 +83,13 @@ def load_autoencoder(path: Path | str, arch: str = "sd-vae-ft-mse", device="cpu"
         from diffusers import AutoencoderKL
     except ImportError as e:  # pragma: no cover - diffusers is in requirements.txt
         raise ImportError("the SD-VAE decoder needs diffusers: pip install -r requirements.txt") from e
-    from safetensors.torch import load_file
 
     from repro.nets.checkpoint import load_state_strict
+    from repro.storage.files import load_safetensors
 
     if arch not in CONFIGS:
         raise KeyError(f"unknown autoencoder {arch!r}; known: {', '.join(CONFIGS)}")
-    tensors = _renamed(load_file(str(path)))
+    tensors = _renamed(load_safetensors(str(path)))
     with torch.device("meta"):
         vae = AutoencoderKL(**CONFIGS[arch])
     load_state_strict(vae, {k: v.to("meta") for k, v in tensors.items()}, str(path))  # keys + shapes, no data

@@ -8,7 +8,6 @@ holding params.yaml), never to the current working directory; every name comes f
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from repro.cluster import distributed
 from repro.config import Config, config_hash, stage_dict
 from repro.datasets.images import Dataset, load_prepared
 from repro.pipeline.tracking import stage_run
-from repro.storage.files import sha256_file
+from repro.storage.files import read_json, sha256_file
 from repro.storage.layout import Paths
 
 log = logging.getLogger("repro.pipeline")
@@ -62,10 +61,10 @@ def require(*files: Path) -> None:
 
 def load_data(paths: Paths) -> Dataset:
     """The data stage's output, checked against its manifest."""
-    return load_prepared(paths.data, json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else None)
+    return load_prepared(paths.data, read_json(paths.manifest) if paths.manifest.is_file() else None)
 
 
 def log_data_input(tracker, paths: Paths, context: str = "training") -> None:
     """Record the data set (name and sha256 from its manifest) as an input of the stage's MLflow run."""
     if paths.manifest.is_file():
-        tracker.log_dataset(paths.data, paths.dataset, json.loads(paths.manifest.read_text())["sha256"], context)
+        tracker.log_dataset(paths.data, paths.dataset, read_json(paths.manifest)["sha256"], context)

@@ -159,6 +159,85 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+class TrackingError(ValueError):
+    """The MLflow store cannot be used (unknown scheme, unreachable server, corrupt or read-only store): an input
+    error, said in one line with the fix, before the stage does any work."""
+
+    def __init__(self, uri: str, problem: str, fix: str = ""):
+        super().__init__(f"MLflow tracking store {uri}: {problem}. Fix: {fix or 'correct MLFLOW_TRACKING_URI'}, or "
+                         "run without tracking (REPRO_TRACKING=off)")
+
+
+SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_uri(uri: str, timeout: float = 3.0) -> None:
+    """Refuse, at once, a tracking URI that cannot work: an unknown scheme, a sqlite file in a missing folder (MLflow
+    would create it), a server that does not answer (MLflow would retry for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(uri)
+    scheme = u.scheme.split("+")[0]
+    if scheme not in SCHEMES and not (len(scheme) <= 1 and uri):  # "" or a drive letter: a local folder
+        raise TrackingError(uri, f"unknown scheme {u.scheme!r}", f"use one of {', '.join(SCHEMES)}")
+    if scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if db is not None and not db.parent.is_dir():
+            raise TrackingError(uri, f"the folder {db.parent} does not exist", "create it, or point to another one")
+    if scheme in ("http", "https"):
+        port = u.port or (443 if scheme == "https" else 80)
+        try:
+            socket.create_connection((u.hostname or "", port), timeout=timeout).close()
+        except OSError as e:
+            raise TrackingError(uri, f"no server answers at {u.hostname}:{port} ({e.strerror or e})",
+                                "start the tracking server") from None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a sqlite store between processes on this machine (MLflow creates its tables on
+    first use, and several processes doing that at once fail with 'table experiments already exists')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    from repro.storage.layout import STORE_LOCK_SUFFIX
+
+    lock = Path(uri[len("sqlite:///"):] + STORE_LOCK_SUFFIX)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _store_errors() -> tuple:
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (MlflowException, SQLAlchemyError, PermissionError)
+
+
+def end_stale_runs(client, exp_id: str) -> list[str]:
+    """End as KILLED the runs a killed process left RUNNING on this machine (its pid, recorded as a tag, is gone);
+    their metrics stay where they were logged. Returns their ids."""
+    from repro.storage.files import pid_alive
+
+    stale = []
+    host = platform.node()
+    for r in client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=1000):
+        pid = r.data.tags.get("pid", "")
+        if r.data.tags.get("host") == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            client.set_terminated(r.info.run_id, "KILLED")
+            stale.append(r.info.run_id)
+    if stale:
+        log.info("MLflow: ended %d run(s) left RUNNING by a killed process as KILLED", len(stale))
+    return stale
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash: str) -> Iterator[Tracker]:
     """Open the MLflow run of one stage (experiment ``repro-<preset>``) and yield its Tracker."""
@@ -173,16 +252,27 @@ def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash:
     import mlflow
 
     uri = tracking_uri(root)
+    check_uri(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # not MLflow's 7 (minutes of back-off)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     mlflow.set_tracking_uri(uri)
     exp_name = f"repro-{preset}"
-    exp = mlflow.get_experiment_by_name(exp_name)
-    if exp is None:
-        artifacts = (root / "mlruns").resolve().as_uri() if uri.startswith("sqlite:///") else None
-        exp_id = mlflow.create_experiment(exp_name, artifact_location=artifacts, tags={EXPERIMENT_KIND: TRAINING})
-    else:
-        exp_id = exp.experiment_id
-        if exp.tags.get(EXPERIMENT_KIND) != TRAINING:  # the UI opens an experiment on the view its kind names
-            mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND, TRAINING)
+    try:
+        with store_lock(uri):
+            exp = mlflow.get_experiment_by_name(exp_name)
+            if exp is None:
+                artifacts = (root / "mlruns").resolve().as_uri() if uri.startswith("sqlite:///") else None
+                exp_id = mlflow.create_experiment(exp_name, artifact_location=artifacts,
+                                                  tags={EXPERIMENT_KIND: TRAINING})
+            else:
+                exp_id = exp.experiment_id
+                if exp.tags.get(EXPERIMENT_KIND) != TRAINING:  # the UI opens an experiment on the view its kind names
+                    mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND, TRAINING)
+            stale = end_stale_runs(mlflow.MlflowClient(), exp_id)
+    except _store_errors() as e:
+        raise TrackingError(uri, f"cannot be opened or written ({' '.join(str(e).split())[:300]})",
+                            "check that the store is writable and not corrupt (move a corrupt mlflow.db aside: a new "
+                            "one is made)") from None
     tags = {
         "stage": stage,
         "preset": preset,
@@ -192,8 +282,15 @@ def stage_run(stage: str, *, root: Path, preset: str, params: dict, config_hash:
         # in a job: its id; a stage whose work ran as a job array (sample): the array's id
         "slurm_job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("REPRO_SLURM_ARRAY_JOB_ID", ""),
         "image_digest": os.environ.get("REPRO_IMAGE_DIGEST", ""),
+        "pid": str(os.getpid()),  # a later run ends this one as KILLED if this process dies without ending it
+        **({"ended_killed_runs": ",".join(stale)[:5000]} if stale else {}),
     }
-    with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags={**tags, "device": _device_name()}) as run:
+    try:
+        active = mlflow.start_run(experiment_id=exp_id, run_name=stage, tags={**tags, "device": _device_name()})
+    except _store_errors() as e:
+        raise TrackingError(uri, f"cannot be written ({' '.join(str(e).split())[:300]})",
+                            "make the store writable") from None
+    with active as run:
         tracker = Tracker(run.info.run_id)
         tracker.log_params(params)
         log.info("MLflow: run %s (stage %s) in %s", run.info.run_id[:8], stage, uri)

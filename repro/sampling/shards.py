@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -106,7 +107,7 @@ def shard_record(path: Path) -> dict | None:
             return {"model_sha256": str(z["model_sha256"]), "sampler": str(z["sampler"]),
                     "lo": int(seeds[0]) if len(seeds) else None, "hi": int(seeds[-1]) + 1 if len(seeds) else None,
                     "device": str(z["device"]) if "device" in z.files else "unknown"}
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a truncated shard: not done
         return None
 
 

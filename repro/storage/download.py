@@ -55,6 +55,7 @@ from typing import Any, BinaryIO, Callable
 from tqdm.auto import tqdm
 
 from repro.storage.files import sha256_file
+from repro.storage.layout import QUARANTINE
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +185,29 @@ def _disk_full(e: OSError, part: Path, have: int, total: int | None) -> Download
 
 def fetch(source: str, dest: Path, *, sha256: str | None = None, lock: Lock | None = None, name: str | None = None,
           mirror: str | None = None, retries: int = 5, timeout: float = 60, progress: bool = True,
-          backoff: float = 1.0) -> Path:
+          backoff: float = 1.0, verify: Callable[[Path], Any] | None = None) -> Path:
     """Bring ``source`` (http(s) URL, ``file://`` URL or local path) to ``dest``, verified; return ``dest``.
 
     ``sha256``: the expected hash (always wins, must match). ``lock``/``name``: the pin file and the entry name
     (default ``dest.name``); with no ``sha256`` and no pin, the hash is computed and pinned. ``mirror``: a base
     URL (or local directory) that replaces everything but the file name of a URL source. ``retries``: attempts
     in all; ``backoff``: seconds before the 2nd attempt, doubled after each (capped at 60; 0 in tests).
+    ``verify``: called with the verified file (e.g. the conversion) before it is pinned: a file it refuses (any
+    exception) is moved to ``checkpoints/quarantine/`` with the reason, never pinned, and the error propagates.
     """
     dest = Path(dest)
+
+    def checked(sha: str, size: int, note: str | None, pin: bool = True) -> Path:
+        if verify is not None:
+            try:
+                verify(dest)
+            except Exception as e:
+                quarantine(dest, name, sha, e)
+                raise
+        if pin and lock is not None and (pinned is None or pinned.get("sha256") != sha):
+            _pin(lock, name, str(source), sha, size, note=note)
+        return dest
+
     name = name or dest.name
     pinned = lock.get(name) if lock is not None else None
     expected = (sha256 or (pinned or {}).get("sha256") or "").lower() or None
@@ -203,13 +218,9 @@ def fetch(source: str, dest: Path, *, sha256: str | None = None, lock: Lock | No
     if dest.is_file():
         got = sha256_file(dest)
         if expected is None:
-            if lock is not None:
-                _pin(lock, name, str(source), got, dest.stat().st_size, note=f"existing file {dest}")
-            return dest
+            return checked(got, dest.stat().st_size, f"existing file {dest}")
         if got == expected:
-            if lock is not None and sha256 and pinned and pinned.get("sha256") != got:
-                _pin(lock, name, str(source), got, dest.stat().st_size, note="explicit sha256 argument")
-            return dest
+            return checked(got, dest.stat().st_size, "explicit sha256 argument", pin=bool(sha256 and pinned))
         log.warning("%s exists but its sha256 %s is not the expected %s; downloading it again.", dest, got, expected)
 
     if not is_url:
@@ -237,10 +248,22 @@ def fetch(source: str, dest: Path, *, sha256: str | None = None, lock: Lock | No
                                 f"changed on purpose, update the expected hash.")
         raise DownloadError(_pin_message(name, where, lock, f"pinned sha256 {expected}, got {got}"))
     os.replace(part, dest)
-    if lock is not None and (pinned is None or pinned.get("sha256") != got):
-        _pin(lock, name, str(source), got, size, note="explicit sha256 argument" if pinned else None)
     log.info("%s: %s (%s, sha256 %s)", name, dest, _fmt_bytes(size), got[:16])
-    return dest
+    return checked(got, size, "explicit sha256 argument" if pinned else None)
+
+
+def quarantine(path: Path, name: str, sha: str, error: BaseException) -> Path:
+    """Move a downloaded file that failed its check aside, to ``<its folder>/quarantine/``, with the reason beside
+    it: never pinned, never picked up again by a later run (which downloads afresh)."""
+    folder = path.parent / QUARANTINE
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{path.name}.{sha[:12]}"
+    os.replace(path, target)
+    reason = " ".join(str(error).split())
+    (folder / f"{target.name}.reason.txt").write_text(f"{name}: {path.name} (sha256 {sha}) refused: "
+                                                      f"{type(error).__name__}: {reason}\n")
+    log.warning("%s: %s refused (%s); moved to %s, not pinned", name, path, reason[:200], target)
+    return target
 
 
 def _pin_message(name: str, where: str, lock: Lock | None, detail: str) -> str:

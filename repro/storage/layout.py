@@ -4,7 +4,8 @@ A project directory (the one holding params.yaml) looks like this::
 
     params.yaml, dvc.yaml, dvc.lock        what DVC tracks
     checkpoints.lock.json                  sha256 pins of every downloaded file (commit it)
-    checkpoints/                           downloads: released checkpoints, decoders, fid-refs/ (git-ignored)
+    checkpoints/                           downloads: released checkpoints, decoders, fid-refs/ (git-ignored);
+                                           quarantine/: downloads that failed conversion, with the reason
     data/<dataset>.npz, data/manifest.json the data stage's output
     models/                                extractor, reference statistics, base model, guide, ddo/ (one file
                                            per round and kind, rounds.json)
@@ -16,6 +17,7 @@ A project directory (the one holding params.yaml) looks like this::
                                            guidance: the guided models' evaluation images (runs/guided-<key>/)
     results/<preset>/                      metrics.json (numbers), protocol.json, rounds.tsv, table.md
     runs/<stage>-<key>/                    resumable work of a stage, keyed by its params and inputs
+    runs/.repro.lock                       held by the `repro` stage command running on this project
     runs/slurm/<job id>/                   submitit's scripts and logs
 
 Inside a ddo run directory, round r of kind k ('ddo' or 'control') lives in ``<k>-round<r>/`` (:class:`RoundDir`);
@@ -35,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_FILE = "checkpoints.lock.json"
+QUARANTINE = "quarantine"          # <download folder>/quarantine/: files that failed their check, with the reason
+SHA256_SUFFIX = ".sha256"          # <model>.sha256 beside a model: its sha256 as its stage wrote it
+STORE_LOCK_SUFFIX = ".lock"        # mlflow.db.lock beside a sqlite store: serialises its creation
 METRICS_FILE = "metrics.json"      # results/<preset>/: the numbers (what `dvc metrics show` prints)
 PROTOCOL_FILE = "protocol.json"    # results/<preset>/: what they measure (protocol, models, cells, run)
 
@@ -133,6 +138,8 @@ class Paths:
     # resumable work
     @property
     def runs(self) -> Path: return self.root / "runs"
+    @property
+    def project_lock(self) -> Path: return self.runs / ".repro.lock"  # one `repro` stage command at a time
     def run_dir(self, stage: str, key: str) -> Path: return self.runs / f"{stage}-{key}"
     @property
     def samples_work(self) -> Path: return self.runs / "samples-work"  # finished shards; samples/ is their copy

@@ -288,7 +288,8 @@ def read_result(results: Path) -> dict:
         try:
             docs.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read {name}: {exc}") from exc
+            raise ValueError(f"{path}: cannot read {name}: {' '.join(str(exc).split())}. Fix: rerun the fid stage "
+                             f"(`repro fid`) that writes it, or remove the folder {results}") from exc
     try:
         doc = merge_result(docs[1], docs[0])
     except (KeyError, TypeError, AttributeError) as exc:

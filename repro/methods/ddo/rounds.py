@@ -64,7 +64,7 @@ from repro.methods.training import (
 from repro.nets.checkpoint import load_model, save_model
 from repro.nets.layers import disable_dropout
 from repro.sampling.generate import from_uint8, generate_images, image_grid, one_hot
-from repro.storage.files import atomic_path, load_npz, save_npz, write_json
+from repro.storage.files import atomic_path, load_npz, read_json, save_npz, write_json
 from repro.storage.layout import RoundDir
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     rd = RoundDir(run_dir)
     done_path, best_path, state_path = rd.done, rd.best, rd.state
     if done_path.is_file():
-        d = json.loads(done_path.read_text())
+        d = read_json(done_path)
         log.info("%s round %d already finished (%s): best %.4f at %d images", kind, round_, run_dir,
                  d["best_score"], d["best_nimg"])
         return RoundResult(kind, round_, best_path, d["best_score"], d["best_nimg"], d.get("ref_score"), d["evals"],

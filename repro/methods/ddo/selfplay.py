@@ -22,7 +22,7 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
 
     With a sweep (ddo.sweep_alpha / sweep_beta) each DDO round is swept_round (``run_candidates``: see there).
     """
-    from repro.storage.files import atomic_dir
+    from repro.storage.files import atomic_dir, record_sha256
 
     history: dict[str, list[dict]] = {}
     results: dict[str, list[RoundResult]] = {}
@@ -57,6 +57,7 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
             for kind, rs in results.items():
                 for x in rs:
                     (tmp / f"{round_name(kind, x.round)}.safetensors").write_bytes(x.best_path.read_bytes())
+                    record_sha256(tmp / f"{round_name(kind, x.round)}.safetensors")  # checked by sample and fid
             write_json(tmp / "rounds.json", {"selection_metric": metric.name, "selection_seeds":
                                              [int(cfg.selection_first_seed), int(cfg.selection_first_seed
                                                                                  + cfg.selection_samples)],

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from repro.datasets.images import Dataset
 from repro.methods.ddo.rounds import RoundResult, fake_seeds, make_fake_bank, selection_seeds, train_round
 from repro.nets.checkpoint import load_model
 from repro.nets.layers import disable_dropout
-from repro.storage.files import atomic_path, link_or_copy, save_npz, write_json
+from repro.storage.files import atomic_path, link_or_copy, read_json, save_npz, write_json
 from repro.storage.layout import RoundDir, candidate_name, round_name
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ def sweep_grid(cfg: DDOConfig) -> list[tuple[float, float]]:
 def prepared(round_dir: Path) -> dict | None:
     """What prepare_round saved for this round ({"ref_score", "reference"}), or None if it has not finished."""
     rd = RoundDir(round_dir)
-    return json.loads(rd.prepared.read_text()) if rd.prepared.is_file() and rd.fakes.is_file() else None
+    return read_json(rd.prepared) if rd.prepared.is_file() and rd.fakes.is_file() else None
 
 
 def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig, metric,
@@ -94,7 +93,7 @@ def select_round(round_: int, round_dir: Path, cfg: DDOConfig, tracker=None) -> 
             if not p.is_file():
                 missing.append(str(p.parent))
                 continue
-            d = json.loads(p.read_text())
+            d = read_json(p)
             cands.append({"alpha": a, "beta": b, "best_score": d["best_score"], "best_nimg": d["best_nimg"],
                           "evals": d["evals"], "seconds": d["seconds"]})
         if missing:
@@ -120,7 +119,7 @@ def select_round(round_: int, round_dir: Path, cfg: DDOConfig, tracker=None) -> 
                  "the reference (no candidate beat it)" if keep_ref else
                  f"alpha {chosen['alpha']:g}, beta {chosen['beta']:g} (selection score {chosen['best_score']:.4f})",
                  ", ".join(f"(alpha {c['alpha']:g}, beta {c['beta']:g}): {c['best_score']:.4f}" for c in cands))
-    d = json.loads(done_path.read_text())
+    d = read_json(done_path)
     if tracker is not None:
         chosen = d["chosen"] if isinstance(d["chosen"], dict) else {"alpha": "reference", "beta": "reference"}
         tracker.log_params({"chosen_alpha": chosen["alpha"], "chosen_beta": chosen["beta"]})

@@ -10,7 +10,6 @@ swept round finished, trains the MLE control and writes models/ddo.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep
 from repro.nets.checkpoint import read_model_meta
 from repro.pipeline.common import load_data, log_data_input, require, run_dir, stage_context, tracked
 from repro.pipeline.cost import ddo_cost
-from repro.storage.files import atomic_dir, write_json
+from repro.storage.files import atomic_dir, check_recorded, read_json, write_json
 from repro.storage.layout import Paths, RoundDir, round_name
 
 log = logging.getLogger("repro.pipeline")
@@ -41,6 +40,7 @@ def _inputs(cfg: Config, paths: Paths):
     """The round's data, the selection metric and the sampler of fakes and selection (no autoguidance, as in the
     paper: DDO's fakes and selection samples come from the models themselves)."""
     require(paths.data, paths.base, paths.extractor, paths.reference)
+    check_recorded(paths.base)  # the bytes the pretrain stage wrote
     read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
     return (load_data(paths), load_metric(cfg.extractor.kind, paths.extractor, paths.reference),
             dataclasses.replace(cfg.sampler, guidance=1.0))
@@ -59,7 +59,7 @@ def _reference(paths: Paths, rd: Path, kind: str, round_: int) -> tuple[Path, fl
     if not prev.done.is_file():
         raise FileNotFoundError(f"{kind} round {round_ - 1} is not finished ({prev.dir}): run `repro ddo --round "
                                 f"{round_ - 1}` first")
-    return prev.best, json.loads(prev.done.read_text())["best_score"]
+    return prev.best, read_json(prev.done)["best_score"]
 
 
 def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> None:  # noqa: A002

@@ -15,7 +15,6 @@ one job array (:func:`waves`), then the stage publishes them here.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from repro.pipeline.common import load_data, log_data_input, require, stage_cont
 from repro.pipeline.cost import guidance_cost
 from repro.pipeline.stages.fakes import bank_shards
 from repro.sampling.shards import model_sha256
-from repro.storage.files import atomic_dir, sha256_file, write_json
+from repro.storage.files import atomic_dir, read_json, sha256_file, write_json
 from repro.storage.layout import Paths
 
 log = logging.getLogger("repro.pipeline")
@@ -70,7 +69,7 @@ def _train(cfg: Config, paths: Paths, job: _Job, tracker, progress: bool) -> Pat
     done = job.run_dir / "done.json"
     if done.is_file():
         log.info("discriminator %s: already trained in %s", job.gm.name, job.run_dir)
-        return job.run_dir / json.loads(done.read_text())["checkpoints"][-1]
+        return job.run_dir / read_json(done)["checkpoints"][-1]
     data = load_data(paths)
     label_dim = int(read_model_meta(job.gm.path)[0].get("label_dim") or 0) if cfg.discriminator.conditional else 0
     fake, fake_labels = load_bank(job.fakes) if job.fakes else (None, None)

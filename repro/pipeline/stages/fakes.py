@@ -9,7 +9,6 @@ out as one job array (:func:`waves`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,14 +25,14 @@ from repro.pipeline.common import require, stage_context, tracked
 from repro.pipeline.cost import guidance_cost
 from repro.sampling.generate import image_grid
 from repro.sampling.shards import Shard, model_sha256, run_shard, sampler_hash, shard_done
-from repro.storage.files import atomic_dir, link_or_copy, load_npz, write_json
+from repro.storage.files import atomic_dir, link_or_copy, load_npz, read_json, write_json
 from repro.storage.layout import Paths
 
 
 def n_data(paths: Paths) -> int:
     """The number of real images (the data stage's manifest): the default bank size."""
     require(paths.manifest)
-    return int(json.loads(paths.manifest.read_text())["n"])
+    return int(read_json(paths.manifest)["n"])
 
 
 def _setup(cfg: Config, paths: Paths) -> tuple[str, dict]:
@@ -81,7 +80,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
 def bank_shards(cfg: Config, paths: Paths, model: str) -> list[Shard]:
     """The published shards of ``model``'s bank (fakes/<model>/), checked against the index."""
     require(paths.fakes_index)
-    index = json.loads(paths.fakes_index.read_text())["banks"]
+    index = read_json(paths.fakes_index)["banks"]
     if model not in index:
         raise FileNotFoundError(f"{paths.fakes}: no fake bank of {model}; run the fakes stage (`repro fakes`)")
     shards = [s for s in plan_fakes(cfg, paths, n_data(paths), paths.fakes) if s.model == model]

@@ -6,7 +6,6 @@ The protocol (samples, seed ranges and how they reduce, labels, sampler, extract
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
 
@@ -22,7 +21,7 @@ from repro.pipeline.stages.guided import guided_shards
 from repro.pipeline.stages.sample import eval_models, shard_sampler
 from repro.pipeline.tracking import git_commit
 from repro.sampling.shards import eval_ranges, model_sha256, plan_shards, range_batches, range_shards, sample_devices
-from repro.storage.files import sha256_file, write_text
+from repro.storage.files import check_recorded, read_json, sha256_file, write_text
 from repro.storage.layout import Paths
 
 log = logging.getLogger("repro.pipeline")
@@ -31,9 +30,12 @@ log = logging.getLogger("repro.pipeline")
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
     models = eval_models(cfg, paths)
     require(paths.samples, paths.rounds_json)
+    for path in models.values():  # the models the shards name: as their stages wrote them
+        if path.is_file():
+            check_recorded(path)
     guided, guided_in = guided_shards(cfg, paths)  # the guided models beside them (none with guidance off)
     metric = load_metric(cfg.extractor.kind, paths.extractor, paths.reference)
-    history = json.loads(paths.rounds_json.read_text())["history"]  # empty for an evaluation-only preset
+    history = read_json(paths.rounds_json)["history"]  # empty for an evaluation-only preset
     paper, cells = cfg.paper.name, dict(cfg.paper.cells)
     final = f"ddo-round{cfg.ddo.rounds}" if cfg.ddo.rounds else "base"  # the model the "final" cell means
     base_arch, _ = read_model_meta(paths.base)

@@ -13,7 +13,6 @@ not yet made go out as one job array (:func:`waves`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,7 +32,7 @@ from repro.pipeline.cost import guidance_cost
 from repro.pipeline.stages.fakes import bank_shards
 from repro.sampling.generate import image_grid
 from repro.sampling.shards import Shard, model_sha256, plan_shards, run_shard, shard_done
-from repro.storage.files import atomic_dir, link_or_copy, load_npz, sha256_file, write_json
+from repro.storage.files import atomic_dir, link_or_copy, load_npz, read_json, sha256_file, write_json
 from repro.storage.layout import Paths
 
 
@@ -51,7 +50,7 @@ def _record(cfg: Config, paths: Paths, gm: GuidedModel) -> dict:
                 "guidance": guidance_settings(gm.variant, sampler_settings(cfg, gm.variant), cfg.sampler)}
     disc = paths.discriminator(gm.name)
     require(gm.path, disc, paths.discriminators_index)
-    index = json.loads(paths.discriminators_index.read_text())["discriminators"]
+    index = read_json(paths.discriminators_index)["discriminators"]
     if gm.name not in index:
         raise FileNotFoundError(f"{paths.discriminators}: no discriminator for {gm.name}; run `repro discriminator`")
     return {"model": gm.model, "variant": gm.variant.name, "method": gm.variant.title,
@@ -78,7 +77,7 @@ def _correction_and_extras(cfg: Config, paths: Paths, gm: GuidedModel, device: s
             net, _, _ = load_model(gm.path, device)
             denoise = net.float().eval().requires_grad_(False)
         return kernel_correction(cfg.kernel, load_data(paths).images, fake, device, denoise), extras
-    ext = json.loads(paths.discriminators_index.read_text())["discriminators"][gm.name]
+    ext = read_json(paths.discriminators_index)["discriminators"][gm.name]
     extractor = paths.checkpoint(ext["extractor_file"]) if ext.get("extractor_file") else None
     disc, _ = load_discriminator(paths.discriminator(gm.name), extractor, ext.get("extractor_sha256"), device)
     if gm.variant.method == "dcd":
@@ -129,7 +128,7 @@ def guided_shards(cfg: Config, paths: Paths) -> tuple[dict[str, dict], list[Shar
     if not cfg.guidance.evaluate:
         return {}, []
     require(paths.guided_index)
-    records = json.loads(paths.guided_index.read_text())["guided"]
+    records = read_json(paths.guided_index)["guided"]
     gms = guided_models(cfg, paths)
     missing = [gm.name for gm in gms if gm.name not in records]
     if missing:

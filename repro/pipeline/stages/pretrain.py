@@ -13,7 +13,7 @@ from repro.nets.checkpoint import load_model
 from repro.pipeline.common import load_data, log_data_input, require, run_dir, tracked
 from repro.sampling.generate import sample_grid
 from repro.sampling.var import var_grid
-from repro.storage.files import save_png
+from repro.storage.files import record_sha256, save_png
 from repro.storage.layout import Paths
 
 log = logging.getLogger("repro.pipeline")
@@ -34,6 +34,8 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
         else:
             summary = released.fetch_and_convert(cfg.pretrain, paths.root, paths.base, progress)
             t.set_tags({"checkpoint": cfg.pretrain.source, "checkpoint_sha256": summary["sha256"]})
+        if distributed.is_main():
+            t.set_tags({"base_sha256": record_sha256(paths.base)})  # what later stages check the file against
         t.set_tags({f"{k}_sha256": v for k, v in released.fetch_extras(cfg, paths.root, progress).items()})
         # A sample grid of the base model (seeds 0..n-1), to look at before spending compute on it (rank 0).
         if distributed.is_main():

@@ -21,7 +21,7 @@ from repro.nets.released import sampling_extras
 from repro.pipeline.common import require, stage_context, tracked
 from repro.pipeline.cost import is_ar, sample_cost
 from repro.sampling.shards import Shard, plan_shards, run_shard, sample_models, shard_done
-from repro.storage.files import atomic_dir, link_or_copy
+from repro.storage.files import atomic_dir, check_recorded, link_or_copy
 from repro.storage.layout import Paths
 
 
@@ -52,6 +52,9 @@ def shard_sampler(cfg: Config):
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
     models = eval_models(cfg, paths)
     require(*models.values())
+    for path in models.values():  # every model as its stage wrote it, readable, before any shard is made
+        check_recorded(path)
+        read_model_meta(path)
     device, extras = _sampling_setup(cfg, paths)  # guide (sampler.guidance != 1), latent decoder
     with tracked("sample", cfg, paths) as t:
         # Shards of another shard size or seed range left in the work directory are not published.
