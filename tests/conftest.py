@@ -91,3 +91,22 @@ def build_meta(arch):
 
     with torch.device("meta"):
         return build_network(arch)
+
+
+def guided_dry_run_plans(tmp_path, preset: str) -> dict:
+    """The dry-run plans of the guidance stages and fid for ``preset`` (run in ``tmp_path``, the current folder),
+    each exiting 0 and writing nothing; the CIFAR-10 guidance presets' tests read protocol and cost from them."""
+    import yaml
+    from click.testing import CliRunner
+
+    from repro.cli import main
+
+    plans = {}
+    for stage in ("fakes", "discriminator", "guided", "fid"):
+        r = CliRunner().invoke(main, [stage, "--preset", preset, "--dry-run"])
+        assert r.exit_code == 0, r.output
+        plans[stage] = yaml.safe_load(r.output.split("# would do:\n")[1])["plan"]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert plans["fid"]["protocol"]["n_samples"] == 50000 and plans["fid"]["protocol"]["nfe"] == 35
+    assert plans["guided"]["evaluation_protocol"] == plans["fid"]["protocol"]["name"]
+    return plans

@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 
+from conftest import guided_dry_run_plans
 from repro.catalog import registry
-from repro.cli import main
 from repro.config import GUIDANCE_VARIANTS, ConfigError, load_config
 from repro.methods import guidance as G
 from repro.nets.adm import TINY_EXTRACTOR, EncoderUNet, tiny_head
@@ -263,15 +261,7 @@ def test_without_a_mirror_a_released_file_must_be_put_in_checkpoints(tmp_path, m
                                     "released-dg-cifar10-cond", "dg-on-ddo-cifar10-uncond"])
 def test_cifar10_dg_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, preset):
     monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    plans = {}
-    for stage in ("fakes", "discriminator", "guided", "fid"):
-        r = runner.invoke(main, [stage, "--preset", preset, "--dry-run"])
-        assert r.exit_code == 0, r.output
-        plans[stage] = yaml.safe_load(r.output.split("# would do:\n")[1])["plan"]
-    assert list(tmp_path.iterdir()) == []  # nothing written
-    assert plans["fid"]["protocol"]["n_samples"] == 50000 and plans["fid"]["protocol"]["nfe"] == 35
-    assert plans["guided"]["evaluation_protocol"] == plans["fid"]["protocol"]["name"]
+    plans = guided_dry_run_plans(tmp_path, preset)
     (gm,) = plans["guided"]["guided_models"]
     cost = plans["guided"]["cost"]
     assert cost["images"] == 50000 and cost["network_evaluations_per_image"] == 35

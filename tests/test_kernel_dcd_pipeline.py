@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
+from conftest import guided_dry_run_plans
 from repro.cli import main
 from repro.config import ConfigError, load_config
 from repro.methods import guidance as G
@@ -113,15 +113,7 @@ def test_one_run_measures_base_kernel_and_dcd_on_the_same_seeds(tmp_path, base, 
 @pytest.mark.parametrize("preset", ["kernel-cifar10-uncond", "dcd-cifar10-uncond"])
 def test_cifar10_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, preset):
     monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    plans = {}
-    for stage in ("fakes", "discriminator", "guided", "fid"):
-        r = runner.invoke(main, [stage, "--preset", preset, "--dry-run"])
-        assert r.exit_code == 0, r.output
-        plans[stage] = yaml.safe_load(r.output.split("# would do:\n")[1])["plan"]
-    assert list(tmp_path.iterdir()) == []  # nothing written
-    assert plans["fid"]["protocol"]["n_samples"] == 50000 and plans["fid"]["protocol"]["nfe"] == 35
-    assert plans["guided"]["evaluation_protocol"] == plans["fid"]["protocol"]["name"]
+    plans = guided_dry_run_plans(tmp_path, preset)
     assert plans["fakes"]["cost"]["images"] == 50000          # both read the base model's fake bank
     (gm,) = plans["guided"]["guided_models"]
     cost = plans["guided"]["cost"]
