@@ -84,7 +84,7 @@ def load_autoencoder(path: Path | str, arch: str = "sd-vae-ft-mse", device="cpu"
     except ImportError as e:  # pragma: no cover - diffusers is in requirements.txt
         raise ImportError("the SD-VAE decoder needs diffusers: pip install -r requirements.txt") from e
 
-    from repro.nets.checkpoint import load_state_strict
+    from repro.nets.state import load_state_strict
     from repro.storage.files import load_safetensors
 
     if arch not in CONFIGS:
