@@ -1,0 +1,213 @@
+"""ImageNet data stage: an ILSVRC2012-style train folder or an EDM2-style dataset zip, preprocessed as EDM2's dataset
+tool does for the released models, written as resumable uint8 shards plus a manifest.
+
+Sources (``data.source``):
+
+- a folder of class sub-folders of images (the ILSVRC2012 ``train/`` layout, e.g. ``train/n01440764/*.JPEG``): the
+  class index is the position of the sub-folder's name in sorted order, and images are taken in sorted order of
+  their path relative to the folder (EDM2's dataset tool: labels from the top-level folder names, sorted);
+- an EDM2-style dataset zip: ``dataset.json`` with ``{"labels": [[file name, class index], ...]}`` and the images.
+
+Preprocessing, per image (RGB): the ADM center crop (EDM2's ``center-crop-dhariwal`` transform, from ADM's
+``center_crop_arr``): while the shorter side is at least twice the target, halve both sides with a BOX filter
+(integer division); then a BICUBIC resize so that the shorter side equals the target (the other side rounded);
+then the central target x target window, offsets ``(side - target) // 2``. An image already at the target size
+(an EDM2 zip at that resolution) comes out unchanged.
+
+Output: ``data/<dataset>/shard-NNNNN.npz`` (``images`` uint8 [n, 3, R, R], ``labels`` int64 [n]), each written
+atomically; ``data/<dataset>/plan.json`` fingerprints the source list and settings, and a rerun with the same plan
+skips the shards that exist. ``data/manifest.json`` (counts, classes, per-shard sha256) is written last, only when
+every shard is done. At most one shard of images is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from repro.config import ConfigError, DataConfig
+from repro.storage.files import read_json, save_npz, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+RESOLUTIONS = {"imagenet64": 64, "imagenet256": 256}  # pixel data sets this stage prepares
+_FIX_FILE = "replace or delete the file and rerun `repro data` (finished shards are kept)"
+
+
+def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
+    """ADM / EDM2 ``center-crop-dhariwal``: BOX halvings, BICUBIC resize of the short side, center crop (HWC uint8)."""
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)),
+                         resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The images of a source in order, their class indices, and the class names."""
+    kind: str             # "folder" or "zip"
+    names: list[str]      # paths relative to the folder, or zip member names
+    labels: list[int]
+    classes: list[str]
+
+
+def _is_image(name: str) -> bool:
+    Image.init()
+    return Path(name).suffix.lower() in Image.EXTENSION
+
+
+def _source_error(problem: str, fix: str) -> ConfigError:
+    return ConfigError([("data.source", problem, fix)])
+
+
+def list_source(source: Path) -> Listing:
+    """The images of a train folder or an EDM2 zip; a missing source, empty class folder or zip without
+    dataset.json is a ConfigError naming data.source."""
+    if not source.exists():
+        raise _source_error(f"{source} does not exist", "set data.source to the ILSVRC2012 train folder (class "
+                            "sub-folders of JPEGs) or an EDM2 dataset zip")
+    if source.is_file():
+        return _list_zip(source)
+    classes = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise _source_error(f"{source} has no class sub-folders", "point data.source at the train folder whose "
+                            "sub-folders (one per class, e.g. n01440764/) hold the JPEGs")
+    names, labels = [], []
+    for index, cls in enumerate(classes):
+        files = sorted(str(p.relative_to(source).as_posix()) for p in (source / cls).rglob("*")
+                       if p.is_file() and _is_image(p.name))
+        if not files:
+            raise _source_error(f"class folder {source / cls} holds no images", "delete the empty folder or put its "
+                                "images back (class indices are the sorted folder order, so every folder counts)")
+        names += files
+        labels += [index] * len(files)
+    return Listing("folder", names, labels, classes)
+
+
+def _list_zip(source: Path) -> Listing:
+    try:
+        with zipfile.ZipFile(source) as z:
+            members = set(z.namelist())
+            if "dataset.json" not in members:
+                raise _source_error(f"zip {source} has no dataset.json", "give an EDM2-style dataset zip (dataset.json "
+                                    "with the labels beside the images), or the train folder itself")
+            meta = json.loads(z.read("dataset.json"))
+    except (zipfile.BadZipFile, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _source_error(f"{source} is not a readable dataset zip ({type(e).__name__}: {e})",
+                            "give an EDM2-style dataset zip or the train folder") from None
+    pairs = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(pairs, list) or not pairs or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int) and p[1] >= 0
+            for p in pairs):
+        raise _source_error(f"{source}: dataset.json has no labels list of [file, class index] pairs",
+                            "give a class-labelled EDM2 dataset zip (dataset_tool.py of an ImageNet folder)")
+    missing = [name for name, _ in pairs if name not in members]
+    if missing:
+        raise _source_error(f"{source}: dataset.json names {len(missing)} files the zip lacks (first: {missing[0]})",
+                            "rebuild the zip with EDM2's dataset tool")
+    pairs = sorted(pairs)
+    num_classes = max(label for _, label in pairs) + 1
+    return Listing("zip", [n for n, _ in pairs], [lab for _, lab in pairs], [str(i) for i in range(num_classes)])
+
+
+def _read_images(source: Path, listing: Listing, names: list[str]) -> Iterator[tuple[str, Image.Image]]:
+    z = zipfile.ZipFile(source) if listing.kind == "zip" else None
+    try:
+        for name in names:
+            where = f"{source}:{name}" if z else str(source / name)
+            try:
+                data = z.read(name) if z else (source / name).read_bytes()
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
+                raise ValueError(f"{where}: not a readable image ({type(e).__name__}: {e}): corrupt or truncated. "
+                                 f"Fix: {_FIX_FILE}") from None
+            yield where, image
+    finally:
+        if z is not None:
+            z.close()
+
+
+def _plan(cfg: DataConfig, source: Path, listing: Listing, size: int) -> dict:
+    digest = hashlib.sha256()
+    for name, label in zip(listing.names, listing.labels, strict=True):
+        digest.update(f"{name}\t{label}\n".encode())
+    return {"dataset": cfg.dataset, "source": str(source.resolve()), "kind": listing.kind, "resolution": size,
+            "shard_size": cfg.shard_size, "n": len(listing.names), "list_sha256": digest.hexdigest(),
+            "preprocessing": "EDM2 center-crop-dhariwal (ADM center_crop_arr): BOX halvings, BICUBIC, center crop"}
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.npz"
+
+
+def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict:
+    """Write the shards of ``cfg.dataset`` into ``out_dir`` (resumable) and then ``out_manifest``."""
+    if cfg.dataset == "imagenet512":
+        raise ConfigError([("data.dataset", "imagenet512 needs SD-VAE latents (center crop to 512, then the SD-VAE "
+                            "encoder with EDM2's latent statistics), which the data stage does not build yet",
+                            "prepare imagenet64 (or imagenet256) today; the ImageNet-512 latent stage is issue 14's "
+                            "open part")])
+    size = RESOLUTIONS[cfg.dataset]
+    if not cfg.source:
+        raise _source_error(f"empty, but data.dataset {cfg.dataset} is read from local files (ImageNet is a "
+                            "licence-gated download)", "set data.source to the ILSVRC2012 train folder (class "
+                            "sub-folders of JPEGs) or an EDM2 dataset zip, e.g. --set data.source=/data/imagenet/train")
+    source = Path(cfg.source).expanduser()
+    listing = list_source(source)
+    plan = _plan(cfg, source, listing, size)
+    if out_manifest.exists():
+        out_manifest.unlink()  # the manifest says "done"; it is written again only when every shard is
+    plan_path = out_dir / "plan.json"
+    if out_dir.exists() and (not plan_path.is_file() or read_json(plan_path) != plan):
+        log.info("%s: a different source or settings: starting over", out_dir)
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plan_path, plan)
+    n, step = len(listing.names), cfg.shard_size
+    shards = []
+    for i, start in enumerate(range(0, n, step)):
+        path, names = out_dir / shard_name(i), listing.names[start:start + step]
+        labels = np.asarray(listing.labels[start:start + step], np.int64)
+        if path.is_file():
+            log.info("%s exists: skipped", path.name)
+        else:
+            images = np.empty((len(names), 3, size, size), np.uint8)
+            for j, (_, image) in enumerate(_read_images(source, listing, names)):
+                images[j] = center_crop_adm(image, size).transpose(2, 0, 1)
+            save_npz(path, images=images, labels=labels)
+            log.info("wrote %s (%d images)", path.name, len(names))
+        shards.append({"file": path.name, "n": len(names), "sha256": sha256_file(path)})
+    manifest = {
+        "dataset": cfg.dataset,
+        "source": str(source.resolve()),
+        "source_kind": listing.kind,
+        "preprocessing": plan["preprocessing"],
+        "folder": out_dir.name,
+        "shards": shards,
+        "sha256": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),  # of the shard digests
+        "n": n,
+        "shape": [3, size, size],
+        "dtype": "uint8",
+        "num_classes": len(listing.classes),
+        "classes": listing.classes,
+        "class_counts": np.bincount(listing.labels, minlength=len(listing.classes)).tolist(),
+    }
+    write_json(out_manifest, manifest)
+    log.info("wrote %d shards of %d images (%dx%d) to %s and %s", len(shards), n, size, size, out_dir, out_manifest)
+    return manifest

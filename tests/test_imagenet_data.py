@@ -1,0 +1,198 @@
+"""ImageNet data stage: ADM center crop against an independent reimplementation, labels, shards and manifest,
+resume, EDM2 zips, and bad sources as clear errors (repro.datasets.imagenet)."""
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from repro.cli import main
+from repro.config import ConfigError, DataConfig
+from repro.datasets import imagenet
+from repro.datasets.imagenet import center_crop_adm, prepare_imagenet
+from repro.storage.files import load_npz, read_json, sha256_file
+
+# class folder -> (width, height, PIL mode) of its images; sorted names give the class indices 0, 1, 2
+FOLDER = {"n02": [(300, 200, "RGB"), (131, 257, "RGB")],
+          "n01": [(97, 65, "RGB"), (50, 40, "L"), (613, 517, "RGB")],
+          "n03": [(64, 64, "RGB")]}
+
+
+def _image(w, h, mode, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]  # smooth gradients plus noise, so crops and resampling show
+    rgb = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1)
+    rgb = (rgb + rng.integers(0, 40, rgb.shape)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(rgb).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ilsvrc") / "train"
+    for seed, (cls, sizes) in enumerate(FOLDER.items()):
+        (root / cls).mkdir(parents=True)
+        for j, (w, h, mode) in enumerate(sizes):
+            _image(w, h, mode, 10 * seed + j).save(root / cls / f"{cls}_{j}.JPEG", quality=90)
+    (root / "n01" / "notes.txt").write_text("not an image")  # skipped: not an image extension
+    return root
+
+
+def reference_crop(path, size):
+    """Independent ADM center crop: the sequence of sizes worked out first, then PIL resizes and a crop box."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    while w >= 2 * size and h >= 2 * size:
+        w, h = w // 2, h // 2
+        img = img.resize((w, h), Image.BOX)
+    if w < h:
+        w, h = size, int(round(h * size / w))
+    else:
+        w, h = int(round(w * size / h)), size
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def _expected(train):
+    files, labels = [], []
+    for index, cls in enumerate(sorted(FOLDER)):
+        files += sorted((train / cls).glob("*.JPEG"))
+        labels += [index] * len(FOLDER[cls])
+    return files, labels
+
+
+def _read_all(out):
+    m = read_json(out.parent / "manifest.json")
+    arrays = [load_npz(out / s["file"]) for s in m["shards"]]
+    return m, np.concatenate([a["images"] for a in arrays]), np.concatenate([a["labels"] for a in arrays])
+
+
+@pytest.mark.parametrize("dataset,size", [("imagenet64", 64), ("imagenet256", 256)])
+def test_crops_labels_and_manifest(train, tmp_path, dataset, size):
+    out = tmp_path / "data" / dataset
+    cfg = DataConfig(dataset=dataset, source=str(train), shard_size=4)
+    prepare_imagenet(cfg, out, tmp_path / "data" / "manifest.json")
+    m, images, labels = _read_all(out)
+    files, want_labels = _expected(train)
+    assert images.shape == (len(files), 3, size, size) and images.dtype == np.uint8
+    for f, got in zip(files, images, strict=True):
+        np.testing.assert_array_equal(got.transpose(1, 2, 0), reference_crop(f, size), err_msg=str(f))
+    assert labels.tolist() == want_labels
+    assert m["classes"] == ["n01", "n02", "n03"] and m["num_classes"] == 3 and m["class_counts"] == [3, 2, 1]
+    assert m["n"] == 6 and m["shape"] == [3, size, size] and [s["n"] for s in m["shards"]] == [4, 2]
+    for s in m["shards"]:
+        assert s["sha256"] == sha256_file(out / s["file"])
+
+
+def test_crop_geometry_by_hand():
+    # 300x200 -> BOX to 150x100 (100 < 128 stops) -> BICUBIC to 96x64 -> columns 16..79
+    img = Image.new("RGB", (300, 200))
+    img.paste((255, 0, 0), (0, 0, 150, 200))    # left half red, right half blue
+    img.paste((0, 0, 255), (150, 0, 300, 200))
+    out = center_crop_adm(img, 64)
+    assert out.shape == (64, 64, 3)
+    assert (out[:, :28, 0] == 255).all() and (out[:, 36:, 2] == 255).all()  # the seam sits at column 48 - 16 = 32
+    flat = center_crop_adm(Image.new("RGB", (64, 64), (7, 8, 9)), 64)
+    assert (flat == [7, 8, 9]).all()
+
+
+def test_resume_skips_finished_shards(train, tmp_path, monkeypatch):
+    out, manifest = tmp_path / "data" / "imagenet64", tmp_path / "data" / "manifest.json"
+    cfg = DataConfig(dataset="imagenet64", source=str(train), shard_size=2)
+    first = prepare_imagenet(cfg, out, manifest)
+    (out / "shard-00001.npz").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npz")}
+    calls = []
+    real = imagenet.center_crop_adm
+    monkeypatch.setattr(imagenet, "center_crop_adm", lambda im, s: calls.append(1) or real(im, s))
+    again = prepare_imagenet(cfg, out, manifest)
+    assert len(calls) == 2  # only the missing shard's two images
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npz") if p.name in kept} == kept
+    assert again["shards"] == first["shards"]  # same bytes
+    # a different shard size is a different plan: everything is redone
+    calls.clear()
+    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=3), out, manifest)
+    assert len(calls) == 6 and sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.npz", "shard-00001.npz"]
+
+
+def _zip(path, files, with_json=True, size=64):
+    with zipfile.ZipFile(path, "w") as z:
+        labels = []
+        for i, label in enumerate(files):
+            buf = io.BytesIO()
+            _image(size, size, "RGB", 100 + i).save(buf, format="PNG")
+            name = f"{i // 2:05d}/img{i:08d}.png"
+            z.writestr(name, buf.getvalue())
+            labels.append([name, label])
+        if with_json:
+            z.writestr("dataset.json", json.dumps({"labels": labels}))
+
+
+def test_edm2_zip_at_target_size_is_unchanged(tmp_path):
+    _zip(tmp_path / "img64.zip", [2, 0, 1])
+    out = tmp_path / "data" / "imagenet64"
+    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(tmp_path / "img64.zip")), out,
+                     tmp_path / "data" / "manifest.json")
+    m, images, labels = _read_all(out)
+    assert labels.tolist() == [2, 0, 1] and m["num_classes"] == 3 and m["source_kind"] == "zip"
+    with zipfile.ZipFile(tmp_path / "img64.zip") as z:
+        first = np.asarray(Image.open(io.BytesIO(z.read("00000/img00000000.png"))))
+    np.testing.assert_array_equal(images[0].transpose(1, 2, 0), first)
+
+
+def _bad(tmp_path, train):
+    cases = {}
+    empty = tmp_path / "empty_class"
+    (empty / "n01").mkdir(parents=True)
+    (empty / "n02").mkdir()
+    _image(80, 70, "RGB", 0).save(empty / "n01" / "a.JPEG")
+    cases["empty class"] = (str(empty), ["data.source", str(empty / "n02"), "no images"])
+    corrupt = tmp_path / "corrupt"
+    (corrupt / "n01").mkdir(parents=True)
+    (corrupt / "n01" / "bad.JPEG").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 10)
+    cases["corrupt"] = (str(corrupt), [str(corrupt / "n01" / "bad.JPEG"), "corrupt or truncated"])
+    trunc = tmp_path / "trunc"
+    (trunc / "n01").mkdir(parents=True)
+    (trunc / "n01" / "ok.JPEG").write_bytes((train / "n01" / "n01_0.JPEG").read_bytes())
+    data = (train / "n02" / "n02_0.JPEG").read_bytes()
+    (trunc / "n01" / "zz_cut.JPEG").write_bytes(data[:len(data) // 2])
+    cases["truncated"] = (str(trunc), [str(trunc / "n01" / "zz_cut.JPEG"), "corrupt or truncated"])
+    _zip(tmp_path / "nojson.zip", [0, 1], with_json=False)
+    cases["zip without dataset.json"] = (str(tmp_path / "nojson.zip"), ["data.source", "no dataset.json"])
+    cases["missing"] = (str(tmp_path / "nowhere"), ["data.source", "does not exist"])
+    cases["unset"] = (None, ["data.source", "empty"])
+    return cases
+
+
+def test_bad_sources_are_clear_errors_and_write_nothing_half_way(train, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {"REPRO_TRACKING": "off"}
+    for what, (source, words) in _bad(tmp_path, train).items():
+        over = [] if source is None else ["--set", f"data.source={source}"]
+        r = CliRunner().invoke(main, ["data", "--preset", "imagenet64-s", *over, "--no-progress"], env=env)
+        assert r.exit_code == 2, (what, r.output)
+        assert "error:" in r.output and "Traceback" not in r.output and "Fix" in r.output, (what, r.output)
+        for w in words:
+            assert w in r.output, (what, w, r.output)
+        assert not (tmp_path / "data" / "manifest.json").exists(), what
+        assert not list((tmp_path / "data").glob("imagenet64/shard-*")), what
+        assert not list((tmp_path / "data").rglob(".*.npz")), what  # no temporary left behind
+
+
+def test_imagenet512_refused_until_latents_exist(tmp_path, train):
+    with pytest.raises(ConfigError, match="data.dataset.*SD-VAE"):
+        prepare_imagenet(DataConfig(dataset="imagenet512", source=str(train)), tmp_path / "d", tmp_path / "m.json")
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_prepares_imagenet64_s(train, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["data", "--preset", "imagenet64-s", "--set", f"data.source={train}",
+                                  "--no-progress"], env={"REPRO_TRACKING": "off"})
+    assert r.exit_code == 0, r.output
+    m, images, labels = _read_all(tmp_path / "data" / "imagenet64")
+    assert m["dataset"] == "imagenet64" and images.shape == (6, 3, 64, 64) and labels.tolist() == _expected(train)[1]
