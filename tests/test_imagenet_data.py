@@ -13,8 +13,8 @@ from PIL import Image
 from repro.cli import main
 from repro.config import ConfigError, DataConfig
 from repro.datasets import imagenet
-from repro.datasets.imagenet import center_crop_adm, prepare_imagenet
-from repro.storage.files import load_npz, read_json, sha256_file
+from repro.datasets.imagenet import ShardedData, center_crop_adm, prepare_imagenet
+from repro.storage.files import sha256_file
 
 # class folder -> (width, height, PIL mode) of its images; sorted names give the class indices 0, 1, 2
 FOLDER = {"n02": [(300, 200, "RGB"), (131, 257, "RGB")],
@@ -66,9 +66,10 @@ def _expected(train):
 
 
 def _read_all(out):
-    m = read_json(out.parent / "manifest.json")
-    arrays = [load_npz(out / s["file"]) for s in m["shards"]]
-    return m, np.concatenate([a["images"] for a in arrays]), np.concatenate([a["labels"] for a in arrays])
+    data = ShardedData(out.parent / "manifest.json")
+    arrays = [data.shard(i) for i in range(data.num_shards)]
+    assert all(isinstance(images, np.memmap) for images, _ in arrays)  # read by pages, not whole
+    return data.manifest, np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays])
 
 
 @pytest.mark.parametrize("dataset,size", [("imagenet64", 64), ("imagenet256", 256)])
@@ -85,7 +86,7 @@ def test_crops_labels_and_manifest(train, tmp_path, dataset, size):
     assert m["classes"] == ["n01", "n02", "n03"] and m["num_classes"] == 3 and m["class_counts"] == [3, 2, 1]
     assert m["n"] == 6 and m["shape"] == [3, size, size] and [s["n"] for s in m["shards"]] == [4, 2]
     for s in m["shards"]:
-        assert s["sha256"] == sha256_file(out / s["file"])
+        assert s["sha256"] == sha256_file(out / s["images"]) and s["labels_sha256"] == sha256_file(out / s["labels"])
 
 
 def test_crop_geometry_by_hand():
@@ -104,19 +105,28 @@ def test_resume_skips_finished_shards(train, tmp_path, monkeypatch):
     out, manifest = tmp_path / "data" / "imagenet64", tmp_path / "data" / "manifest.json"
     cfg = DataConfig(dataset="imagenet64", source=str(train), shard_size=2)
     first = prepare_imagenet(cfg, out, manifest)
-    (out / "shard-00001.npz").unlink()
-    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npz")}
+    (out / "shard-00001.images.npy").unlink()  # as if killed after its labels were written
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npy") if not p.name.startswith("shard-00001")}
     calls = []
     real = imagenet.center_crop_adm
     monkeypatch.setattr(imagenet, "center_crop_adm", lambda im, s: calls.append(1) or real(im, s))
     again = prepare_imagenet(cfg, out, manifest)
     assert len(calls) == 2  # only the missing shard's two images
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npz") if p.name in kept} == kept
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npy") if p.name in kept} == kept
     assert again["shards"] == first["shards"]  # same bytes
     # a different shard size is a different plan: everything is redone
     calls.clear()
     prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=3), out, manifest)
-    assert len(calls) == 6 and sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.npz", "shard-00001.npz"]
+    assert len(calls) == 6 and sorted(p.name for p in out.glob("shard-*")) == [
+        "shard-00000.images.npy", "shard-00000.labels.npy", "shard-00001.images.npy", "shard-00001.labels.npy"]
+    # a shard changed after the stage is refused by the reader, naming the file
+    data = ShardedData(manifest)
+    images = np.load(out / "shard-00001.images.npy")
+    images[0, 0, 0, 0] ^= 1
+    np.save(out / "shard-00001.images.npy", images)
+    data.shard(0)
+    with pytest.raises(ValueError, match="shard-00001.images.npy: sha256 does not match"):
+        data.shard(1)
 
 
 def _zip(path, files, with_json=True, size=64):
@@ -180,7 +190,7 @@ def test_bad_sources_are_clear_errors_and_write_nothing_half_way(train, tmp_path
             assert w in r.output, (what, w, r.output)
         assert not (tmp_path / "data" / "manifest.json").exists(), what
         assert not list((tmp_path / "data").glob("imagenet64/shard-*")), what
-        assert not list((tmp_path / "data").rglob(".*.npz")), what  # no temporary left behind
+        assert not list((tmp_path / "data").rglob(".*.np*")), what  # no temporary left behind
 
 
 def test_imagenet512_refused_until_latents_exist(tmp_path, train):

@@ -14,10 +14,12 @@ Preprocessing, per image (RGB): the ADM center crop (EDM2's ``center-crop-dhariw
 then the central target x target window, offsets ``(side - target) // 2``. An image already at the target size
 (an EDM2 zip at that resolution) comes out unchanged.
 
-Output: ``data/<dataset>/shard-NNNNN.npz`` (``images`` uint8 [n, 3, R, R], ``labels`` int64 [n]), each written
-atomically; ``data/<dataset>/plan.json`` fingerprints the source list and settings, and a rerun with the same plan
-skips the shards that exist. ``data/manifest.json`` (counts, classes, per-shard sha256) is written last, only when
-every shard is done. At most one shard of images is in memory at a time.
+Output: per shard, once all its images are decoded, ``data/<dataset>/shard-NNNNN.labels.npy`` (int64 [n]) then
+``shard-NNNNN.images.npy`` (uint8 [n, 3, R, R]), each written atomically; plain .npy, so readers memory-map them
+(``ShardedData``). A shard is finished when both files exist. ``data/<dataset>/plan.json`` fingerprints the source
+list and settings; a rerun with the same plan skips finished shards, a different plan starts over.
+``data/manifest.json`` (counts, classes, per-shard sha256) is written last, only when every shard is done. At most
+one shard of images is in memory at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from repro.config import ConfigError, DataConfig
-from repro.storage.files import read_json, save_npz, sha256_file, write_json
+from repro.storage.files import BadFile, atomic_path, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +154,14 @@ def _plan(cfg: DataConfig, source: Path, listing: Listing, size: int) -> dict:
             "preprocessing": "EDM2 center-crop-dhariwal (ADM center_crop_arr): BOX halvings, BICUBIC, center crop"}
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.npz"
+def shard_names(i: int) -> tuple[str, str]:
+    """The (images, labels) file names of shard i."""
+    return f"shard-{i:05d}.images.npy", f"shard-{i:05d}.labels.npy"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array, allow_pickle=False)
 
 
 def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict:
@@ -182,17 +190,19 @@ def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict
     n, step = len(listing.names), cfg.shard_size
     shards = []
     for i, start in enumerate(range(0, n, step)):
-        path, names = out_dir / shard_name(i), listing.names[start:start + step]
-        labels = np.asarray(listing.labels[start:start + step], np.int64)
-        if path.is_file():
-            log.info("%s exists: skipped", path.name)
+        (image_file, label_file), names = shard_names(i), listing.names[start:start + step]
+        if (out_dir / image_file).is_file() and (out_dir / label_file).is_file():
+            log.info("%s exists: skipped", image_file)
         else:
             images = np.empty((len(names), 3, size, size), np.uint8)
             for j, (_, image) in enumerate(_read_images(source, listing, names)):
                 images[j] = center_crop_adm(image, size).transpose(2, 0, 1)
-            save_npz(path, images=images, labels=labels)
-            log.info("wrote %s (%d images)", path.name, len(names))
-        shards.append({"file": path.name, "n": len(names), "sha256": sha256_file(path)})
+            _save_npy(out_dir / label_file, np.asarray(listing.labels[start:start + step], np.int64))
+            _save_npy(out_dir / image_file, images)  # last: its presence marks the shard finished
+            del images
+            log.info("wrote %s (%d images)", image_file, len(names))
+        shards.append({"images": image_file, "labels": label_file, "n": len(names),
+                       "sha256": sha256_file(out_dir / image_file), "labels_sha256": sha256_file(out_dir / label_file)})
     manifest = {
         "dataset": cfg.dataset,
         "source": str(source.resolve()),
@@ -200,7 +210,7 @@ def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict
         "preprocessing": plan["preprocessing"],
         "folder": out_dir.name,
         "shards": shards,
-        "sha256": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),  # of the shard digests
+        "sha256": hashlib.sha256("".join(s["sha256"] + s["labels_sha256"] for s in shards).encode()).hexdigest(),
         "n": n,
         "shape": [3, size, size],
         "dtype": "uint8",
@@ -211,3 +221,42 @@ def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict
     write_json(out_manifest, manifest)
     log.info("wrote %d shards of %d images (%dx%d) to %s and %s", len(shards), n, size, size, out_dir, out_manifest)
     return manifest
+
+
+class ShardedData:
+    """Read side of the shards: ``shard(i)`` memory-maps shard i's images (read-only) after checking both files'
+    sha256 against the manifest, so a process holds only the pages it touches."""
+
+    def __init__(self, manifest_path: Path):
+        self.manifest_path = Path(manifest_path)
+        m = read_json(self.manifest_path)
+        if not isinstance(m, dict) or not isinstance(m.get("shards"), list) or "folder" not in m:
+            raise BadFile(self.manifest_path, "data manifest", "no shards list", "rerun the data stage (`repro data`)")
+        self.manifest = m
+        self.folder = self.manifest_path.parent / m["folder"]
+        self.num_classes = int(m["num_classes"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["n"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(images uint8 [n, 3, R, R] memory-mapped, labels int64 [n]) of shard i, verified."""
+        entry = self.manifest["shards"][i]
+        arrays = []
+        for key, digest in (("images", "sha256"), ("labels", "labels_sha256")):
+            path = self.folder / entry[key]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: rerun the data stage (`repro data`): finished shards are "
+                                        "kept")
+            if sha256_file(path) != entry[digest]:
+                raise ValueError(f"{path}: sha256 does not match {self.manifest_path}; the shard changed after the "
+                                 "data stage. Fix: delete it and rerun `repro data` (it redoes only that shard)")
+            arrays.append(np.load(path, mmap_mode="r" if key == "images" else None, allow_pickle=False))
+        if len(arrays[0]) != entry["n"] or len(arrays[1]) != entry["n"]:
+            raise BadFile(self.folder / entry["images"], "data shard", f"not {entry['n']} items",
+                          "delete it and rerun `repro data`")
+        return arrays[0], arrays[1]
