@@ -14,7 +14,7 @@ from repro.cli import main
 from repro.config import ConfigError, DataConfig
 from repro.datasets import imagenet
 from repro.datasets.imagenet import ShardedData, center_crop_adm, prepare_imagenet
-from repro.storage.files import sha256_file
+from repro.storage.files import read_json, sha256_file
 
 # class folder -> (width, height, PIL mode) of its images; sorted names give the class indices 0, 1, 2
 FOLDER = {"n02": [(300, 200, "RGB"), (131, 257, "RGB")],
@@ -206,3 +206,20 @@ def test_cli_prepares_imagenet64_s(train, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     m, images, labels = _read_all(tmp_path / "data" / "imagenet64")
     assert m["dataset"] == "imagenet64" and images.shape == (6, 3, 64, 64) and labels.tolist() == _expected(train)[1]
+
+
+def test_worker_processes_give_the_same_shards_and_name_a_bad_file(train, tmp_path):
+    serial, parallel = tmp_path / "s" / "imagenet64", tmp_path / "p" / "imagenet64"
+    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=4), serial,
+                     serial.parent / "manifest.json")
+    m = prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=4, workers=2), parallel,
+                         parallel.parent / "manifest.json")
+    assert m["shards"] == read_json(serial.parent / "manifest.json")["shards"]  # same bytes, same order
+    bad = tmp_path / "bad"
+    (bad / "n01").mkdir(parents=True)
+    _image(90, 70, "RGB", 1).save(bad / "n01" / "a.JPEG")
+    (bad / "n01" / "b.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"n01/b\.JPEG: not a readable image"):
+        prepare_imagenet(DataConfig(dataset="imagenet64", source=str(bad), workers=2), tmp_path / "b" / "imagenet64",
+                         tmp_path / "b" / "manifest.json")
+    assert not (tmp_path / "b" / "manifest.json").exists()

@@ -100,6 +100,7 @@ class DataConfig:
         "imagenet*: the ILSVRC2012 train folder (class sub-folders of JPEGs; class index = sorted folder order) or "
         "an EDM2 dataset zip (dataset.json labels + images); unused by the other data sets"))
     shard_size: Int = Field(10000, ge=1, description="imagenet*: images per shard file (a rerun skips finished shards)")
+    workers: Int = Field(1, ge=1, description="imagenet*: processes that decode and crop images (1 = this one)")
     mirror: Str = Field("", description=(
         "base URL or local directory that replaces the data archive URL's location (cifar10), like pretrain.mirror"))
 

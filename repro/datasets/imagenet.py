@@ -24,10 +24,12 @@ one shard of images is in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -127,19 +129,39 @@ def _list_zip(source: Path) -> Listing:
     return Listing("zip", [n for n, _ in pairs], [lab for _, lab in pairs], [str(i) for i in range(num_classes)])
 
 
-def _read_images(source: Path, listing: Listing, names: list[str]) -> Iterator[tuple[str, Image.Image]]:
-    z = zipfile.ZipFile(source) if listing.kind == "zip" else None
+def _open_image(source: Path, z: zipfile.ZipFile | None, name: str) -> Image.Image:
+    where = f"{source}:{name}" if z else str(source / name)
     try:
-        for name in names:
-            where = f"{source}:{name}" if z else str(source / name)
-            try:
-                data = z.read(name) if z else (source / name).read_bytes()
-                image = Image.open(io.BytesIO(data))
-                image.load()
-            except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
-                raise ValueError(f"{where}: not a readable image ({type(e).__name__}: {e}): corrupt or truncated. "
-                                 f"Fix: {_FIX_FILE}") from None
-            yield where, image
+        image = Image.open(io.BytesIO(z.read(name) if z else (source / name).read_bytes()))
+        image.load()
+    except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
+        raise ValueError(f"{where}: not a readable image ({type(e).__name__}: {e}): corrupt or truncated. "
+                         f"Fix: {_FIX_FILE}") from None
+    return image
+
+
+_WORKER: dict = {}  # a worker process's source, open zip and target size
+
+
+def _init_worker(source: str, kind: str, size: int) -> None:
+    _WORKER.update(source=Path(source), zip=zipfile.ZipFile(source) if kind == "zip" else None, size=size)
+
+
+def _crop_one(name: str) -> np.ndarray:
+    return center_crop_adm(_open_image(_WORKER["source"], _WORKER["zip"], name), _WORKER["size"]).transpose(2, 0, 1)
+
+
+@contextlib.contextmanager
+def _cropper(source: Path, kind: str, size: int, workers: int) -> Iterator:
+    """A function names -> iterator of CHW crops in order: in this process, or in ``workers`` spawned processes."""
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(source), kind, size)) as pool:
+            yield lambda names: pool.imap(_crop_one, names, chunksize=16)
+        return
+    z = zipfile.ZipFile(source) if kind == "zip" else None
+    try:
+        yield lambda names: (center_crop_adm(_open_image(source, z, n), size).transpose(2, 0, 1) for n in names)
     finally:
         if z is not None:
             z.close()
@@ -162,6 +184,26 @@ def shard_names(i: int) -> tuple[str, str]:
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, array, allow_pickle=False)
+
+
+def _write_shards(out_dir: Path, listing: Listing, crops, size: int, step: int) -> list[dict]:
+    """Each shard not finished yet: its crops into memory, then its labels file, then its images file."""
+    shards = []
+    for i, start in enumerate(range(0, len(listing.names), step)):
+        (image_file, label_file), names = shard_names(i), listing.names[start:start + step]
+        if (out_dir / image_file).is_file() and (out_dir / label_file).is_file():
+            log.info("%s exists: skipped", image_file)
+        else:
+            images = np.empty((len(names), 3, size, size), np.uint8)
+            for j, crop in enumerate(crops(names)):
+                images[j] = crop
+            _save_npy(out_dir / label_file, np.asarray(listing.labels[start:start + step], np.int64))
+            _save_npy(out_dir / image_file, images)  # last: its presence marks the shard finished
+            del images
+            log.info("wrote %s (%d images)", image_file, len(names))
+        shards.append({"images": image_file, "labels": label_file, "n": len(names),
+                       "sha256": sha256_file(out_dir / image_file), "labels_sha256": sha256_file(out_dir / label_file)})
+    return shards
 
 
 def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict:
@@ -187,22 +229,9 @@ def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(plan_path, plan)
-    n, step = len(listing.names), cfg.shard_size
-    shards = []
-    for i, start in enumerate(range(0, n, step)):
-        (image_file, label_file), names = shard_names(i), listing.names[start:start + step]
-        if (out_dir / image_file).is_file() and (out_dir / label_file).is_file():
-            log.info("%s exists: skipped", image_file)
-        else:
-            images = np.empty((len(names), 3, size, size), np.uint8)
-            for j, (_, image) in enumerate(_read_images(source, listing, names)):
-                images[j] = center_crop_adm(image, size).transpose(2, 0, 1)
-            _save_npy(out_dir / label_file, np.asarray(listing.labels[start:start + step], np.int64))
-            _save_npy(out_dir / image_file, images)  # last: its presence marks the shard finished
-            del images
-            log.info("wrote %s (%d images)", image_file, len(names))
-        shards.append({"images": image_file, "labels": label_file, "n": len(names),
-                       "sha256": sha256_file(out_dir / image_file), "labels_sha256": sha256_file(out_dir / label_file)})
+    n = len(listing.names)
+    with _cropper(source, listing.kind, size, cfg.workers) as crops:
+        shards = _write_shards(out_dir, listing, crops, size, cfg.shard_size)
     manifest = {
         "dataset": cfg.dataset,
         "source": str(source.resolve()),
