@@ -14,7 +14,8 @@ from repro.cli import main
 from repro.config import ConfigError, DataConfig
 from repro.datasets import imagenet
 from repro.datasets.imagenet import ShardedData, center_crop_adm, prepare_imagenet
-from repro.storage.files import read_json, sha256_file
+from repro.datasets.images import load_prepared
+from repro.storage.files import load_npz, read_json, sha256_file
 
 # class folder -> (width, height, PIL mode) of its images; sorted names give the class indices 0, 1, 2
 FOLDER = {"n02": [(300, 200, "RGB"), (131, 257, "RGB")],
@@ -65,6 +66,10 @@ def _expected(train):
     return files, labels
 
 
+def _npz(out):
+    return out.with_suffix(".npz")  # data/imagenet64 -> the index data/imagenet64.npz, the stage's argument
+
+
 def _read_all(out):
     data = ShardedData(out.parent / "manifest.json")
     arrays = [data.shard(i) for i in range(data.num_shards)]
@@ -76,7 +81,7 @@ def _read_all(out):
 def test_crops_labels_and_manifest(train, tmp_path, dataset, size):
     out = tmp_path / "data" / dataset
     cfg = DataConfig(dataset=dataset, source=str(train), shard_size=4)
-    prepare_imagenet(cfg, out, tmp_path / "data" / "manifest.json")
+    prepare_imagenet(cfg, _npz(out), tmp_path / "data" / "manifest.json")
     m, images, labels = _read_all(out)
     files, want_labels = _expected(train)
     assert images.shape == (len(files), 3, size, size) and images.dtype == np.uint8
@@ -85,6 +90,11 @@ def test_crops_labels_and_manifest(train, tmp_path, dataset, size):
     assert labels.tolist() == want_labels
     assert m["classes"] == ["n01", "n02", "n03"] and m["num_classes"] == 3 and m["class_counts"] == [3, 2, 1]
     assert m["n"] == 6 and m["shape"] == [3, size, size] and [s["n"] for s in m["shards"]] == [4, 2]
+    index = load_npz(_npz(out))
+    assert index["labels"].tolist() == want_labels and index["shard_n"].tolist() == [4, 2]
+    assert m["index_sha256"] == sha256_file(_npz(out))
+    with pytest.raises(ValueError, match="prepared as shards"):  # the one-array reader refuses, saying why
+        load_prepared(_npz(out), m)
     for s in m["shards"]:
         assert s["sha256"] == sha256_file(out / s["images"]) and s["labels_sha256"] == sha256_file(out / s["labels"])
 
@@ -104,19 +114,19 @@ def test_crop_geometry_by_hand():
 def test_resume_skips_finished_shards(train, tmp_path, monkeypatch):
     out, manifest = tmp_path / "data" / "imagenet64", tmp_path / "data" / "manifest.json"
     cfg = DataConfig(dataset="imagenet64", source=str(train), shard_size=2)
-    first = prepare_imagenet(cfg, out, manifest)
+    first = prepare_imagenet(cfg, _npz(out), manifest)
     (out / "shard-00001.images.npy").unlink()  # as if killed after its labels were written
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npy") if not p.name.startswith("shard-00001")}
     calls = []
     real = imagenet.center_crop_adm
     monkeypatch.setattr(imagenet, "center_crop_adm", lambda im, s: calls.append(1) or real(im, s))
-    again = prepare_imagenet(cfg, out, manifest)
+    again = prepare_imagenet(cfg, _npz(out), manifest)
     assert len(calls) == 2  # only the missing shard's two images
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npy") if p.name in kept} == kept
     assert again["shards"] == first["shards"]  # same bytes
     # a different shard size is a different plan: everything is redone
     calls.clear()
-    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=3), out, manifest)
+    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=3), _npz(out), manifest)
     assert len(calls) == 6 and sorted(p.name for p in out.glob("shard-*")) == [
         "shard-00000.images.npy", "shard-00000.labels.npy", "shard-00001.images.npy", "shard-00001.labels.npy"]
     # a shard changed after the stage is refused by the reader, naming the file
@@ -145,7 +155,7 @@ def _zip(path, files, with_json=True, size=64):
 def test_edm2_zip_at_target_size_is_unchanged(tmp_path):
     _zip(tmp_path / "img64.zip", [2, 0, 1])
     out = tmp_path / "data" / "imagenet64"
-    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(tmp_path / "img64.zip")), out,
+    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(tmp_path / "img64.zip")), _npz(out),
                      tmp_path / "data" / "manifest.json")
     m, images, labels = _read_all(out)
     assert labels.tolist() == [2, 0, 1] and m["num_classes"] == 3 and m["source_kind"] == "zip"
@@ -189,14 +199,15 @@ def test_bad_sources_are_clear_errors_and_write_nothing_half_way(train, tmp_path
         for w in words:
             assert w in r.output, (what, w, r.output)
         assert not (tmp_path / "data" / "manifest.json").exists(), what
+        assert not (tmp_path / "data" / "imagenet64.npz").exists(), what
         assert not list((tmp_path / "data").glob("imagenet64/shard-*")), what
         assert not list((tmp_path / "data").rglob(".*.np*")), what  # no temporary left behind
 
 
 def test_imagenet512_refused_until_latents_exist(tmp_path, train):
     with pytest.raises(ConfigError, match="data.dataset.*SD-VAE"):
-        prepare_imagenet(DataConfig(dataset="imagenet512", source=str(train)), tmp_path / "d", tmp_path / "m.json")
-    assert not (tmp_path / "d").exists()
+        prepare_imagenet(DataConfig(dataset="imagenet512", source=str(train)), tmp_path / "d.npz", tmp_path / "m.json")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.npz").exists()
 
 
 def test_cli_prepares_imagenet64_s(train, tmp_path, monkeypatch):
@@ -206,13 +217,14 @@ def test_cli_prepares_imagenet64_s(train, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     m, images, labels = _read_all(tmp_path / "data" / "imagenet64")
     assert m["dataset"] == "imagenet64" and images.shape == (6, 3, 64, 64) and labels.tolist() == _expected(train)[1]
+    assert (tmp_path / "data" / "imagenet64.npz").is_file()  # the data stage's dvc out
 
 
 def test_worker_processes_give_the_same_shards_and_name_a_bad_file(train, tmp_path):
     serial, parallel = tmp_path / "s" / "imagenet64", tmp_path / "p" / "imagenet64"
-    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=4), serial,
+    prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=4), _npz(serial),
                      serial.parent / "manifest.json")
-    m = prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=4, workers=2), parallel,
+    m = prepare_imagenet(DataConfig(dataset="imagenet64", source=str(train), shard_size=4, workers=2), _npz(parallel),
                          parallel.parent / "manifest.json")
     assert m["shards"] == read_json(serial.parent / "manifest.json")["shards"]  # same bytes, same order
     bad = tmp_path / "bad"
@@ -220,6 +232,6 @@ def test_worker_processes_give_the_same_shards_and_name_a_bad_file(train, tmp_pa
     _image(90, 70, "RGB", 1).save(bad / "n01" / "a.JPEG")
     (bad / "n01" / "b.JPEG").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"n01/b\.JPEG: not a readable image"):
-        prepare_imagenet(DataConfig(dataset="imagenet64", source=str(bad), workers=2), tmp_path / "b" / "imagenet64",
+        prepare_imagenet(DataConfig(dataset="imagenet64", source=str(bad), workers=2), tmp_path / "b" / "imagenet64.npz",
                          tmp_path / "b" / "manifest.json")
     assert not (tmp_path / "b" / "manifest.json").exists()

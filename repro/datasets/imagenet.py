@@ -18,8 +18,8 @@ Output: per shard, once all its images are decoded, ``data/<dataset>/shard-NNNNN
 ``shard-NNNNN.images.npy`` (uint8 [n, 3, R, R]), each written atomically; plain .npy, so readers memory-map them
 (``ShardedData``). A shard is finished when both files exist. ``data/<dataset>/plan.json`` fingerprints the source
 list and settings; a rerun with the same plan skips finished shards, a different plan starts over.
-``data/manifest.json`` (counts, classes, per-shard sha256) is written last, only when every shard is done. At most
-one shard of images is in memory at a time.
+Then ``data/<dataset>.npz``, an index (every label, the shard sizes), and last ``data/manifest.json`` (counts,
+classes, per-shard sha256), only when every shard is done. At most one shard of images is in memory at a time.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from repro.config import ConfigError, DataConfig
-from repro.storage.files import BadFile, atomic_path, read_json, sha256_file, write_json
+from repro.storage.files import BadFile, atomic_path, read_json, save_npz, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,11 @@ def _write_shards(out_dir: Path, listing: Listing, crops, size: int, step: int) 
     return shards
 
 
-def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict:
-    """Write the shards of ``cfg.dataset`` into ``out_dir`` (resumable) and then ``out_manifest``."""
+def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path) -> dict:
+    """Write the shards of ``cfg.dataset`` into ``out_npz`` without its suffix (data/imagenet64/; resumable), then
+    the index ``out_npz`` (every label and the shard sizes: the file dvc.yaml's data stage names), then
+    ``out_manifest``."""
+    out_dir = out_npz.with_suffix("")
     if cfg.dataset == "imagenet512":
         raise ConfigError([("data.dataset", "imagenet512 needs SD-VAE latents (center crop to 512, then the SD-VAE "
                             "encoder with EDM2's latent statistics), which the data stage does not build yet",
@@ -221,8 +224,9 @@ def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict
     source = Path(cfg.source).expanduser()
     listing = list_source(source)
     plan = _plan(cfg, source, listing, size)
-    if out_manifest.exists():
-        out_manifest.unlink()  # the manifest says "done"; it is written again only when every shard is
+    for done in (out_manifest, out_npz):
+        if done.exists():
+            done.unlink()  # they say "done"; they are written again only when every shard is
     plan_path = out_dir / "plan.json"
     if out_dir.exists() and (not plan_path.is_file() or read_json(plan_path) != plan):
         log.info("%s: a different source or settings: starting over", out_dir)
@@ -232,8 +236,11 @@ def prepare_imagenet(cfg: DataConfig, out_dir: Path, out_manifest: Path) -> dict
     n = len(listing.names)
     with _cropper(source, listing.kind, size, cfg.workers) as crops:
         shards = _write_shards(out_dir, listing, crops, size, cfg.shard_size)
+    save_npz(out_npz, labels=np.asarray(listing.labels, np.int64), shard_n=np.asarray([s["n"] for s in shards]))
     manifest = {
         "dataset": cfg.dataset,
+        "index": out_npz.name,
+        "index_sha256": sha256_file(out_npz),
         "source": str(source.resolve()),
         "source_kind": listing.kind,
         "preprocessing": plan["preprocessing"],

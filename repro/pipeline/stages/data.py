@@ -13,7 +13,7 @@ from repro.storage.layout import Paths
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
     with tracked("data", cfg, paths) as t:
         if cfg.data.dataset.startswith("imagenet"):
-            manifest = prepare_imagenet(cfg.data, paths.data.with_suffix(""), paths.manifest)
+            manifest = prepare_imagenet(cfg.data, paths.data, paths.manifest)
         else:
             manifest = prepare(cfg.data, paths.data, paths.manifest, root=paths.root, progress=progress)
         t.log_params({"sha256": manifest["sha256"], "n": manifest["n"]})
