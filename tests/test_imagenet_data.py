@@ -193,7 +193,8 @@ def test_bad_sources_are_clear_errors_and_write_nothing_half_way(train, tmp_path
     env = {"REPRO_TRACKING": "off"}
     for what, (source, words) in _bad(tmp_path, train).items():
         over = [] if source is None else ["--set", f"data.source={source}"]
-        r = CliRunner().invoke(main, ["data", "--preset", "imagenet64-s", *over, "--no-progress"], env=env)
+        preset = "imagenet512-l" if what == "missing" else "imagenet64-s"  # refused before any encoder is fetched
+        r = CliRunner().invoke(main, ["data", "--preset", preset, *over, "--no-progress"], env=env)
         assert r.exit_code == 2, (what, r.output)
         assert "error:" in r.output and "Traceback" not in r.output and "Fix" in r.output, (what, r.output)
         for w in words:
@@ -204,10 +205,31 @@ def test_bad_sources_are_clear_errors_and_write_nothing_half_way(train, tmp_path
         assert not list((tmp_path / "data").rglob(".*.np*")), what  # no temporary left behind
 
 
-def test_imagenet512_refused_until_latents_exist(tmp_path, train):
-    with pytest.raises(ConfigError, match="data.dataset.*SD-VAE"):
-        prepare_imagenet(DataConfig(dataset="imagenet512", source=str(train)), tmp_path / "d.npz", tmp_path / "m.json")
-    assert not (tmp_path / "d").exists() and not (tmp_path / "d.npz").exists()
+def test_imagenet512_latents_equal_the_vae_of_the_reference_crop(train, tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from repro.nets.sd_vae import SD_VAE_FT_MSE, LatentEncoder
+
+    torch.manual_seed(0)  # a random kl-f8 VAE, 8x down like the real one, narrow to stay fast
+    vae = AutoencoderKL(**dict(SD_VAE_FT_MSE, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+                               norm_num_groups=4)).eval()
+    out = tmp_path / "data" / "imagenet512"
+    with pytest.raises(ConfigError, match="data.dataset: imagenet512 needs a latent encoder"):
+        prepare_imagenet(DataConfig(dataset="imagenet512", source=str(train)), _npz(out), tmp_path / "m.json")
+    assert not out.exists() and not _npz(out).exists()
+    m = prepare_imagenet(DataConfig(dataset="imagenet512", source=str(train), shard_size=4), _npz(out),
+                         out.parent / "manifest.json", LatentEncoder(vae), "test-vae")
+    _, latents, labels = _read_all(out)
+    assert m["dtype"] == "float32" and m["shape"] == [8, 64, 64] and m["latents"]["encoder"] == "test-vae"
+    files, want_labels = _expected(train)
+    assert labels.tolist() == want_labels and latents.shape == (6, 8, 64, 64)
+    with torch.no_grad():
+        for f, got in zip(files, latents, strict=True):
+            x = torch.from_numpy(reference_crop(f, 512).copy()).permute(2, 0, 1)[None].contiguous().float() / 255
+            d = vae.encode(x).latent_dist
+            # float32 convolutions batched differently differ by ~3e-4 here; a wrong crop, scale or channel is >> 1e-3
+            np.testing.assert_allclose(got, torch.cat([d.mean, d.std], 1)[0].numpy(), rtol=1e-3, atol=1e-3)
 
 
 def test_cli_prepares_imagenet64_s(train, tmp_path, monkeypatch):

@@ -44,7 +44,8 @@ from repro.storage.files import BadFile, atomic_path, read_json, save_npz, sha25
 
 log = logging.getLogger(__name__)
 
-RESOLUTIONS = {"imagenet64": 64, "imagenet256": 256}  # pixel data sets this stage prepares
+RESOLUTIONS = {"imagenet64": 64, "imagenet256": 256, "imagenet512": 512}  # the crop of each data set
+LATENT = ("imagenet512",)  # crops encoded to SD-VAE latents (EDM2's latent ImageNet-512)
 _FIX_FILE = "replace or delete the file and rerun `repro data` (finished shards are kept)"
 
 
@@ -176,9 +177,9 @@ def _plan(cfg: DataConfig, source: Path, listing: Listing, size: int) -> dict:
             "preprocessing": "EDM2 center-crop-dhariwal (ADM center_crop_arr): BOX halvings, BICUBIC, center crop"}
 
 
-def shard_names(i: int) -> tuple[str, str]:
-    """The (images, labels) file names of shard i."""
-    return f"shard-{i:05d}.images.npy", f"shard-{i:05d}.labels.npy"
+def shard_names(i: int, what: str = "images") -> tuple[str, str]:
+    """The (data, labels) file names of shard i; ``what``: images (uint8 pixels) or latents (float32)."""
+    return f"shard-{i:05d}.{what}.npy", f"shard-{i:05d}.labels.npy"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -186,44 +187,72 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(tmp, array, allow_pickle=False)
 
 
-def _write_shards(out_dir: Path, listing: Listing, crops, size: int, step: int) -> list[dict]:
-    """Each shard not finished yet: its crops into memory, then its labels file, then its images file."""
+def _write_shards(out_dir: Path, listing: Listing, crops, size: int, step: int, encode=None) -> list[dict]:
+    """Each shard not finished yet: its crops (or their latents) into memory, then its labels file, then its data
+    file. With ``encode`` the crops go through it _ENCODE_BATCH at a time and only the latents are kept."""
     shards = []
     for i, start in enumerate(range(0, len(listing.names), step)):
-        (image_file, label_file), names = shard_names(i), listing.names[start:start + step]
-        if (out_dir / image_file).is_file() and (out_dir / label_file).is_file():
-            log.info("%s exists: skipped", image_file)
+        names = listing.names[start:start + step]
+        data_file, label_file = shard_names(i, "latents" if encode else "images")
+        if (out_dir / data_file).is_file() and (out_dir / label_file).is_file():
+            log.info("%s exists: skipped", data_file)
         else:
-            images = np.empty((len(names), 3, size, size), np.uint8)
-            for j, crop in enumerate(crops(names)):
-                images[j] = crop
+            data = _encoded(crops(names), len(names), size, encode) if encode else np.empty(
+                (len(names), 3, size, size), np.uint8)
+            if not encode:
+                for j, crop in enumerate(crops(names)):
+                    data[j] = crop
             _save_npy(out_dir / label_file, np.asarray(listing.labels[start:start + step], np.int64))
-            _save_npy(out_dir / image_file, images)  # last: its presence marks the shard finished
-            del images
-            log.info("wrote %s (%d images)", image_file, len(names))
-        shards.append({"images": image_file, "labels": label_file, "n": len(names),
-                       "sha256": sha256_file(out_dir / image_file), "labels_sha256": sha256_file(out_dir / label_file)})
+            _save_npy(out_dir / data_file, data)  # last: its presence marks the shard finished
+            del data
+            log.info("wrote %s (%d images)", data_file, len(names))
+        shards.append({"images": data_file, "labels": label_file, "n": len(names),
+                       "sha256": sha256_file(out_dir / data_file), "labels_sha256": sha256_file(out_dir / label_file)})
     return shards
 
 
-def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path) -> dict:
-    """Write the shards of ``cfg.dataset`` into ``out_npz`` without its suffix (data/imagenet64/; resumable), then
-    the index ``out_npz`` (every label and the shard sizes: the file dvc.yaml's data stage names), then
-    ``out_manifest``."""
-    out_dir = out_npz.with_suffix("")
-    if cfg.dataset == "imagenet512":
-        raise ConfigError([("data.dataset", "imagenet512 needs SD-VAE latents (center crop to 512, then the SD-VAE "
-                            "encoder with EDM2's latent statistics), which the data stage does not build yet",
-                            "prepare imagenet64 (or imagenet256) today; the ImageNet-512 latent stage is issue 14's "
-                            "open part")])
-    size = RESOLUTIONS[cfg.dataset]
+_ENCODE_BATCH = 32
+
+
+def _encoded(crops: Iterator[np.ndarray], n: int, size: int, encode) -> np.ndarray:
+    out, batch, at = None, [], 0
+    for k, crop in enumerate(crops, 1):
+        batch.append(crop)
+        if len(batch) == _ENCODE_BATCH or k == n:
+            z = np.asarray(encode(np.stack(batch)), np.float32)
+            if out is None:
+                out = np.empty((n, *z.shape[1:]), np.float32)
+            out[at:at + len(z)], at, batch = z, at + len(z), []
+    return out
+
+
+def checked_source(cfg: DataConfig) -> tuple[Path, Listing]:
+    """data.source and its listing; an unset or missing source, an empty class folder or a zip without dataset.json
+    is a ConfigError (checked before anything is loaded or written)."""
     if not cfg.source:
         raise _source_error(f"empty, but data.dataset {cfg.dataset} is read from local files (ImageNet is a "
                             "licence-gated download)", "set data.source to the ILSVRC2012 train folder (class "
                             "sub-folders of JPEGs) or an EDM2 dataset zip, e.g. --set data.source=/data/imagenet/train")
     source = Path(cfg.source).expanduser()
-    listing = list_source(source)
-    plan = _plan(cfg, source, listing, size)
+    return source, list_source(source)
+
+
+def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path, encode=None, encoder_id: str = "") -> dict:
+    """Write the shards of ``cfg.dataset`` into ``out_npz`` without its suffix (data/imagenet64/; resumable), then
+    the index ``out_npz`` (every label and the shard sizes: the file dvc.yaml's data stage names), then
+    ``out_manifest``.
+
+    imagenet512 needs ``encode``: uint8 [n, 3, 512, 512] -> float32 latents (``repro.nets.sd_vae.LatentEncoder``:
+    EDM2's raw SD-VAE mean and std, [n, 8, 64, 64]), and ``encoder_id`` (e.g. the VAE file's sha256) for the plan.
+    """
+    out_dir = out_npz.with_suffix("")
+    if (cfg.dataset in LATENT) != (encode is not None):
+        raise ConfigError([("data.dataset", f"{cfg.dataset} {'needs' if encode is None else 'takes no'} a latent "
+                            "encoder (the SD-VAE of pretrain.source's decoder)",
+                            "run it through the data stage (`repro data`), which loads the encoder")])
+    size = RESOLUTIONS[cfg.dataset]
+    source, listing = checked_source(cfg)
+    plan = {**_plan(cfg, source, listing, size), "encoder": encoder_id}
     for done in (out_manifest, out_npz):
         if done.exists():
             done.unlink()  # they say "done"; they are written again only when every shard is
@@ -235,7 +264,7 @@ def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path) -> dict
     write_json(plan_path, plan)
     n = len(listing.names)
     with _cropper(source, listing.kind, size, cfg.workers) as crops:
-        shards = _write_shards(out_dir, listing, crops, size, cfg.shard_size)
+        shards = _write_shards(out_dir, listing, crops, size, cfg.shard_size, encode)
     save_npz(out_npz, labels=np.asarray(listing.labels, np.int64), shard_n=np.asarray([s["n"] for s in shards]))
     manifest = {
         "dataset": cfg.dataset,
@@ -248,14 +277,18 @@ def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path) -> dict
         "shards": shards,
         "sha256": hashlib.sha256("".join(s["sha256"] + s["labels_sha256"] for s in shards).encode()).hexdigest(),
         "n": n,
-        "shape": [3, size, size],
-        "dtype": "uint8",
+        "shape": list(np.load(out_dir / shards[0]["images"], mmap_mode="r").shape[1:]) if shards else [3, size, size],
+        "dtype": "float32" if encode else "uint8",
+        "latents": ({"encoder": encoder_id, "stored": "raw SD-VAE posterior mean and std (channels 0-3, 4-7) of "
+                     "pixels / 255, as EDM2's dataset tool; whiten with repro.nets.sd_vae.edm2_scale_bias"}
+                    if encode else None),
         "num_classes": len(listing.classes),
         "classes": listing.classes,
         "class_counts": np.bincount(listing.labels, minlength=len(listing.classes)).tolist(),
     }
     write_json(out_manifest, manifest)
-    log.info("wrote %d shards of %d images (%dx%d) to %s and %s", len(shards), n, size, size, out_dir, out_manifest)
+    log.info("wrote %d shards of %d images (%dx%d%s) to %s and %s", len(shards), n, size, size,
+             ", as latents" if encode else "", out_dir, out_manifest)
     return manifest
 
 
