@@ -257,3 +257,21 @@ def test_worker_processes_give_the_same_shards_and_name_a_bad_file(train, tmp_pa
         prepare_imagenet(DataConfig(dataset="imagenet64", source=str(bad), workers=2), tmp_path / "b" / "imagenet64.npz",
                          tmp_path / "b" / "manifest.json")
     assert not (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_a_job_array_splits_the_shards_and_the_last_task_writes_the_manifest(train, tmp_path, monkeypatch):
+    serial, arr = tmp_path / "s" / "imagenet64", tmp_path / "a" / "data" / "imagenet64"
+    cfg = DataConfig(dataset="imagenet64", source=str(train), shard_size=2)
+    want = prepare_imagenet(cfg, _npz(serial), serial.parent / "manifest.json")
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    env = {"REPRO_TRACKING": "off", "SLURM_JOB_ID": "7", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "2"}
+    args = ["data", "--preset", "imagenet64-s", "--set", f"data.source={train}", "--set", "data.shard_size=2",
+            "--no-progress"]
+    r = CliRunner().invoke(main, args, env={**env, "SLURM_ARRAY_TASK_ID": "4"})  # task 1 of 2: shard 1
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in arr.glob("*.images.npy")) == ["shard-00001.images.npy"]
+    assert not (arr.parent / "manifest.json").exists() and not _npz(arr).exists()
+    r = CliRunner().invoke(main, args, env={**env, "SLURM_ARRAY_TASK_ID": "3"})  # task 0: shards 0 and 2, then all
+    assert r.exit_code == 0, r.output
+    assert read_json(arr.parent / "manifest.json")["shards"] == want["shards"]

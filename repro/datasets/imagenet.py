@@ -25,6 +25,7 @@ classes, per-shard sha256), only when every shard is done. At most one shard of 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -187,15 +188,20 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(tmp, array, allow_pickle=False)
 
 
-def _write_shards(out_dir: Path, listing: Listing, crops, size: int, step: int, encode=None) -> list[dict]:
-    """Each shard not finished yet: its crops (or their latents) into memory, then its labels file, then its data
-    file. With ``encode`` the crops go through it _ENCODE_BATCH at a time and only the latents are kept."""
-    shards = []
+def _write_shards(out_dir: Path, listing: Listing, crops, size: int, step: int, encode=None, task: int = 0,
+                  tasks: int = 1) -> list[dict] | None:
+    """Each shard of this task not finished yet: its crops (or their latents) into memory, then its labels file,
+    then its data file. With ``encode`` the crops go through it _ENCODE_BATCH at a time and only the latents are
+    kept. The entries of all shards, or None while another task's shards are missing."""
+    shards, missing = [], False
     for i, start in enumerate(range(0, len(listing.names), step)):
         names = listing.names[start:start + step]
         data_file, label_file = shard_names(i, "latents" if encode else "images")
         if (out_dir / data_file).is_file() and (out_dir / label_file).is_file():
             log.info("%s exists: skipped", data_file)
+        elif i % tasks != task:
+            missing = True  # another task's
+            continue
         else:
             data = _encoded(crops(names), len(names), size, encode) if encode else np.empty(
                 (len(names), 3, size, size), np.uint8)
@@ -208,7 +214,7 @@ def _write_shards(out_dir: Path, listing: Listing, crops, size: int, step: int, 
             log.info("wrote %s (%d images)", data_file, len(names))
         shards.append({"images": data_file, "labels": label_file, "n": len(names),
                        "sha256": sha256_file(out_dir / data_file), "labels_sha256": sha256_file(out_dir / label_file)})
-    return shards
+    return None if missing else shards
 
 
 _ENCODE_BATCH = 32
@@ -237,13 +243,17 @@ def checked_source(cfg: DataConfig) -> tuple[Path, Listing]:
     return source, list_source(source)
 
 
-def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path, encode=None, encoder_id: str = "") -> dict:
+def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path, encode=None, encoder_id: str = "",
+                     task: tuple[int, int] = (0, 1)) -> dict | None:
     """Write the shards of ``cfg.dataset`` into ``out_npz`` without its suffix (data/imagenet64/; resumable), then
     the index ``out_npz`` (every label and the shard sizes: the file dvc.yaml's data stage names), then
     ``out_manifest``.
 
     imagenet512 needs ``encode``: uint8 [n, 3, 512, 512] -> float32 latents (``repro.nets.sd_vae.LatentEncoder``:
     EDM2's raw SD-VAE mean and std, [n, 8, 64, 64]), and ``encoder_id`` (e.g. the VAE file's sha256) for the plan.
+
+    ``task`` = (k, K): one of K tasks of a job array; it makes the shards i with i mod K = k, and, if every shard
+    is then finished, writes the index and manifest (else returns None).
     """
     out_dir = out_npz.with_suffix("")
     if (cfg.dataset in LATENT) != (encode is not None):
@@ -253,18 +263,30 @@ def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path, encode=
     size = RESOLUTIONS[cfg.dataset]
     source, listing = checked_source(cfg)
     plan = {**_plan(cfg, source, listing, size), "encoder": encoder_id}
-    for done in (out_manifest, out_npz):
-        if done.exists():
-            done.unlink()  # they say "done"; they are written again only when every shard is
     plan_path = out_dir / "plan.json"
-    if out_dir.exists() and (not plan_path.is_file() or read_json(plan_path) != plan):
-        log.info("%s: a different source or settings: starting over", out_dir)
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(plan_path, plan)
-    n = len(listing.names)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:  # the tasks of an array check the plan in turn
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out_dir.exists() and (not plan_path.is_file() or read_json(plan_path) != plan):
+            log.info("%s: a different source or settings: starting over", out_dir)
+            for done in (out_manifest, out_npz):
+                done.unlink(missing_ok=True)
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not plan_path.is_file():
+            write_json(plan_path, plan)
+        kind = "latents" if encode else "images"
+        if not all((out_dir / f).is_file() for i in range(-(-len(listing.names) // cfg.shard_size))
+                   for f in shard_names(i, kind)):
+            for done in (out_manifest, out_npz):  # they say "all done"; written again when every shard is
+                done.unlink(missing_ok=True)
+    n, (task, tasks) = len(listing.names), task
     with _cropper(source, listing.kind, size, cfg.workers) as crops:
-        shards = _write_shards(out_dir, listing, crops, size, cfg.shard_size, encode)
+        shards = _write_shards(out_dir, listing, crops, size, cfg.shard_size, encode, task, tasks)
+    if shards is None:
+        log.info("task %d of %d: its shards are done; the task that finishes last writes %s", task, tasks,
+                 out_manifest)
+        return None
     save_npz(out_npz, labels=np.asarray(listing.labels, np.int64), shard_n=np.asarray([s["n"] for s in shards]))
     manifest = {
         "dataset": cfg.dataset,

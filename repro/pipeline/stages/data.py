@@ -5,6 +5,8 @@ pretrain stage does)."""
 
 from __future__ import annotations
 
+import os
+
 from repro.config import Config, ConfigError
 from repro.datasets.imagenet import LATENT, checked_source, prepare_imagenet
 from repro.datasets.images import prepare
@@ -32,13 +34,24 @@ def _latent_encoder(cfg: Config, paths: Paths, progress: bool):
     return LatentEncoder(vae), f"{name} sha256 {sha256_file(path)}"
 
 
+def array_task() -> tuple[int, int]:
+    """(k, K) inside a SLURM job array (`sbatch --array=0-15 ... repro data ...`; task ids need not start at 0),
+    else (0, 1): the task makes the ImageNet shards i with i mod K = k."""
+    task, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
+    if not task or not count:
+        return 0, 1
+    return int(task) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0")), int(count)
+
+
 def run(cfg: Config, paths: Paths, progress: bool) -> None:
     with tracked("data", cfg, paths) as t:
         if cfg.data.dataset.startswith("imagenet"):
             checked_source(cfg.data)  # source errors first, before the encoder is fetched
             encode, encoder_id = (_latent_encoder(cfg, paths, progress) if cfg.data.dataset in LATENT
                                   else (None, ""))
-            manifest = prepare_imagenet(cfg.data, paths.data, paths.manifest, encode, encoder_id)
+            manifest = prepare_imagenet(cfg.data, paths.data, paths.manifest, encode, encoder_id, array_task())
+            if manifest is None:  # a task of a job array whose shards are done while others' are not
+                return
         else:
             manifest = prepare(cfg.data, paths.data, paths.manifest, root=paths.root, progress=progress)
         t.log_params({"sha256": manifest["sha256"], "n": manifest["n"]})
