@@ -212,9 +212,12 @@ def _write_shards(out_dir: Path, listing: Listing, crops, size: int, step: int, 
             _save_npy(out_dir / data_file, data)  # last: its presence marks the shard finished
             del data
             log.info("wrote %s (%d images)", data_file, len(names))
-        shards.append({"images": data_file, "labels": label_file, "n": len(names),
-                       "sha256": sha256_file(out_dir / data_file), "labels_sha256": sha256_file(out_dir / label_file)})
-    return None if missing else shards
+        shards.append({"images": data_file, "labels": label_file, "n": len(names)})
+    if missing:
+        return None
+    for e in shards:  # hashed once every shard is there (not by each task of an array)
+        e["sha256"], e["labels_sha256"] = sha256_file(out_dir / e["images"]), sha256_file(out_dir / e["labels"])
+    return shards
 
 
 _ENCODE_BATCH = 32
