@@ -1,5 +1,6 @@
 """ImageNet data stage: an ILSVRC2012-style train folder or an EDM2-style dataset zip, preprocessed as EDM2's dataset
-tool does for the released models, written as resumable uint8 shards plus a manifest.
+tool does for the released models, written as resumable shards (uint8 pixels; SD-VAE latents for imagenet512) plus
+an index and a manifest.
 
 Sources (``data.source``):
 
@@ -12,14 +13,18 @@ Preprocessing, per image (RGB): the ADM center crop (EDM2's ``center-crop-dhariw
 ``center_crop_arr``): while the shorter side is at least twice the target, halve both sides with a BOX filter
 (integer division); then a BICUBIC resize so that the shorter side equals the target (the other side rounded);
 then the central target x target window, offsets ``(side - target) // 2``. An image already at the target size
-(an EDM2 zip at that resolution) comes out unchanged.
+(an EDM2 zip at that resolution) comes out unchanged. Targets: 64 (imagenet64), 256 (imagenet256), 512
+(imagenet512, whose crops then go through the SD-VAE encoder: EDM2's dataset tool ``encode`` stores the raw
+posterior mean and std, 8 x 64 x 64 float32, of pixels / 255; ``repro.nets.sd_vae.LatentEncoder``).
 
 Output: per shard, once all its images are decoded, ``data/<dataset>/shard-NNNNN.labels.npy`` (int64 [n]) then
-``shard-NNNNN.images.npy`` (uint8 [n, 3, R, R]), each written atomically; plain .npy, so readers memory-map them
+``shard-NNNNN.images.npy`` (uint8 [n, 3, R, R]; ``.latents.npy`` for latents), each written atomically; plain .npy, so readers memory-map them
 (``ShardedData``). A shard is finished when both files exist. ``data/<dataset>/plan.json`` fingerprints the source
 list and settings; a rerun with the same plan skips finished shards, a different plan starts over.
 Then ``data/<dataset>.npz``, an index (every label, the shard sizes), and last ``data/manifest.json`` (counts,
 classes, per-shard sha256), only when every shard is done. At most one shard of images is in memory at a time.
+A SLURM job array splits the shards among its tasks (task k of K: shards i with i mod K = k); the task that finds
+every shard done writes the index and manifest.
 """
 
 from __future__ import annotations
