@@ -3,7 +3,7 @@
 Makes a synthetic ImageNet-like folder (10 classes of JPEGs of odd sizes around 300x250), then for each size N
 prepares the first N images (hard links into a folder of their own) with repro.datasets.imagenet.prepare_imagenet
 at 64x64 in a fresh process, and prints N, the number of shards, that process's peak RSS (ru_maxrss) and seconds.
-What still grows with N: the list of file names and labels (about 100 bytes an image) and the index.
+What still grows with N: the list of file names and labels, held whole, and the index.
 
     python benchmarks/bench_imagenet_data_memory.py                        # N = 500, 2000, 8000; shards of 250
     python benchmarks/bench_imagenet_data_memory.py --sizes 1000,10000 --shard-size 1000
