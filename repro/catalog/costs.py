@@ -76,5 +76,5 @@ def discriminator_hours(arch: str, counts: dict[str, float]) -> dict[str, str]:
         out[dev] = f"{secs / 3600:,.1f} h ({'; '.join(sorted({table[k][1] for k, n in counts.items() if n}))})"
     if not measured:
         out["cpu"] = f"not measured for {arch}"
-    out["gpu"] = "not measured yet (no GPU has been lent to this project; see the README's performance section)"
+    out["gpu"] = "not measured (the H200 checks timed no discriminator: benchmarks/results/gpu-h200-20261204)"
     return out

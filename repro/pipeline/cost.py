@@ -129,5 +129,6 @@ def guidance_cost(cfg: Config, guided: list[dict]) -> dict:
                        "prints time and memory against bank size on this machine)"} if kernel_pairs else {}),
                    **({"dcd_langevin_critic_gradients": langevin, "dcd_hours": "not measured"} if langevin else {}),
                    "device_hours": {"generator": device_hours(arch, images * k),
-                                    "discriminator": discriminator_hours(disc_arch, {"guidance": evaluations})}},
+                                    "discriminator": discriminator_hours(disc_arch, {"guidance": evaluations})
+                                    if evaluations else "no discriminator evaluations"}},
     }
