@@ -1,0 +1,225 @@
+"""DDO on a 2-D Gaussian mixture with exact numbers: base, DDO rounds and the MLE control, scored exactly.
+
+The data is a :class:`repro.toys.gmm.GaussianMixture` (exact density). The generator is a small MLP denoiser of
+deliberately limited capacity with EDM's preconditioning (Karras et al. 2022, Table 1), trained with the package's
+EDM loss (:func:`repro.methods.losses.edm_loss`), then fine-tuned by the package's diffusion DDO loss
+(:func:`repro.methods.ddo.loss.ddo_diffusion_loss`) in self-play rounds (each round's reference is the previous
+round's model, its fakes are the reference's samples), and, as the control, by the EDM loss for the same number of
+steps from the same base, at each learning rate of ``control_lrs`` (the best one by the selection seeds is kept).
+Samples come from the package's EDM Heun sampler (:func:`repro.sampling.edm.edm_sampler`).
+
+Every model is scored on exact quantities (:func:`exact_metrics`): the NLL of its samples under the true density,
+-E_x log p_data(x) (the cross-entropy; its floor is the data's entropy, the row ``data``), and the mass off the
+modes (the fraction of samples further than 3 standard deviations from every mode's mean).
+
+This is a standalone comparison (``benchmarks/toy2d.py``); it does not go through the DVC stages.
+
+Example::
+
+    cfg = Toy2DConfig(pretrain_steps=200, round_steps=20, rounds=1, n_eval=256)
+    rows = run(cfg)                # [{'model': 'base', 'round': 0, 'nll': ..., 'off_mode': ...}, ...]
+    print(render_table(rows, cfg))
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+
+from repro.methods.ddo.loss import ddo_diffusion_loss
+from repro.methods.losses import edm_loss
+from repro.sampling.edm import edm_sampler
+from repro.toys.gmm import GaussianMixture, ring
+
+__all__ = ["Toy2DConfig", "MLPDenoiser", "toy_data", "exact_metrics", "sample", "pretrain", "ddo_round",
+           "control", "run", "render_table"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy2DConfig:
+    """The toy2d comparison's settings (defaults: the committed run, results/toy2d/)."""
+
+    modes: int = 8               # data: ``modes`` equal Gaussians on a circle of radius 2, std ``mode_std``
+    mode_std: float = 0.1
+    width: int = 32              # the MLP denoiser: deliberately small (limited capacity is DDO's premise)
+    depth: int = 2
+    sigma_data: float = 1.4      # ~ the data's per-coordinate std (radius 2 / sqrt 2)
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 2e-3
+    batch: int = 256
+    rounds: int = 3
+    round_steps: int = 200       # Adam steps per DDO round (and per control round)
+    alpha: float = 1.0
+    beta: float = 1.0
+    ddo_lr: float = 2e-4
+    control_lrs: tuple = (2e-4, 2e-3)  # the control's learning-rate search, best by the selection seeds
+    n_fakes: int = 4096          # fake bank per round (the reference's samples)
+    num_steps: int = 18          # Heun steps of the sampler
+    n_eval: int = 4000           # samples per seed range
+    eval_seeds: tuple = (0, 1)   # seed ranges of the final evaluation (disjoint latents)
+    selection_seed: int = 1000   # the control's lr selection: other latents than the evaluation's
+    seed: int = 0                # training seed (initialisation, data draws, sigma/noise draws)
+
+    def __post_init__(self):
+        for name in ("modes", "width", "depth", "pretrain_steps", "batch", "round_steps", "n_fakes", "num_steps",
+                     "n_eval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"toy2d: {name} must be > 0, got {getattr(self, name)}")
+        if self.rounds < 0:
+            raise ValueError(f"toy2d: rounds must be >= 0, got {self.rounds}")
+        for name in ("mode_std", "sigma_data", "P_std", "pretrain_lr", "alpha", "beta", "ddo_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"toy2d: {name} must be > 0, got {getattr(self, name)}")
+        if not self.control_lrs or not all(lr > 0 for lr in self.control_lrs):
+            raise ValueError(f"toy2d: control_lrs must be positive learning rates, got {self.control_lrs}")
+
+
+def toy_data(cfg: Toy2DConfig) -> GaussianMixture:
+    return ring(k=cfg.modes, radius=2.0, std=cfg.mode_std)
+
+
+class MLPDenoiser(torch.nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) with EDM's preconditioning; F an MLP (SiLU)."""
+
+    def __init__(self, width: int = 32, depth: int = 2, sigma_data: float = 1.4, dim: int = 2):
+        super().__init__()
+        self.sigma_data = sigma_data
+        layers, d_in = [], dim + 1
+        for _ in range(depth):
+            layers += [torch.nn.Linear(d_in, width), torch.nn.SiLU()]
+            d_in = width
+        self.F = torch.nn.Sequential(*layers, torch.nn.Linear(d_in, dim))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+        sigma = sigma.to(x.dtype).reshape(-1, 1)
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / (sigma ** 2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
+        c_in = 1 / (sigma ** 2 + sd2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip * x + c_out * self.F(torch.cat([c_in * x, c_noise], dim=1))
+
+
+def exact_metrics(data: GaussianMixture, x: torch.Tensor, radius: float = 3.0) -> dict[str, float]:
+    """NLL of the points under the exact density (-mean log p_data) and the mass off the modes (the fraction
+    further than ``radius`` standard deviations from every mode's mean)."""
+    return {"nll": float(-data.log_prob(x.to(torch.float64)).mean()),
+            "off_mode": float(1 - data.mode_mass(x, radius))}
+
+
+def sample(net: torch.nn.Module, n: int, seed: int, num_steps: int) -> torch.Tensor:
+    """n points [n, 2] from the EDM Heun sampler (float64 state), latents from ``seed``."""
+    latents = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        return edm_sampler(net, latents, None, num_steps=num_steps)
+
+
+def _sigma_noise(n: int, cfg: Toy2DConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    sigma = (torch.randn(n, 1, generator=g) * cfg.P_std + cfg.P_mean).exp()
+    return sigma, torch.randn(n, 2, generator=g)
+
+
+def _real(data: GaussianMixture, n: int, g: torch.Generator) -> torch.Tensor:
+    return data.sample(n, g).float()
+
+
+def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, steps: int, lr: float,
+               g: torch.Generator) -> None:
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
+        y = _real(data, cfg.batch, g)
+        sigma, eps = _sigma_noise(cfg.batch, cfg, g)
+        loss = edm_loss(net, y, None, sigma, eps, cfg.sigma_data).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def pretrain(data: GaussianMixture, cfg: Toy2DConfig) -> MLPDenoiser:
+    """The base model: the EDM loss on exact data samples for ``pretrain_steps`` Adam steps."""
+    torch.manual_seed(cfg.seed)
+    net = MLPDenoiser(cfg.width, cfg.depth, cfg.sigma_data)
+    _edm_steps(net, data, cfg, cfg.pretrain_steps, cfg.pretrain_lr, torch.Generator().manual_seed(cfg.seed + 1))
+    return net
+
+
+def ddo_round(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, r: int) -> torch.nn.Module:
+    """One self-play round: the reference is ``net`` frozen, its samples the fakes; returns the trained copy."""
+    ref = copy.deepcopy(net).requires_grad_(False)
+    fakes = sample(ref, cfg.n_fakes, seed=10_000_000 + r, num_steps=cfg.num_steps).float()
+    theta = copy.deepcopy(net)
+    opt = torch.optim.Adam(theta.parameters(), lr=cfg.ddo_lr)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 100 + r)
+    for _ in range(cfg.round_steps):
+        x_real = _real(data, cfg.batch, g)
+        x_fake = fakes[torch.randint(len(fakes), (cfg.batch,), generator=g)]
+        sigma, eps = _sigma_noise(cfg.batch, cfg, g)
+        loss, _ = ddo_diffusion_loss(theta, ref, x_real, None, x_fake, None, sigma, eps, alpha=cfg.alpha,
+                                     beta=cfg.beta, sigma_data=cfg.sigma_data)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return theta
+
+
+def control(base: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, lr: float) -> torch.nn.Module:
+    """The MLE control: the base trained further with the EDM loss for the DDO rounds' total step count."""
+    net = copy.deepcopy(base)
+    _edm_steps(net, data, cfg, cfg.rounds * cfg.round_steps, lr, torch.Generator().manual_seed(cfg.seed * 1000 + 7))
+    return net
+
+
+def _score(net, data, cfg, seeds) -> dict:
+    per = [exact_metrics(data, sample(net, cfg.n_eval, s, cfg.num_steps)) for s in seeds]
+    return {k: sum(p[k] for p in per) / len(per) for k in per[0]} | {"per_seed": per}
+
+
+def run(cfg: Toy2DConfig) -> list[dict]:
+    """Train base, DDO rounds and the lr-searched control; score each on the evaluation seed ranges.
+
+    Rows: data (exact samples: the floor), base, ddo-round1..R, control-roundR (with its selected lr)."""
+    data = toy_data(cfg)
+    rows = []
+    exact = [exact_metrics(data, data.sample(cfg.n_eval, torch.Generator().manual_seed(s))) for s in cfg.eval_seeds]
+    rows.append({"model": "data", "round": None, **{k: sum(e[k] for e in exact) / len(exact) for k in exact[0]},
+                 "per_seed": exact})
+    base = pretrain(data, cfg)
+    rows.append({"model": "base", "round": 0, **_score(base, data, cfg, cfg.eval_seeds)})
+    net = base
+    for r in range(1, cfg.rounds + 1):
+        net = ddo_round(net, data, cfg, r)
+        rows.append({"model": f"ddo-round{r}", "round": r, **_score(net, data, cfg, cfg.eval_seeds)})
+    if cfg.rounds:
+        best = None
+        for lr in cfg.control_lrs:
+            c = control(base, data, cfg, lr)
+            sel = exact_metrics(data, sample(c, cfg.n_eval, cfg.selection_seed, cfg.num_steps))["nll"]
+            if best is None or sel < best[0]:
+                best = (sel, lr, c)
+        rows.append({"model": f"control-round{cfg.rounds}", "round": cfg.rounds, "lr": best[1],
+                     "selection_nll": best[0], **_score(best[2], data, cfg, cfg.eval_seeds)})
+    return rows
+
+
+def _f(v: float) -> str:
+    return f"{v:.3f}" if math.isfinite(v) else str(v)
+
+
+def render_table(rows: list[dict], cfg: Toy2DConfig) -> str:
+    """Markdown table: NLL and off-mode mass (mean of the seed ranges, and each range), delta vs base."""
+    seeds = ", ".join(str(s) for s in cfg.eval_seeds)
+    lines = [f"| model | round | NLL (mean of seed ranges {seeds}) | NLL per range | off-mode mass | "
+             "off-mode per range | Δ NLL vs base |", "|---|---:|---:|---:|---:|---:|---:|"]
+    base = next((r for r in rows if r["model"] == "base"), None)
+    for r in rows:
+        name = r["model"] + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        delta = "–" if base is None or r["model"] in ("base", "data") else _f(r["nll"] - base["nll"])
+        lines.append(f"| {name} | {'–' if r['round'] is None else r['round']} | {_f(r['nll'])} | "
+                     f"{' / '.join(_f(p['nll']) for p in r['per_seed'])} | {r['off_mode']:.4f} | "
+                     f"{' / '.join(format(p['off_mode'], '.4f') for p in r['per_seed'])} | {delta} |")
+    return "\n".join(lines) + "\n"
