@@ -43,21 +43,22 @@ class Toy2DConfig:
     """The toy2d comparison's settings (defaults: the committed run, results/toy2d/)."""
 
     modes: int = 8               # data: ``modes`` equal Gaussians on a circle of radius 2, std ``mode_std``
-    mode_std: float = 0.1
+    mode_std: float = 0.2
     width: int = 32              # the MLP denoiser: deliberately small (limited capacity is DDO's premise)
     depth: int = 2
     sigma_data: float = 1.4      # ~ the data's per-coordinate std (radius 2 / sqrt 2)
-    P_mean: float = -1.2
+    P_mean: float = -2.0       # EDM's -1.2 leaves the modes' small scales underweighted here
     P_std: float = 1.2
-    pretrain_steps: int = 3000
-    pretrain_lr: float = 2e-3
+    pretrain_steps: int = 4000
+    pretrain_lr: float = 2e-3   # decayed linearly to 0: the base ends at its plateau
     batch: int = 256
     rounds: int = 3
     round_steps: int = 200       # Adam steps per DDO round (and per control round)
+    evals_per_round: int = 4     # checkpoints per round scored on the selection seeds; the best is the round's model
     alpha: float = 1.0
-    beta: float = 1.0
-    ddo_lr: float = 2e-4
-    control_lrs: tuple = (2e-4, 2e-3)  # the control's learning-rate search, best by the selection seeds
+    beta: float = 0.3
+    ddo_lr: float = 2e-4         # with beta: the best of beta {0.05, 0.1, 0.3, 1} x lr {2e-4, 1e-3} tried by hand
+    control_lrs: tuple = (2e-4, 1e-3)  # the control's learning-rate search, best by the selection seeds
     n_fakes: int = 4096          # fake bank per round (the reference's samples)
     num_steps: int = 18          # Heun steps of the sampler
     n_eval: int = 4000           # samples per seed range
@@ -66,8 +67,8 @@ class Toy2DConfig:
     seed: int = 0                # training seed (initialisation, data draws, sigma/noise draws)
 
     def __post_init__(self):
-        for name in ("modes", "width", "depth", "pretrain_steps", "batch", "round_steps", "n_fakes", "num_steps",
-                     "n_eval"):
+        for name in ("modes", "width", "depth", "pretrain_steps", "batch", "round_steps", "evals_per_round", "n_fakes",
+                     "num_steps", "n_eval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"toy2d: {name} must be > 0, got {getattr(self, name)}")
         if self.rounds < 0:
@@ -129,9 +130,12 @@ def _real(data: GaussianMixture, n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, steps: int, lr: float,
-               g: torch.Generator) -> None:
+               g: torch.Generator, decay: bool = False) -> None:
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(steps):
+    for i in range(steps):
+        if decay:  # linear to 0
+            for group in opt.param_groups:
+                group["lr"] = lr * (1 - i / steps)
         y = _real(data, cfg.batch, g)
         sigma, eps = _sigma_noise(cfg.batch, cfg, g)
         loss = edm_loss(net, y, None, sigma, eps, cfg.sigma_data).mean()
@@ -141,21 +145,25 @@ def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, st
 
 
 def pretrain(data: GaussianMixture, cfg: Toy2DConfig) -> MLPDenoiser:
-    """The base model: the EDM loss on exact data samples for ``pretrain_steps`` Adam steps."""
+    """The base model: the EDM loss on exact data samples for ``pretrain_steps`` Adam steps (lr decayed to 0)."""
     torch.manual_seed(cfg.seed)
     net = MLPDenoiser(cfg.width, cfg.depth, cfg.sigma_data)
-    _edm_steps(net, data, cfg, cfg.pretrain_steps, cfg.pretrain_lr, torch.Generator().manual_seed(cfg.seed + 1))
+    _edm_steps(net, data, cfg, cfg.pretrain_steps, cfg.pretrain_lr, torch.Generator().manual_seed(cfg.seed + 1),
+               decay=True)
     return net
 
 
 def ddo_round(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, r: int) -> torch.nn.Module:
-    """One self-play round: the reference is ``net`` frozen, its samples the fakes; returns the trained copy."""
+    """One self-play round: the reference is ``net`` frozen, its samples the fakes; returns the round's checkpoint
+    with the best NLL on the selection seeds (``evals_per_round`` of them, the start not among them)."""
     ref = copy.deepcopy(net).requires_grad_(False)
     fakes = sample(ref, cfg.n_fakes, seed=10_000_000 + r, num_steps=cfg.num_steps).float()
     theta = copy.deepcopy(net)
     opt = torch.optim.Adam(theta.parameters(), lr=cfg.ddo_lr)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 100 + r)
-    for _ in range(cfg.round_steps):
+    every = max(cfg.round_steps // cfg.evals_per_round, 1)
+    best = (math.inf, theta)
+    for step in range(1, cfg.round_steps + 1):
         x_real = _real(data, cfg.batch, g)
         x_fake = fakes[torch.randint(len(fakes), (cfg.batch,), generator=g)]
         sigma, eps = _sigma_noise(cfg.batch, cfg, g)
@@ -164,7 +172,15 @@ def ddo_round(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, r: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return theta
+        if step % every == 0 or step == cfg.round_steps:
+            score = _selection_nll(theta, data, cfg)
+            if score < best[0]:
+                best = (score, copy.deepcopy(theta))
+    return best[1]
+
+
+def _selection_nll(net, data: GaussianMixture, cfg: Toy2DConfig) -> float:
+    return exact_metrics(data, sample(net, cfg.n_eval, cfg.selection_seed, cfg.num_steps))["nll"]
 
 
 def control(base: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, lr: float) -> torch.nn.Module:
@@ -198,7 +214,7 @@ def run(cfg: Toy2DConfig) -> list[dict]:
         best = None
         for lr in cfg.control_lrs:
             c = control(base, data, cfg, lr)
-            sel = exact_metrics(data, sample(c, cfg.n_eval, cfg.selection_seed, cfg.num_steps))["nll"]
+            sel = _selection_nll(c, data, cfg)
             if best is None or sel < best[0]:
                 best = (sel, lr, c)
         rows.append({"model": f"control-round{cfg.rounds}", "round": cfg.rounds, "lr": best[1],
