@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from repro.toys.ddo_toy import MLPDenoiser, Toy2DConfig, exact_metrics, render_table, run, toy_data
+from repro.toys.ddo_toy import MLPDenoiser, Toy2DConfig, exact_metrics, render_table, run, theorem33_check, toy_data
 
 
 def test_config_defaults_and_refusals():
@@ -54,3 +54,11 @@ def test_micro_run_table_has_base_ddo_and_control():
     for name in ("| base | 0 |", "| ddo-round2 | 2 |", "| control-round2 (lr 0.001) | 2 |"):
         assert name in table
     assert len(rows[1]["per_seed"]) == len(cfg.eval_seeds)
+
+
+def test_theorem33_fixed_point():
+    # beta 2: the optimum is p_ref^(1/2) p_data^(1/2) / Z, weights far from both the data's and the reference's
+    r = theorem33_check(2.0, n=8000, steps=300)
+    assert r["max_abs_diff"] < 0.02
+    assert max(abs(a - b) for a, b in zip(r["fitted"], r["data"])) > 0.04
+    assert r["alpha"] < 1  # "for certain alpha": Z^beta, not 1

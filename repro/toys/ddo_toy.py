@@ -29,12 +29,12 @@ import math
 
 import torch
 
-from repro.methods.ddo.loss import ddo_diffusion_loss
+from repro.methods.ddo.loss import ddo_diffusion_loss, ddo_objective
 from repro.methods.losses import edm_loss
 from repro.sampling.edm import edm_sampler
 from repro.toys.gmm import GaussianMixture, ring
 
-__all__ = ["Toy2DConfig", "MLPDenoiser", "toy_data", "exact_metrics", "sample", "pretrain", "ddo_round",
+__all__ = ["theorem33_check", "Toy2DConfig", "MLPDenoiser", "toy_data", "exact_metrics", "sample", "pretrain", "ddo_round",
            "control", "run", "render_table"]
 
 
@@ -239,3 +239,44 @@ def render_table(rows: list[dict], cfg: Toy2DConfig) -> str:
                      f"{' / '.join(_f(p['nll']) for p in r['per_seed'])} | {r['off_mode']:.4f} | "
                      f"{' / '.join(format(p['off_mode'], '.4f') for p in r['per_seed'])} | {delta} |")
     return "\n".join(lines) + "\n"
+
+
+def theorem33_check(beta: float, n: int = 20000, steps: int = 400, seed: int = 0) -> dict:
+    """The fixed point of Theorem 3.3 (Zheng et al. 2025), checked with exact log-likelihoods.
+
+    Data: 8 equal modes on a circle (std 0.1, 15 std apart); reference: the same modes with weights 1:...:8; the
+    model family: the same modes with free weights (softmax of logits), so log p_theta is exact. For modes this far
+    apart, p_ref^(1-1/beta) p_data^(1/beta) / Z is the mixture of the same modes with weights
+    w_ref^(1-1/beta) w_data^(1/beta) / Z, Z = sum of those. The GAN optimum sig(beta r) = p_data / (p_data +
+    alpha p_ref) gives p_theta = alpha^(-1/beta) p_ref^(1-1/beta) p_data^(1/beta), a density when alpha = Z^beta:
+    "for certain alpha". Minimising the DDO objective (the package's :func:`ddo_objective`, Eq. 13) over the weights
+    on n real and n fake samples must then land on those weights. Returns the fitted and predicted weights and
+    their largest difference.
+    """
+    data = ring(k=8, radius=2.0, std=0.1)
+    ref = ring(k=8, radius=2.0, std=0.1, weights=torch.arange(1, 9, dtype=torch.float64))
+    target = ref.weights ** (1 - 1 / beta) * data.weights ** (1 / beta)
+    z = target.sum()
+    target = target / z
+    alpha = float(z ** beta)
+    g = torch.Generator().manual_seed(seed)
+    real, fake = data.sample(n, g), ref.sample(n, g)
+    logits = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+
+    with torch.no_grad():
+        ref_real, ref_fake = ref.log_prob(real), ref.log_prob(fake)
+        # log N(x; mu_k, s_k^2 I) per component: log p_theta = logsumexp_k(that + log w_theta_k)
+        comp_real = ref._parts(real, 0.0)[0] - torch.log(ref.weights)
+        comp_fake = ref._parts(fake, 0.0)[0] - torch.log(ref.weights)
+    for _ in range(steps):
+        log_w = torch.log_softmax(logits, 0)
+        lp_real = torch.logsumexp(comp_real + log_w, 1)
+        lp_fake = torch.logsumexp(comp_fake + log_w, 1)
+        loss = ddo_objective(lp_real - ref_real, lp_fake - ref_fake, alpha, beta).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fitted = torch.softmax(logits.detach(), 0)
+    return {"beta": beta, "alpha": alpha, "fitted": fitted.tolist(), "predicted": target.tolist(),
+            "data": data.weights.tolist(), "max_abs_diff": float((fitted - target).abs().max())}
