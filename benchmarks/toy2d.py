@@ -58,7 +58,7 @@ def main() -> None:
     thm = [theorem33_check(b, n=20000, steps=400) for b in (0.5, 1.0, 2.0)]
     wall = time.time() - t0
     thm_text = ("## Theorem 3.3 fixed point (exact log-likelihoods, mode weights free; 20,000 real + 20,000 fake)\n\n"
-                "| beta | alpha = Z^beta | fitted weights | predicted w_ref^(1-1/beta) w_data^(1/beta) / Z | max |diff| |\n"
+                "| beta | alpha = Z^beta | fitted weights | predicted w_ref^(1-1/beta) w_data^(1/beta) / Z | max abs diff |\n"
                 "|---:|---:|---|---|---:|\n" + "".join(
                     f"| {r['beta']:g} | {r['alpha']:.4f} | {' '.join(f'{w:.3f}' for w in r['fitted'])} | "
                     f"{' '.join(f'{w:.3f}' for w in r['predicted'])} | {r['max_abs_diff']:.4f} |\n" for r in thm))
