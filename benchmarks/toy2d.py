@@ -3,7 +3,8 @@
 Data: 8 equal Gaussians (std 0.2) on a circle of radius 2, exact density. Base: a 2-layer, width-32 MLP denoiser
 with EDM preconditioning, 4,000 Adam steps of the EDM loss (lr 2e-3 decayed to 0). Then 3 DDO rounds (alpha 1,
 beta 0.3, lr 2e-4, 200 steps each, best of 4 checkpoints by the selection seeds) and the MLE control (EDM loss,
-the same 600 steps from the same base, lr searched over {2e-4, 1e-3} on the selection seeds). Scores: NLL of 4,000
+the same 600 steps from the same base, lr searched over {2e-4, 1e-3} on the selection seeds), and the control at
+equal compute (repro.toys.ddo_toy.equal_compute_steps: 4,348 steps, the same lr search). Scores: NLL of 4,000
 samples under the true density and the mass further than 3 std from every mode, on two disjoint latent seed ranges,
 for each training seed; then the mean and range over training seeds. Last, the fixed point of Theorem 3.3
 (repro.toys.ddo_toy.theorem33_check) for beta 0.5, 1 and 2.

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from repro.toys.ddo_toy import MLPDenoiser, Toy2DConfig, exact_metrics, render_table, run, theorem33_check, toy_data
+from repro.toys.ddo_toy import MLPDenoiser, Toy2DConfig, equal_compute_steps, exact_metrics, render_table, run, \
+    theorem33_check, toy_data
 
 
 def test_config_defaults_and_refusals():
@@ -45,13 +46,15 @@ def test_micro_run_table_has_base_ddo_and_control():
     cfg = Toy2DConfig(pretrain_steps=60, round_steps=8, evals_per_round=2, rounds=2, batch=64, n_fakes=128,
                       n_eval=128, num_steps=4, control_lrs=(1e-3,))
     rows = run(cfg)
-    assert [r["model"] for r in rows] == ["data", "base", "ddo-round1", "ddo-round2", "control-round2"]
+    assert [r["model"] for r in rows] == ["data", "base", "ddo-round1", "ddo-round2", "control-round2",
+                                          "control-equal-compute"]
     assert all(math.isfinite(r["nll"]) and 0 <= r["off_mode"] <= 1 for r in rows)
-    assert rows[-1]["lr"] == 1e-3
+    assert rows[-2]["lr"] == 1e-3 and rows[-2]["steps"] == 16
+    assert rows[-1]["steps"] == equal_compute_steps(cfg) > 16
     # the exact samples' NLL is far below an almost untrained model's
     assert rows[0]["nll"] < rows[1]["nll"]
     table = render_table(rows, cfg)
-    for name in ("| base | 0 |", "| ddo-round2 | 2 |", "| control-round2 (lr 0.001) | 2 |"):
+    for name in ("| base | 0 |", "| ddo-round2 | 2 |", "| control-round2 (lr 0.001, 16 steps) | 2 |"):
         assert name in table
     assert len(rows[1]["per_seed"]) == len(cfg.eval_seeds)
 
@@ -62,3 +65,9 @@ def test_theorem33_fixed_point():
     assert r["max_abs_diff"] < 0.02
     assert max(abs(a - b) for a, b in zip(r["fitted"], r["data"])) > 0.04
     assert r["alpha"] < 1  # "for certain alpha": Z^beta, not 1
+
+
+def test_equal_compute_steps_counts_passes():
+    cfg = Toy2DConfig(rounds=1, round_steps=3, batch=2, n_fakes=5, evals_per_round=1, n_eval=4, num_steps=2)
+    # 3 steps x 2 pairs x 8 + 5 fakes x 3 NFE + 1 x 4 x 3 = 48 + 15 + 12 = 75 passes; a control step: 6
+    assert equal_compute_steps(cfg) == 13

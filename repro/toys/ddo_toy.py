@@ -35,7 +35,7 @@ from repro.sampling.edm import edm_sampler
 from repro.toys.gmm import GaussianMixture, ring
 
 __all__ = ["theorem33_check", "Toy2DConfig", "MLPDenoiser", "toy_data", "exact_metrics", "sample", "pretrain", "ddo_round",
-           "control", "run", "render_table"]
+           "control", "equal_compute_steps", "run", "render_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,11 +183,24 @@ def _selection_nll(net, data: GaussianMixture, cfg: Toy2DConfig) -> float:
     return exact_metrics(data, sample(net, cfg.n_eval, cfg.selection_seed, cfg.num_steps))["nll"]
 
 
-def control(base: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, lr: float) -> torch.nn.Module:
-    """The MLE control: the base trained further with the EDM loss for the DDO rounds' total step count."""
+def control(base: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, lr: float,
+            steps: int | None = None) -> torch.nn.Module:
+    """The MLE control: the base trained further with the EDM loss, by default for the DDO rounds' total step count
+    (equal steps; :func:`equal_compute_steps` for equal compute)."""
     net = copy.deepcopy(base)
-    _edm_steps(net, data, cfg, cfg.rounds * cfg.round_steps, lr, torch.Generator().manual_seed(cfg.seed * 1000 + 7))
+    steps = cfg.rounds * cfg.round_steps if steps is None else steps
+    _edm_steps(net, data, cfg, steps, lr, torch.Generator().manual_seed(cfg.seed * 1000 + 7))
     return net
+
+
+def equal_compute_steps(cfg: Toy2DConfig) -> int:
+    """Control steps costing what the DDO rounds cost, counted in per-sample network passes (a forward pass 1, a
+    backward pass 2): a DDO step runs theta on the real and the fake sample with gradient and the reference on
+    both without (8 per pair); each round also samples its fake bank and its checkpoints' selection latents
+    (2 num_steps - 1 forward passes per point); a control step is 3 per sample."""
+    nfe = 2 * cfg.num_steps - 1
+    per_round = cfg.round_steps * cfg.batch * 8 + cfg.n_fakes * nfe + cfg.evals_per_round * cfg.n_eval * nfe
+    return math.ceil(cfg.rounds * per_round / (3 * cfg.batch))
 
 
 def _score(net, data, cfg, seeds) -> dict:
@@ -198,7 +211,8 @@ def _score(net, data, cfg, seeds) -> dict:
 def run(cfg: Toy2DConfig) -> list[dict]:
     """Train base, DDO rounds and the lr-searched control; score each on the evaluation seed ranges.
 
-    Rows: data (exact samples: the floor), base, ddo-round1..R, control-roundR (with its selected lr)."""
+    Rows: data (exact samples: the floor), base, ddo-round1..R, control-roundR (equal steps) and
+    control-equal-compute (:func:`equal_compute_steps`), each control with its selected lr."""
     data = toy_data(cfg)
     rows = []
     exact = [exact_metrics(data, data.sample(cfg.n_eval, torch.Generator().manual_seed(s))) for s in cfg.eval_seeds]
@@ -211,14 +225,15 @@ def run(cfg: Toy2DConfig) -> list[dict]:
         net = ddo_round(net, data, cfg, r)
         rows.append({"model": f"ddo-round{r}", "round": r, **_score(net, data, cfg, cfg.eval_seeds)})
     if cfg.rounds:
-        best = None
-        for lr in cfg.control_lrs:
-            c = control(base, data, cfg, lr)
-            sel = _selection_nll(c, data, cfg)
-            if best is None or sel < best[0]:
-                best = (sel, lr, c)
-        rows.append({"model": f"control-round{cfg.rounds}", "round": cfg.rounds, "lr": best[1],
-                     "selection_nll": best[0], **_score(best[2], data, cfg, cfg.eval_seeds)})
+        for name, steps in ((f"control-round{cfg.rounds}", None), ("control-equal-compute", equal_compute_steps(cfg))):
+            best = None
+            for lr in cfg.control_lrs:
+                c = control(base, data, cfg, lr, steps)
+                sel = _selection_nll(c, data, cfg)
+                if best is None or sel < best[0]:
+                    best = (sel, lr, c)
+            rows.append({"model": name, "round": cfg.rounds, "lr": best[1],
+                         "steps": steps or cfg.rounds * cfg.round_steps, "selection_nll": best[0], **_score(best[2], data, cfg, cfg.eval_seeds)})
     return rows
 
 
@@ -233,7 +248,7 @@ def render_table(rows: list[dict], cfg: Toy2DConfig) -> str:
              "off-mode per range | Δ NLL vs base |", "|---|---:|---:|---:|---:|---:|---:|"]
     base = next((r for r in rows if r["model"] == "base"), None)
     for r in rows:
-        name = r["model"] + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        name = r["model"] + (f" (lr {r['lr']:g}, {r['steps']} steps)" if "lr" in r else "")
         delta = "–" if base is None or r["model"] in ("base", "data") else _f(r["nll"] - base["nll"])
         lines.append(f"| {name} | {'–' if r['round'] is None else r['round']} | {_f(r['nll'])} | "
                      f"{' / '.join(_f(p['nll']) for p in r['per_seed'])} | {r['off_mode']:.4f} | "
