@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from repro.config import load_config  # noqa: E402
-from repro.nets.checkpoint import load_state_strict  # noqa: E402
+from repro.nets.state import load_state_strict  # noqa: E402
 from repro.nets.factory import arch_presets, build_network  # noqa: E402
 from repro.sampling.generate import generate_images  # noqa: E402
 

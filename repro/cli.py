@@ -98,8 +98,13 @@ def _project_lock(root: Path):
     import fcntl
 
     path = Paths(Path(root).resolve()).project_lock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    made = not path.parent.exists()  # a fresh project: the lock (and runs/) go again if nothing else was written
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(path, "a+")
+        except FileNotFoundError:  # runs/ removed by a holder leaving a fresh project: make it again
+            continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,6 +112,13 @@ def _project_lock(root: Path):
             log.info("another repro command runs on this project (%s); waiting for it to finish",
                      f.read().strip() or "pid unknown")
             fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break  # still the lock file (a holder that removed it on leaving makes us open the new one)
+        except FileNotFoundError:
+            pass
+        f.close()
+    with f:
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
@@ -114,6 +126,9 @@ def _project_lock(root: Path):
         try:
             yield
         finally:
+            if made and [p.name for p in path.parent.iterdir()] == [path.name]:
+                path.unlink()  # a refused command on a fresh project leaves nothing behind
+                path.parent.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

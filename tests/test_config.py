@@ -208,8 +208,10 @@ PROBLEMS = [
     (["ddo.beta=-1"], "ddo.beta: must be > 0, got -1.0. Fix: set ddo.beta > 0."),
     (["sampler.num_steps=1"], "sampler.num_steps: must be >= 2, got 1. Fix: set sampler.num_steps >= 2."),
     (["pretrain.network.dropout=1"], "pretrain.network.dropout: must be < 1, got 1.0. Fix: set pretrain.network.dropout < 1."),
-    (["data.colour=1"], "data.colour: unknown key. Fix: remove it, or use one of: dataset, mirror."),
-    (lambda raw: raw["data"].__setitem__(5, 1), "data.5: unknown key. Fix: remove it, or use one of: dataset, mirror."),
+    (["data.colour=1"], "data.colour: unknown key. Fix: remove it, or use one of: dataset, source, shard_size, "
+                        "workers, mirror."),
+    (lambda raw: raw["data"].__setitem__(5, 1), "data.5: unknown key. Fix: remove it, or use one of: dataset, source, "
+                                                "shard_size, workers, mirror."),
     (_drop("pretrain", "lr"), "pretrain.lr: is missing. Fix: add 'lr:' under 'pretrain' "
                               "(see `repro params --preset tiny` for a complete file)."),
     (_drop("ddo"), "ddo: is missing. Fix: add 'ddo:' under 'the top level' (see `repro params --preset tiny` for a complete file)."),
@@ -266,7 +268,8 @@ def test_values_are_taken_as_today_yaml_1_1_floats_whole_floats_lists():
 
 def test_sections_are_frozen_dataclasses_checked_on_replace_and_picklable():
     cfg = load_config(preset="tiny")
-    assert dataclasses.is_dataclass(cfg) and [f.name for f in dataclasses.fields(cfg.data)] == ["dataset", "mirror"]
+    assert dataclasses.is_dataclass(cfg) and [f.name for f in dataclasses.fields(cfg.data)] == [
+        "dataset", "source", "shard_size", "workers", "mirror"]
     assert dataclasses.replace(cfg.ddo, beta=0.3).beta == 0.3 and cfg.ddo.beta == 0.2
     with pytest.raises(ValueError, match="greater than 0"):  # pydantic's ValidationError (a ValueError)
         dataclasses.replace(cfg.ddo, beta=-1.0)

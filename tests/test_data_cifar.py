@@ -151,4 +151,4 @@ def test_missing_member_bad_label_and_corrupt_gzip(tmp_path):
 
 def test_imagenet_data_stage_says_what_is_missing(project):
     r = CliRunner().invoke(main, ["data", "--preset", "imagenet64-s", "--no-progress"])
-    assert r.exit_code == 2 and "ImageNet-1k" in r.output and "not built" in r.output
+    assert r.exit_code == 2 and "data.source: empty" in r.output and "ILSVRC2012 train folder" in r.output

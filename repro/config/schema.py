@@ -70,7 +70,8 @@ def Tuple(item):  # noqa: N802 (a type)
 FORBID = ConfigDict(extra="forbid")
 MAX_LR = 0.1  # Adam learning rates above this diverge at once (the presets use 5e-5 ... 3e-3); also refuses inf
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # results/<preset>/: a plain name, never a path
-RESOLUTION = {"digits": 8, "cifar10": 32, "imagenet64": 64}  # the images of each data set a trained net sees
+# the images of each data set a trained net sees
+RESOLUTION = {"digits": 8, "cifar10": 32, "imagenet64": 64, "imagenet256": 256}
 
 
 def rules(check):
@@ -90,10 +91,17 @@ def rules(check):
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class DataConfig:
-    dataset: Literal["digits", "cifar10", "imagenet64", "imagenet512", "none"] = Field(description=(
+    dataset: Literal["digits", "cifar10", "imagenet64", "imagenet256", "imagenet512", "none"] = Field(description=(
         "'digits' = scikit-learn's 8x8 digits (embedded); 'cifar10' = the 50,000 training images of cifar-10-binary"
-        ".tar.gz (downloaded, sha256-pinned); imagenet*: not prepared yet; 'none' = an evaluation that reads no data "
-        "(FID against a paper's published statistics). Written to data/<dataset>.npz"))
+        ".tar.gz (downloaded, sha256-pinned); imagenet64/256/512 = data.source center-cropped as EDM2's dataset "
+        "tool does (ADM crop), written as shards data/<dataset>/shard-*.npy (imagenet512: SD-VAE latents, mean and "
+        "std, of the 512 crops); 'none' = an evaluation that reads no data (FID against a paper's published "
+        "statistics). Written to data/<dataset>.npz (ImageNet: an index of the shards)"))
+    source: Str = Field("", description=(
+        "imagenet*: the ILSVRC2012 train folder (class sub-folders of JPEGs; class index = sorted folder order) or "
+        "an EDM2 dataset zip (dataset.json labels + images); unused by the other data sets"))
+    shard_size: Int = Field(10000, ge=1, description="imagenet*: images per shard file (a rerun skips finished shards)")
+    workers: Int = Field(1, ge=1, description="imagenet*: processes that decode and crop images (1 = this one)")
     mirror: Str = Field("", description=(
         "base URL or local directory that replaces the data archive URL's location (cifar10), like pretrain.mirror"))
 

@@ -48,11 +48,9 @@ class Dataset:
 
 def load_embedded(name: str) -> Dataset:
     """Load an embedded data set by name, as uint8 NCHW."""
-    if name in ("imagenet64", "imagenet512"):
-        raise ValueError(f"data.dataset {name}: the data stage for it is not built: it needs the ImageNet-1k "
-                         "training set (~1.28M images, licence-gated download from image-net.org) and EDM2's "
-                         "center-crop/resize preprocessing, which are not implemented; `repro pretrained` and "
-                         "FID against the paper's reference statistics work without it")
+    if name.startswith("imagenet"):
+        raise ValueError(f"data.dataset {name} is read from local files, not embedded: use prepare() (`repro data` "
+                         "with data.source set to the ILSVRC2012 train folder or an EDM2 dataset zip)")
     if name == "cifar10":
         raise ValueError("data.dataset cifar10 is downloaded, not embedded: use prepare() (`repro data`)")
     if name != "digits":
@@ -125,6 +123,9 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
         ds = read_cifar10_binary(archive)
         source = {"source": CIFAR10_URL + (f" (via mirror {cfg.mirror})" if cfg.mirror else ""),
                   "archive_sha256": archive_sha, "members": list(CIFAR10_TRAIN)}
+    elif cfg.dataset.startswith("imagenet"):
+        raise ValueError(f"data.dataset {cfg.dataset} is prepared as shards by repro.datasets.imagenet."
+                         "prepare_imagenet (the `data` stage calls it), not as one array file")
     else:
         import sklearn
 
@@ -156,6 +157,10 @@ def load_prepared(npz: Path, manifest: dict | None = None) -> Dataset:
         if not mpath.is_file():
             raise FileNotFoundError(f"{mpath} not found: run the data stage first (`repro data`)")
         manifest = read_json(mpath)
+    if isinstance(manifest, dict) and "shards" in manifest:
+        raise ValueError(f"{npz.with_suffix('')}: data set {manifest.get('dataset')} is prepared as shards, which the "
+                         "training stages cannot read yet (sharded readers are issue 14's open part). Fix: use a "
+                         "digits or cifar10 preset for training stages today")
     if not npz.is_file():
         raise FileNotFoundError(f"{npz} not found: run the data stage first (`repro data`)")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str) or "num_classes" not in manifest:

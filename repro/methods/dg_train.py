@@ -52,7 +52,7 @@ from repro.config import ConfigError
 from repro.methods.dg import dg_bce_loss, improved_dg_loss, sample_tau, sigma_from_tau, vp_alpha, vp_logit, vp_std
 from repro.methods.training import load_state, save_state, step_generator
 from repro.nets.adm import load_adm_state
-from repro.nets.checkpoint import load_state_strict
+from repro.nets.state import load_state_strict
 from repro.nets.discriminators import NoiseConditionedDiscriminator
 from repro.sampling.generate import from_uint8, one_hot
 from repro.storage.files import read_json, save_safetensors, write_json

@@ -30,7 +30,7 @@ code is reused. The layer tree reproduces the released ``state_dict`` keys::
 
 Loading (:func:`load_adm`): ``torch.load(weights_only=True)`` (no foreign code runs; a pickled object is
 refused), an optional sha256 checked before reading, and a strict key and shape check
-(:func:`repro.nets.checkpoint.load_state_strict`); any mismatch raises ValueError naming the file and the fix.
+(:func:`repro.nets.state.load_state_strict`); any mismatch raises ValueError naming the file and the fix.
 
 Example::
 
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repro.nets.checkpoint import load_state_strict
+from repro.nets.state import load_state_strict
 from repro.storage.files import load_safetensors, sha256_file
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Our checkpoint format: safetensors weights + the JSON architecture that rebuilds the network (nets.factory).
 
 Every network the package trains or converts is saved with :func:`save_model` and rebuilt with
-:func:`load_model`; tensors are copied in with a strict key and shape check (:func:`load_state_strict`).
+:func:`load_model`; tensors are copied in with a strict key and shape check (:func:`repro.nets.state.load_state_strict`).
 Tensors keep the dtype they were saved in: a released EDM2 snapshot converted here keeps its float16 weights, so
 it computes exactly as upstream samples it (EDM2 computes each layer's gain / sqrt(fan_in) in the gain's dtype);
 a network trained here is float32.
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from repro.nets.factory import build_network
+from repro.nets.state import load_state_strict
 from repro.storage.files import load_safetensors, readable, save_safetensors
 
 
@@ -32,36 +33,6 @@ def read_model_meta(path: Path) -> tuple[dict, dict]:
     if "arch" not in meta:
         raise ValueError(f"{path}: not a repro checkpoint (no 'arch' metadata); write it with repro.storage.files.save_model")
     return json.loads(meta["arch"]), json.loads(meta.get("info", "{}"))
-
-
-def load_state_strict(net: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str,
-                      keep_dtype: bool = False) -> None:
-    """Copy tensors into ``net`` after checking that keys and shapes match exactly.
-
-    ``keep_dtype``: each parameter and buffer takes the dtype of its tensor (e.g. float16 weights stay float16);
-    otherwise the values are cast to the network's dtypes.
-    """
-    own = net.state_dict(keep_vars=True)
-    missing = sorted(set(own) - set(tensors))
-    extra = sorted(set(tensors) - set(own))
-    shape = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
-    if missing or extra or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-        if shape:
-            k = shape[0]
-            parts.append(f"shape mismatch for {len(shape)} tensors, e.g. {k}: file {tuple(tensors[k].shape)} "
-                         f"vs network {tuple(own[k].shape)}")
-        raise ValueError(f"{where}: weights do not fit the network: " + "; ".join(parts))
-    with torch.no_grad():
-        for k, v in own.items():
-            if keep_dtype and v.dtype != tensors[k].dtype:
-                v.data = tensors[k].to(v.device).clone()
-            else:
-                v.copy_(tensors[k])
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict, dict]:

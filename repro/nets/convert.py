@@ -13,7 +13,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from repro.nets.checkpoint import load_state_strict, save_model
+from repro.nets.checkpoint import save_model
+from repro.nets.state import load_state_strict
 from repro.nets.factory import arch_keys, build_network
 from repro.nets.layers import count_parameters
 from repro.storage.files import sha256_file
@@ -225,7 +226,7 @@ def convert_edm_pickle(src: Path | str, dst: Path | str, expected_sha256: Option
 
     The pickle is read as data (nothing executed), the network is rebuilt with
     :func:`repro.nets.edm.build_network`, tensors are copied with a strict key + shape check
-    (:func:`repro.storage.files.load_state_strict`) and saved with :func:`repro.storage.files.save_model`, recording the
+    (:func:`repro.nets.state.load_state_strict`) and saved with :func:`repro.storage.files.save_model`, recording the
     source file name, sha256 and the source tensor dtypes in the info.  Returns a summary dict.
 
     EDM2 (``Precond``): the top level is an EasyDict ``{encoder, dataset_kwargs, loss_fn, ema}``; ``ema`` is

@@ -246,7 +246,7 @@ def load_discriminator(path: Path, extractor_path: Path | None = None, extractor
     (guidance differentiates it with respect to its input only); an ADM one also reads its extractor from
     ``extractor_path`` (checked against ``extractor_sha256`` before it is read). Returns (disc, info)."""
 
-    from repro.nets.checkpoint import load_state_strict
+    from repro.nets.state import load_state_strict
 
     spec, info = read_discriminator_meta(path)
     extractor = None

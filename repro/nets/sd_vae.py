@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 __all__ = ["EDM2_RAW_MEAN", "EDM2_RAW_STD", "SD_VAE_FT_MSE", "CONFIGS", "edm2_scale_bias", "load_autoencoder",
-           "LatentDecoder"]
+           "LatentDecoder", "LatentEncoder"]
 
 # EDM2 StabilityVAEEncoder defaults (the img512 models were trained on latents whitened with these).
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
@@ -84,7 +84,7 @@ def load_autoencoder(path: Path | str, arch: str = "sd-vae-ft-mse", device="cpu"
     except ImportError as e:  # pragma: no cover - diffusers is in requirements.txt
         raise ImportError("the SD-VAE decoder needs diffusers: pip install -r requirements.txt") from e
 
-    from repro.nets.checkpoint import load_state_strict
+    from repro.nets.state import load_state_strict
     from repro.storage.files import load_safetensors
 
     if arch not in CONFIGS:
@@ -119,3 +119,25 @@ class LatentDecoder:
         raw = (x - self.bias.to(device).view(1, -1, 1, 1)) / self.scale.to(device).view(1, -1, 1, 1)
         pixels = torch.cat([self.vae.decode(b).sample for b in raw.split(self.batch)])
         return pixels.clamp(0, 1).mul(255).to(torch.uint8)
+
+
+class LatentEncoder:
+    """uint8 RGB images -> EDM2's stored latents: the SD-VAE encoder's raw posterior mean and std, concatenated
+    ([N, 8, H/8, W/8] float32), as EDM2's dataset tool stores them (StabilityVAEEncoder.encode_pixels: pixels / 255,
+    in [0, 1]). Training draws mean + std * noise and whitens it with ``edm2_scale_bias``; nothing is drawn here."""
+
+    def __init__(self, vae: torch.nn.Module, batch: int = 8):
+        self.vae = vae
+        self.batch = int(batch)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = torch.as_tensor(np.ascontiguousarray(images))
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"latent encoder: expected uint8 images [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
+        device = next(self.vae.parameters()).device
+        out = []
+        for b in x.split(self.batch):
+            dist = self.vae.encode(b.to(device).to(torch.float32) / 255).latent_dist
+            out.append(torch.cat([dist.mean, dist.std], dim=1).float().cpu())
+        return torch.cat(out).numpy()

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repro.nets.state import load_state_strict, read_torch_state
+
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 # Architectures by name (the registry's ``arch`` field); width and heads follow from depth as in upstream's builder.
@@ -225,24 +227,8 @@ def build_var(arch: str | dict) -> VAR:
     return VAR(**arch)
 
 
-def read_torch_state(path: Path, where: str | None = None) -> dict[str, torch.Tensor]:
-    """A released ``.pth`` state dict read with ``weights_only=True`` (no code runs); refuses anything else."""
-    where = where or str(path)
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with objects outside the allowed set, truncated file, ...
-        raise ValueError(f"{where}: not a plain torch state dict readable with weights_only=True ({e})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{where}: expected a dict of tensors (a state dict)")
-    return state
-
-
 def load_var(path: Path, arch: str | dict, device="cpu") -> VAR:
     """Build ``arch`` and copy a released state dict in with a strict key and shape check."""
-    from repro.nets.checkpoint import load_state_strict
-
     net = build_var(arch)
     load_state_strict(net, read_torch_state(path), str(path))
     return net.to(device).eval()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repro.nets.state import load_state_strict, read_torch_state
 from repro.nets.var import PATCH_NUMS
 
 PRESETS = {"var-vqvae": dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4))}
@@ -268,9 +269,6 @@ def build_vqvae(arch: str | dict) -> VQVAE:
 
 def load_vqvae(path: Path, arch: str | dict = "var-vqvae", device="cpu") -> VQVAE:
     """Build the tokenizer and copy a released state dict in (``weights_only=True``, strict keys and shapes)."""
-    from repro.nets.checkpoint import load_state_strict
-    from repro.nets.var import read_torch_state
-
     net = build_vqvae(arch)
     load_state_strict(net, read_torch_state(path), str(path))
     return net.to(device).eval()
