@@ -1,24 +1,28 @@
-"""DDO on a 2-D Gaussian mixture with exact numbers: base, DDO rounds and the MLE control, scored exactly.
+"""DDO on a 2-D Gaussian mixture with exact numbers: the base at its plateau, DDO rounds and the MLE control.
 
 The data is a :class:`repro.toys.gmm.GaussianMixture` (exact density). The generator is a small MLP denoiser of
 deliberately limited capacity with EDM's preconditioning (Karras et al. 2022, Table 1), trained with the package's
-EDM loss (:func:`repro.methods.losses.edm_loss`), then fine-tuned by the package's diffusion DDO loss
-(:func:`repro.methods.ddo.loss.ddo_diffusion_loss`) in self-play rounds (each round's reference is the previous
-round's model, its fakes are the reference's samples), and, as the control, by the EDM loss for the same number of
-steps from the same base, at each learning rate of ``control_lrs`` (the best one by the selection seeds is kept).
-Samples come from the package's EDM Heun sampler (:func:`repro.sampling.edm.edm_sampler`).
+EDM loss (:func:`repro.methods.losses.edm_loss`) until its exact NLL curve is flat (:func:`plateau_reached`), then
+fine-tuned by the package's diffusion DDO loss (:func:`repro.methods.ddo.loss.ddo_diffusion_loss`) in self-play
+rounds (each round's reference is the previous round's model, its fakes are the reference's samples), with alpha,
+beta and lr picked from a small grid by the selection latents; and, as the control, by the EDM loss from the same
+base, its lr picked from ``control_lrs`` by the same latents, for the same number of steps and for the same compute
+(:func:`equal_compute_steps`). Samples come from the package's EDM Heun sampler
+(:func:`repro.sampling.edm.edm_sampler`).
 
 Every model is scored on exact quantities (:func:`exact_metrics`): the NLL of its samples under the true density,
--E_x log p_data(x) (the cross-entropy; its floor is the data's entropy, the row ``data``), and the mass off the
-modes (the fraction of samples further than 3 standard deviations from every mode's mean).
+-E_x log p_data(x) (a cross-entropy: the row ``data`` is what exact samples score; samples piled on the modes'
+centres would score lower, so the off-mode mass is reported beside it), and the mass off the modes (the fraction
+of samples further than 3 standard deviations from every mode's mean).
 
-This is a standalone comparison (``benchmarks/toy2d.py``); it does not go through the DVC stages.
+The stages of the toy's DVC pipeline (``toys/toy2d/dvc.yaml``) are in :mod:`repro.toys.toy2d_stages`.
 
 Example::
 
-    cfg = Toy2DConfig(pretrain_steps=200, round_steps=20, rounds=1, n_eval=256)
-    rows = run(cfg)                # [{'model': 'base', 'round': 0, 'nll': ..., 'off_mode': ...}, ...]
-    print(render_table(rows, cfg))
+    cfg = Toy2DConfig(pretrain_max_steps=400, curve_every=100, round_steps=20, rounds=1, n_eval=256)
+    data = toy_data(cfg)
+    base, info = pretrain(data, cfg)            # info: {'curve': [...], 'steps': ..., 'plateau': ...}
+    ddo_nets, chosen = ddo_search(base, data, cfg)
 """
 
 from __future__ import annotations
@@ -32,55 +36,84 @@ import torch
 from repro.methods.ddo.loss import ddo_diffusion_loss, ddo_objective
 from repro.methods.losses import edm_loss
 from repro.sampling.edm import edm_sampler
-from repro.toys.gmm import GaussianMixture, ring
+from repro.toys.gmm import GaussianMixture, grid, ring
 
-__all__ = ["theorem33_check", "Toy2DConfig", "MLPDenoiser", "toy_data", "exact_metrics", "sample", "pretrain", "ddo_round",
-           "control", "equal_compute_steps", "run", "render_table"]
+__all__ = ["theorem33_check", "Toy2DConfig", "MLPDenoiser", "new_net", "toy_data", "exact_metrics", "sample",
+           "plateau_reached", "pretrain", "selection_nll", "ddo_round", "ddo_search", "control", "control_search",
+           "equal_compute_steps", "score", "data_row", "render_table"]
+
+
+def _positive_tuple(name, value, cast=float):
+    if not value or not all(cast(v) > 0 for v in value):
+        raise ValueError(f"toy2d: {name} must be a non-empty list of positive numbers, got {list(value or [])}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Toy2DConfig:
-    """The toy2d comparison's settings (defaults: the committed run, results/toy2d/)."""
+    """The toy2d comparison's settings (defaults: the committed run, toys/toy2d/params.yaml and results/toy2d/)."""
 
-    modes: int = 8               # data: ``modes`` equal Gaussians on a circle of radius 2, std ``mode_std``
-    mode_std: float = 0.2
-    width: int = 32              # the MLP denoiser: deliberately small (limited capacity is DDO's premise)
+    data: str = "grid"           # "grid": modes = n*n equal Gaussians 1 apart; "ring": modes on a circle of radius 2
+    modes: int = 16
+    mode_std: float = 0.1
+    width: int = 8               # the MLP denoiser: deliberately small (limited capacity is DDO's premise)
     depth: int = 2
-    sigma_data: float = 1.4      # ~ the data's per-coordinate std (radius 2 / sqrt 2)
-    P_mean: float = -2.0       # EDM's -1.2 leaves the modes' small scales underweighted here
+    sigma_data: float = 1.4      # ~ the data's per-coordinate std
+    P_mean: float = -2.0         # EDM's -1.2 leaves the modes' small scales underweighted here
     P_std: float = 1.2
-    pretrain_steps: int = 4000
-    pretrain_lr: float = 2e-3   # decayed linearly to 0: the base ends at its plateau
     batch: int = 256
-    rounds: int = 3
-    round_steps: int = 200       # Adam steps per DDO round (and per control round)
-    evals_per_round: int = 4     # checkpoints per round scored on the selection seeds; the best is the round's model
-    alpha: float = 1.0
-    beta: float = 0.3
-    ddo_lr: float = 2e-4         # with beta: the best of beta {0.05, 0.1, 0.3, 1} x lr {2e-4, 1e-3} tried by hand
-    control_lrs: tuple = (2e-4, 1e-3)  # the control's learning-rate search, best by the selection seeds
+    # the base: constant lr until the plateau rule (plateau_reached) holds on the curve, or pretrain_max_steps
+    pretrain_lr: float = 3e-3
+    pretrain_max_steps: int = 12000
+    curve_every: int = 1000      # K: the exact NLL is evaluated every K steps ...
+    curve_window: int = 3        # M: ... and the last M evaluations' mean is compared with the M before
+    curve_seeds: tuple = (2000, 2001)  # latent seeds of the curve (neither evaluation nor selection latents)
+    curve_n: int = 8000
+    # DDO: self-play rounds; (alpha, beta, lr) picked from the grid by the selection latents
+    rounds: int = 2
+    round_steps: int = 200
+    evals_per_round: int = 2     # checkpoints per round scored on the selection latents; the best is the round's model
+    ddo_alphas: tuple = (1.0,)
+    ddo_betas: tuple = (0.1, 0.5)
+    ddo_lrs: tuple = (3e-4, 1e-3)
     n_fakes: int = 4096          # fake bank per round (the reference's samples)
+    # the MLE control: the EDM loss from the same base, lr picked from control_lrs by the selection latents
+    control_lrs: tuple = (3e-4, 1e-3, 3e-3)
     num_steps: int = 18          # Heun steps of the sampler
-    n_eval: int = 4000           # samples per seed range
+    n_select: int = 4000         # samples of the selection latents
+    n_eval: int = 8000           # samples per evaluation seed range
     eval_seeds: tuple = (0, 1)   # seed ranges of the final evaluation (disjoint latents)
-    selection_seed: int = 1000   # the control's lr selection: other latents than the evaluation's
+    selection_seed: int = 1000   # DDO's and the control's hyperparameters and DDO's checkpoints: other latents
     seed: int = 0                # training seed (initialisation, data draws, sigma/noise draws)
 
     def __post_init__(self):
-        for name in ("modes", "width", "depth", "pretrain_steps", "batch", "round_steps", "evals_per_round", "n_fakes",
-                     "num_steps", "n_eval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"toy2d: {name} must be > 0, got {getattr(self, name)}")
-        if self.rounds < 0:
-            raise ValueError(f"toy2d: rounds must be >= 0, got {self.rounds}")
-        for name in ("mode_std", "sigma_data", "P_std", "pretrain_lr", "alpha", "beta", "ddo_lr"):
+        for name in ("modes", "width", "depth", "pretrain_max_steps", "curve_every", "curve_window", "curve_n", "batch",
+                     "round_steps", "evals_per_round", "n_fakes", "num_steps", "n_select", "n_eval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"toy2d: {name} must be an integer > 0, got {v!r}")
+        if self.data not in ("grid", "ring"):
+            raise ValueError(f"toy2d: data must be 'grid' or 'ring', got {self.data!r}")
+        if self.data == "grid" and round(math.sqrt(self.modes)) ** 2 != self.modes:
+            raise ValueError(f"toy2d: modes must be a square number for data 'grid' (n x n modes), got {self.modes}")
+        if not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"toy2d: rounds must be an integer >= 0, got {self.rounds!r}")
+        for name in ("mode_std", "sigma_data", "P_std", "pretrain_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"toy2d: {name} must be > 0, got {getattr(self, name)}")
-        if not self.control_lrs or not all(lr > 0 for lr in self.control_lrs):
-            raise ValueError(f"toy2d: control_lrs must be positive learning rates, got {self.control_lrs}")
+        for name in ("ddo_alphas", "ddo_betas", "ddo_lrs", "control_lrs"):
+            _positive_tuple(name, getattr(self, name))
+        if not self.eval_seeds or len(self.curve_seeds) < 2:
+            raise ValueError("toy2d: eval_seeds must be non-empty and curve_seeds must hold at least 2 seeds (the "
+                             "curve's noise is their range)")
+        used = {self.selection_seed, *self.eval_seeds}
+        if used & set(self.curve_seeds) or self.selection_seed in self.eval_seeds:
+            raise ValueError(f"toy2d: curve_seeds {list(self.curve_seeds)}, eval_seeds {list(self.eval_seeds)} and "
+                             f"selection_seed {self.selection_seed} must be distinct latents")
 
 
 def toy_data(cfg: Toy2DConfig) -> GaussianMixture:
+    if cfg.data == "grid":
+        return grid(n=round(math.sqrt(cfg.modes)), spacing=1.0, std=cfg.mode_std)
     return ring(k=cfg.modes, radius=2.0, std=cfg.mode_std)
 
 
@@ -106,6 +139,10 @@ class MLPDenoiser(torch.nn.Module):
         return c_skip * x + c_out * self.F(torch.cat([c_in * x, c_noise], dim=1))
 
 
+def new_net(cfg: Toy2DConfig) -> MLPDenoiser:
+    return MLPDenoiser(cfg.width, cfg.depth, cfg.sigma_data)
+
+
 def exact_metrics(data: GaussianMixture, x: torch.Tensor, radius: float = 3.0) -> dict[str, float]:
     """NLL of the points under the exact density (-mean log p_data) and the mass off the modes (the fraction
     further than ``radius`` standard deviations from every mode's mean)."""
@@ -129,13 +166,8 @@ def _real(data: GaussianMixture, n: int, g: torch.Generator) -> torch.Tensor:
     return data.sample(n, g).float()
 
 
-def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, steps: int, lr: float,
-               g: torch.Generator, decay: bool = False) -> None:
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for i in range(steps):
-        if decay:  # linear to 0
-            for group in opt.param_groups:
-                group["lr"] = lr * (1 - i / steps)
+def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, steps: int, opt, g: torch.Generator):
+    for _ in range(steps):
         y = _real(data, cfg.batch, g)
         sigma, eps = _sigma_noise(cfg.batch, cfg, g)
         loss = edm_loss(net, y, None, sigma, eps, cfg.sigma_data).mean()
@@ -144,22 +176,49 @@ def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, st
         opt.step()
 
 
-def pretrain(data: GaussianMixture, cfg: Toy2DConfig) -> MLPDenoiser:
-    """The base model: the EDM loss on exact data samples for ``pretrain_steps`` Adam steps (lr decayed to 0)."""
+def plateau_reached(curve: list[dict], window: int) -> bool:
+    """The plateau rule on an NLL curve (evaluations ``{'step', 'nll': [one per curve seed]}``, in order): with M =
+    ``window``, the mean NLL of the last M evaluations is lower than the mean of the M before it by less than the
+    curve's seed noise (the mean over the last M evaluations of the range max - min across the curve seeds)."""
+    if len(curve) < 2 * window:
+        return False
+    mean = [sum(c["nll"]) / len(c["nll"]) for c in curve]
+    last, before = sum(mean[-window:]) / window, sum(mean[-2 * window:-window]) / window
+    noise = sum(max(c["nll"]) - min(c["nll"]) for c in curve[-window:]) / window
+    return before - last < noise
+
+
+def pretrain(data: GaussianMixture, cfg: Toy2DConfig) -> tuple[MLPDenoiser, dict]:
+    """The base model: the EDM loss on exact data samples, Adam at constant ``pretrain_lr``, the exact NLL on the
+    curve seeds every ``curve_every`` steps, stopped at the first evaluation where :func:`plateau_reached` holds (or
+    at ``pretrain_max_steps``). Returns the net and {'curve', 'steps', 'plateau': the rule held}."""
     torch.manual_seed(cfg.seed)
-    net = MLPDenoiser(cfg.width, cfg.depth, cfg.sigma_data)
-    _edm_steps(net, data, cfg, cfg.pretrain_steps, cfg.pretrain_lr, torch.Generator().manual_seed(cfg.seed + 1),
-               decay=True)
-    return net
+    net = new_net(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    curve, steps, plateau = [], 0, False
+    while steps < cfg.pretrain_max_steps and not plateau:
+        k = min(cfg.curve_every, cfg.pretrain_max_steps - steps)
+        _edm_steps(net, data, cfg, k, opt, g)
+        steps += k
+        nll = [exact_metrics(data, sample(net, cfg.curve_n, s, cfg.num_steps))["nll"] for s in cfg.curve_seeds]
+        curve.append({"step": steps, "nll": nll})
+        plateau = plateau_reached(curve, cfg.curve_window)
+    return net, {"curve": curve, "steps": steps, "plateau": plateau}
 
 
-def ddo_round(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, r: int) -> torch.nn.Module:
+def selection_nll(net, data: GaussianMixture, cfg: Toy2DConfig) -> float:
+    return exact_metrics(data, sample(net, cfg.n_select, cfg.selection_seed, cfg.num_steps))["nll"]
+
+
+def ddo_round(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, r: int, alpha: float, beta: float,
+              lr: float) -> torch.nn.Module:
     """One self-play round: the reference is ``net`` frozen, its samples the fakes; returns the round's checkpoint
-    with the best NLL on the selection seeds (``evals_per_round`` of them, the start not among them)."""
+    with the best NLL on the selection latents (``evals_per_round`` of them, the start not among them)."""
     ref = copy.deepcopy(net).requires_grad_(False)
     fakes = sample(ref, cfg.n_fakes, seed=10_000_000 + r, num_steps=cfg.num_steps).float()
     theta = copy.deepcopy(net)
-    opt = torch.optim.Adam(theta.parameters(), lr=cfg.ddo_lr)
+    opt = torch.optim.Adam(theta.parameters(), lr=lr)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 100 + r)
     every = max(cfg.round_steps // cfg.evals_per_round, 1)
     best = (math.inf, theta)
@@ -167,74 +226,77 @@ def ddo_round(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, r: 
         x_real = _real(data, cfg.batch, g)
         x_fake = fakes[torch.randint(len(fakes), (cfg.batch,), generator=g)]
         sigma, eps = _sigma_noise(cfg.batch, cfg, g)
-        loss, _ = ddo_diffusion_loss(theta, ref, x_real, None, x_fake, None, sigma, eps, alpha=cfg.alpha,
-                                     beta=cfg.beta, sigma_data=cfg.sigma_data)
+        loss, _ = ddo_diffusion_loss(theta, ref, x_real, None, x_fake, None, sigma, eps, alpha=alpha, beta=beta,
+                                     sigma_data=cfg.sigma_data)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % every == 0 or step == cfg.round_steps:
-            score = _selection_nll(theta, data, cfg)
+            score = selection_nll(theta, data, cfg)
             if score < best[0]:
                 best = (score, copy.deepcopy(theta))
     return best[1]
 
 
-def _selection_nll(net, data: GaussianMixture, cfg: Toy2DConfig) -> float:
-    return exact_metrics(data, sample(net, cfg.n_eval, cfg.selection_seed, cfg.num_steps))["nll"]
+def ddo_search(base: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig) -> tuple[list, dict]:
+    """DDO's rounds for every (alpha, beta, lr) of the grid from ``base``; the setting whose last round has the
+    lowest NLL on the selection latents is kept. Returns (its round models, {'chosen', 'grid': [scores]})."""
+    best, grid_scores = None, []
+    for alpha in cfg.ddo_alphas:
+        for beta in cfg.ddo_betas:
+            for lr in cfg.ddo_lrs:
+                nets, net = [], base
+                for r in range(1, cfg.rounds + 1):
+                    net = ddo_round(net, data, cfg, r, alpha, beta, lr)
+                    nets.append(net)
+                score = selection_nll(net, data, cfg)
+                grid_scores.append({"alpha": alpha, "beta": beta, "lr": lr, "selection_nll": score})
+                if best is None or score < best[0]:
+                    best = (score, {"alpha": alpha, "beta": beta, "lr": lr}, nets)
+    return best[2], {"chosen": best[1], "grid": grid_scores}
 
 
-def control(base: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, lr: float,
-            steps: int | None = None) -> torch.nn.Module:
-    """The MLE control: the base trained further with the EDM loss, by default for the DDO rounds' total step count
-    (equal steps; :func:`equal_compute_steps` for equal compute)."""
+def control(base: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, lr: float, steps: int) -> torch.nn.Module:
+    """The MLE control: the base trained further with the EDM loss (a fresh Adam at ``lr``) for ``steps`` steps."""
     net = copy.deepcopy(base)
-    steps = cfg.rounds * cfg.round_steps if steps is None else steps
-    _edm_steps(net, data, cfg, steps, lr, torch.Generator().manual_seed(cfg.seed * 1000 + 7))
+    _edm_steps(net, data, cfg, steps, torch.optim.Adam(net.parameters(), lr=lr),
+               torch.Generator().manual_seed(cfg.seed * 1000 + 7))
     return net
 
 
+def control_search(base, data: GaussianMixture, cfg: Toy2DConfig, steps: int) -> tuple[torch.nn.Module, dict]:
+    """The control at each lr of ``control_lrs``; the lowest NLL on the selection latents is kept."""
+    best, scores = None, []
+    for lr in cfg.control_lrs:
+        c = control(base, data, cfg, lr, steps)
+        score = selection_nll(c, data, cfg)
+        scores.append({"lr": lr, "selection_nll": score})
+        if best is None or score < best[0]:
+            best = (score, lr, c)
+    return best[2], {"lr": best[1], "steps": steps, "grid": scores}
+
+
 def equal_compute_steps(cfg: Toy2DConfig) -> int:
-    """Control steps costing what the DDO rounds cost, counted in per-sample network passes (a forward pass 1, a
-    backward pass 2): a DDO step runs theta on the real and the fake sample with gradient and the reference on
-    both without (8 per pair); each round also samples its fake bank and its checkpoints' selection latents
-    (2 num_steps - 1 forward passes per point); a control step is 3 per sample."""
+    """Control steps costing what one DDO setting's rounds cost, counted in per-sample network passes (a forward
+    pass 1, a backward pass 2): a DDO step runs theta on the real and the fake sample with gradient and the
+    reference on both without (8 per pair); each round also samples its fake bank and its checkpoints' selection
+    latents (2 num_steps - 1 forward passes per point); a control step is 3 per sample. (Either side's
+    hyperparameter search is not counted: DDO tries len(grid) settings, the control len(control_lrs).)"""
     nfe = 2 * cfg.num_steps - 1
-    per_round = cfg.round_steps * cfg.batch * 8 + cfg.n_fakes * nfe + cfg.evals_per_round * cfg.n_eval * nfe
+    per_round = cfg.round_steps * cfg.batch * 8 + cfg.n_fakes * nfe + cfg.evals_per_round * cfg.n_select * nfe
     return math.ceil(cfg.rounds * per_round / (3 * cfg.batch))
 
 
-def _score(net, data, cfg, seeds) -> dict:
-    per = [exact_metrics(data, sample(net, cfg.n_eval, s, cfg.num_steps)) for s in seeds]
+def score(net, data: GaussianMixture, cfg: Toy2DConfig) -> dict:
+    """Exact metrics on each evaluation seed range (``per_seed``) and their mean."""
+    per = [exact_metrics(data, sample(net, cfg.n_eval, s, cfg.num_steps)) for s in cfg.eval_seeds]
     return {k: sum(p[k] for p in per) / len(per) for k in per[0]} | {"per_seed": per}
 
 
-def run(cfg: Toy2DConfig) -> list[dict]:
-    """Train base, DDO rounds and the lr-searched control; score each on the evaluation seed ranges.
-
-    Rows: data (exact samples: the floor), base, ddo-round1..R, control-roundR (equal steps) and
-    control-equal-compute (:func:`equal_compute_steps`), each control with its selected lr."""
-    data = toy_data(cfg)
-    rows = []
-    exact = [exact_metrics(data, data.sample(cfg.n_eval, torch.Generator().manual_seed(s))) for s in cfg.eval_seeds]
-    rows.append({"model": "data", "round": None, **{k: sum(e[k] for e in exact) / len(exact) for k in exact[0]},
-                 "per_seed": exact})
-    base = pretrain(data, cfg)
-    rows.append({"model": "base", "round": 0, **_score(base, data, cfg, cfg.eval_seeds)})
-    net = base
-    for r in range(1, cfg.rounds + 1):
-        net = ddo_round(net, data, cfg, r)
-        rows.append({"model": f"ddo-round{r}", "round": r, **_score(net, data, cfg, cfg.eval_seeds)})
-    if cfg.rounds:
-        for name, steps in ((f"control-round{cfg.rounds}", None), ("control-equal-compute", equal_compute_steps(cfg))):
-            best = None
-            for lr in cfg.control_lrs:
-                c = control(base, data, cfg, lr, steps)
-                sel = _selection_nll(c, data, cfg)
-                if best is None or sel < best[0]:
-                    best = (sel, lr, c)
-            rows.append({"model": name, "round": cfg.rounds, "lr": best[1],
-                         "steps": steps or cfg.rounds * cfg.round_steps, "selection_nll": best[0], **_score(best[2], data, cfg, cfg.eval_seeds)})
-    return rows
+def data_row(data: GaussianMixture, cfg: Toy2DConfig) -> dict:
+    """The exact data samples' scores on the evaluation seeds (the reference row ``data``)."""
+    per = [exact_metrics(data, data.sample(cfg.n_eval, torch.Generator().manual_seed(s))) for s in cfg.eval_seeds]
+    return {k: sum(p[k] for p in per) / len(per) for k in per[0]} | {"per_seed": per}
 
 
 def _f(v: float) -> str:
@@ -242,15 +304,14 @@ def _f(v: float) -> str:
 
 
 def render_table(rows: list[dict], cfg: Toy2DConfig) -> str:
-    """Markdown table: NLL and off-mode mass (mean of the seed ranges, and each range), delta vs base."""
+    """Markdown table of one training seed: NLL and off-mode mass (mean of the seed ranges, and each range)."""
     seeds = ", ".join(str(s) for s in cfg.eval_seeds)
-    lines = [f"| model | round | NLL (mean of seed ranges {seeds}) | NLL per range | off-mode mass | "
-             "off-mode per range | Δ NLL vs base |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| model | NLL (mean of seed ranges {seeds}) | NLL per range | off-mode mass | "
+             "off-mode per range | Δ NLL vs base |", "|---|---:|---:|---:|---:|---:|"]
     base = next((r for r in rows if r["model"] == "base"), None)
     for r in rows:
-        name = r["model"] + (f" (lr {r['lr']:g}, {r['steps']} steps)" if "lr" in r else "")
         delta = "–" if base is None or r["model"] in ("base", "data") else _f(r["nll"] - base["nll"])
-        lines.append(f"| {name} | {'–' if r['round'] is None else r['round']} | {_f(r['nll'])} | "
+        lines.append(f"| {r['model']}{r.get('note', '')} | {_f(r['nll'])} | "
                      f"{' / '.join(_f(p['nll']) for p in r['per_seed'])} | {r['off_mode']:.4f} | "
                      f"{' / '.join(format(p['off_mode'], '.4f') for p in r['per_seed'])} | {delta} |")
     return "\n".join(lines) + "\n"
