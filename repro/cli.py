@@ -228,7 +228,9 @@ _stage_command("fid", "Compute the metric of every model on the evaluation seeds
               show_default=True, help="the toy's params file (section toy2d); outputs go to out/ beside it")
 @click.option("--out", "results", type=click.Path(path_type=Path), default=None,
               help="table only: where table.md, curve.md and metrics.json go (default: out/results beside params)")
-def toy2d_cmd(stage: str, params: Path, results: Path | None) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="training seeds run at a time (processes); the numbers do not depend on it")
+def toy2d_cmd(stage: str, params: Path, results: Path | None, workers: int) -> None:
     """A stage of the 2-D toy's own pipeline (`dvc repro toys/toy2d/dvc.yaml`): pretrain (the base, to its
     plateau), ddo (the rounds, (alpha, beta, lr) from a grid), control (the EDM loss, equal steps and equal compute)
     or table (exact scores over the training seeds)."""
@@ -240,7 +242,7 @@ def toy2d_cmd(stage: str, params: Path, results: Path | None) -> None:
     except ConfigError as e:
         _fail(str(e))
     with _refusals():
-        run_stage(stage, params, results)
+        run_stage(stage, params, results, workers)
 
 
 @main.command("params")

@@ -136,7 +136,8 @@ def test_dvc_yaml_code_deps_are_the_import_closure():
 
 MICRO = {"seeds": [0, 1, 2], "pretrain_max_steps": 30, "curve_every": 10, "curve_window": 1, "curve_n": 64,
          "batch": 32, "rounds": 1, "round_steps": 6, "evals_per_round": 1, "ddo_lrs": [1e-3], "n_fakes": 64,
-         "control_lrs": [1e-3, 3e-3], "num_steps": 3, "n_select": 64, "n_eval": 64}
+         "control_lrs": [1e-3, 3e-3], "num_steps": 3, "n_select": 64, "n_eval": 64, "theorem33_n": 500,
+         "theorem33_steps": 20}
 
 
 def test_micro_run_through_dvc(tmp_path):

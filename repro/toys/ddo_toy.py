@@ -63,7 +63,7 @@ class Toy2DConfig:
     batch: int = 256
     # the base: constant lr until the plateau rule (plateau_reached) holds on the curve, or pretrain_max_steps
     pretrain_lr: float = 3e-3
-    pretrain_max_steps: int = 12000
+    pretrain_max_steps: int = 16000
     curve_every: int = 1000      # K: the exact NLL is evaluated every K steps ...
     curve_window: int = 3        # M: ... and the last M evaluations' mean is compared with the M before
     curve_seeds: tuple = (2000, 2001)  # latent seeds of the curve (neither evaluation nor selection latents)
@@ -83,11 +83,14 @@ class Toy2DConfig:
     n_eval: int = 8000           # samples per evaluation seed range
     eval_seeds: tuple = (0, 1)   # seed ranges of the final evaluation (disjoint latents)
     selection_seed: int = 1000   # DDO's and the control's hyperparameters and DDO's checkpoints: other latents
+    theorem33_n: int = 20000     # theorem33_check's real and fake samples and Adam steps (the table stage)
+    theorem33_steps: int = 400
     seed: int = 0                # training seed (initialisation, data draws, sigma/noise draws)
 
     def __post_init__(self):
         for name in ("modes", "width", "depth", "pretrain_max_steps", "curve_every", "curve_window", "curve_n", "batch",
-                     "round_steps", "evals_per_round", "n_fakes", "num_steps", "n_select", "n_eval"):
+                     "round_steps", "evals_per_round", "n_fakes", "num_steps", "n_select", "n_eval", "theorem33_n",
+                     "theorem33_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"toy2d: {name} must be an integer > 0, got {v!r}")
