@@ -113,7 +113,7 @@ def test_pretrain_stops_at_the_rule_or_the_cap():
 
 def test_theorem33_fixed_point():
     # beta 2: the optimum is p_ref^(1/2) p_data^(1/2) / Z, weights far from both the data's and the reference's
-    r = theorem33_check(2.0, n=8000, steps=300)
+    r = theorem33_check(2.0, n=4000, steps=300)
     assert r["max_abs_diff"] < 0.02
     assert max(abs(a - b) for a, b in zip(r["fitted"], r["data"])) > 0.04
     assert r["alpha"] < 1  # "for certain alpha": Z^beta, not 1
