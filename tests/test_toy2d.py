@@ -101,14 +101,18 @@ def test_plateau_rule():
 
 
 def test_pretrain_stops_at_the_rule_or_the_cap():
-    cfg = Toy2DConfig(pretrain_max_steps=40, curve_every=10, curve_window=1, curve_n=64, num_steps=3, batch=32)
+    cfg = Toy2DConfig(pretrain_max_steps=40, curve_every=10, curve_window=1, curve_n=64, num_steps=3, batch=32,
+                      pretrain_cooldown=5)
     net, info = pretrain(toy_data(cfg), cfg)
-    steps = [e["step"] for e in info["curve"]]
-    assert steps == list(range(10, info["steps"] + 1, 10)) and info["steps"] <= 40
+    constant, cool = info["curve"][:-1], info["curve"][-1]
+    steps = [e["step"] for e in constant]
+    assert steps == list(range(10, info["constant_lr_steps"] + 1, 10)) and info["constant_lr_steps"] <= 40
+    assert cool == {"step": info["constant_lr_steps"] + 5, "nll": cool["nll"], "cooldown": True}
+    assert info["steps"] == cool["step"]
     # it stopped at the first evaluation where the rule held, or at the cap without it
-    held = [plateau_reached(info["curve"][:i], 1) for i in range(1, len(steps) + 1)]
+    held = [plateau_reached(constant[:i], 1) for i in range(1, len(steps) + 1)]
     assert held[:-1] == [False] * (len(steps) - 1)
-    assert info["plateau"] == held[-1] and (info["plateau"] or info["steps"] == 40)
+    assert info["plateau"] == held[-1] and (info["plateau"] or info["constant_lr_steps"] == 40)
 
 
 def test_theorem33_fixed_point():
@@ -136,8 +140,8 @@ def test_dvc_yaml_code_deps_are_the_import_closure():
 
 MICRO = {"seeds": [0, 1, 2], "pretrain_max_steps": 30, "curve_every": 10, "curve_window": 1, "curve_n": 64,
          "batch": 32, "rounds": 1, "round_steps": 6, "evals_per_round": 1, "ddo_lrs": [1e-3], "n_fakes": 64,
-         "control_lrs": [1e-3, 3e-3], "num_steps": 3, "n_select": 64, "n_eval": 64, "theorem33_n": 500,
-         "theorem33_steps": 20}
+         "control_lrs": [1e-3, 3e-3], "num_steps": 3, "pretrain_cooldown": 5, "n_select": 64, "n_eval": 64,
+         "theorem33_n": 500, "theorem33_steps": 20}
 
 
 def test_micro_run_through_dvc(tmp_path):
@@ -178,7 +182,7 @@ def test_micro_run_through_dvc(tmp_path):
         assert ch["control"]["steps"]["steps"] == 6
         assert ch["control"]["compute"]["steps"] == equal_compute_steps(load_params(d / "toys/toy2d/params.yaml")[0])
         assert ch["control"]["compute"]["lr"] in (1e-3, 3e-3) and len(ch["ddo"]["grid"]) == 2
-        assert metrics["curves"][s]["steps"] <= 30
+        assert metrics["curves"][s]["constant_lr_steps"] <= 30
     # the base differs between training seeds (each seed trains its own)
     assert len({metrics["runs"][s][1]["nll"] for s in ("0", "1", "2")}) == 3
     table = (d / "results/toy2d/table.md").read_text()

@@ -64,6 +64,7 @@ class Toy2DConfig:
     # the base: constant lr until the plateau rule (plateau_reached) holds on the curve, or pretrain_max_steps
     pretrain_lr: float = 3e-3
     pretrain_max_steps: int = 16000
+    pretrain_cooldown: int = 1000  # then this many steps with the lr decayed linearly to 0 (0: none)
     curve_every: int = 1000      # K: the exact NLL is evaluated every K steps ...
     curve_window: int = 3        # M: ... and the last M evaluations' mean is compared with the M before
     curve_seeds: tuple = (2000, 2001)  # latent seeds of the curve (neither evaluation nor selection latents)
@@ -83,8 +84,8 @@ class Toy2DConfig:
     n_eval: int = 8000           # samples per evaluation seed range
     eval_seeds: tuple = (0, 1)   # seed ranges of the final evaluation (disjoint latents)
     selection_seed: int = 1000   # DDO's and the control's hyperparameters and DDO's checkpoints: other latents
-    theorem33_n: int = 20000     # theorem33_check's real and fake samples and Adam steps (the table stage)
-    theorem33_steps: int = 400
+    theorem33_n: int = 10000     # theorem33_check's real and fake samples and Adam steps (the table stage)
+    theorem33_steps: int = 300
     seed: int = 0                # training seed (initialisation, data draws, sigma/noise draws)
 
     def __post_init__(self):
@@ -98,6 +99,8 @@ class Toy2DConfig:
             raise ValueError(f"toy2d: data must be 'grid' or 'ring', got {self.data!r}")
         if self.data == "grid" and round(math.sqrt(self.modes)) ** 2 != self.modes:
             raise ValueError(f"toy2d: modes must be a square number for data 'grid' (n x n modes), got {self.modes}")
+        if not isinstance(self.pretrain_cooldown, int) or self.pretrain_cooldown < 0:
+            raise ValueError(f"toy2d: pretrain_cooldown must be an integer >= 0, got {self.pretrain_cooldown!r}")
         if not isinstance(self.rounds, int) or self.rounds < 0:
             raise ValueError(f"toy2d: rounds must be an integer >= 0, got {self.rounds!r}")
         for name in ("mode_std", "sigma_data", "P_std", "pretrain_lr"):
@@ -169,8 +172,12 @@ def _real(data: GaussianMixture, n: int, g: torch.Generator) -> torch.Tensor:
     return data.sample(n, g).float()
 
 
-def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, steps: int, opt, g: torch.Generator):
-    for _ in range(steps):
+def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, steps: int, opt, g: torch.Generator,
+               lr_at=None):
+    for i in range(steps):
+        if lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(i)
         y = _real(data, cfg.batch, g)
         sigma, eps = _sigma_noise(cfg.batch, cfg, g)
         loss = edm_loss(net, y, None, sigma, eps, cfg.sigma_data).mean()
@@ -194,20 +201,29 @@ def plateau_reached(curve: list[dict], window: int) -> bool:
 def pretrain(data: GaussianMixture, cfg: Toy2DConfig) -> tuple[MLPDenoiser, dict]:
     """The base model: the EDM loss on exact data samples, Adam at constant ``pretrain_lr``, the exact NLL on the
     curve seeds every ``curve_every`` steps, stopped at the first evaluation where :func:`plateau_reached` holds (or
-    at ``pretrain_max_steps``). Returns the net and {'curve', 'steps', 'plateau': the rule held}."""
+    at ``pretrain_max_steps``); then ``pretrain_cooldown`` steps with the lr decayed linearly to 0 (one more curve
+    point, ``cooldown``). Returns the net and {'curve', 'steps', 'constant_lr_steps', 'plateau': the rule held}."""
     torch.manual_seed(cfg.seed)
     net = new_net(cfg)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr)
     g = torch.Generator().manual_seed(cfg.seed + 1)
+    def evaluate():
+        return [exact_metrics(data, sample(net, cfg.curve_n, s, cfg.num_steps))["nll"] for s in cfg.curve_seeds]
+
     curve, steps, plateau = [], 0, False
     while steps < cfg.pretrain_max_steps and not plateau:
         k = min(cfg.curve_every, cfg.pretrain_max_steps - steps)
         _edm_steps(net, data, cfg, k, opt, g)
         steps += k
-        nll = [exact_metrics(data, sample(net, cfg.curve_n, s, cfg.num_steps))["nll"] for s in cfg.curve_seeds]
-        curve.append({"step": steps, "nll": nll})
+        curve.append({"step": steps, "nll": evaluate()})
         plateau = plateau_reached(curve, cfg.curve_window)
-    return net, {"curve": curve, "steps": steps, "plateau": plateau}
+    constant = steps
+    if cfg.pretrain_cooldown:  # lr linearly to 0: the base keeps what a lower lr gains at once
+        n = cfg.pretrain_cooldown
+        _edm_steps(net, data, cfg, n, opt, g, lr_at=lambda i: cfg.pretrain_lr * (1 - i / n))
+        steps += n
+        curve.append({"step": steps, "nll": evaluate(), "cooldown": True})
+    return net, {"curve": curve, "steps": steps, "constant_lr_steps": constant, "plateau": plateau}
 
 
 def selection_nll(net, data: GaussianMixture, cfg: Toy2DConfig) -> float:

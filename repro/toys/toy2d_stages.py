@@ -153,12 +153,15 @@ def _curve_md(cfg: Toy2DConfig, curves: dict[int, dict]) -> str:
              f"each; every {cfg.curve_every} steps at lr {cfg.pretrain_lr:g})\n",
              f"Plateau rule (M = {cfg.curve_window}): stop at the first evaluation where the mean NLL of the last M "
              "evaluations is lower than the mean of the M before by less than the seed noise (the mean, over the last "
-             f"M evaluations, of the range across the curve latents); at most {cfg.pretrain_max_steps} steps.\n"]
+             f"M evaluations, of the range across the curve latents); at most {cfg.pretrain_max_steps} steps. Then "
+             f"{cfg.pretrain_cooldown} steps with the lr decayed linearly to 0: the base.\n"]
     for s, c in curves.items():
-        lines.append(f"## training seed {s}: {c['steps']} steps, "
-                     + ("the rule held" if c["plateau"] else "**the rule never held (stopped at the step cap)**") + "\n")
+        lines.append(f"## training seed {s}: {c['constant_lr_steps']} steps at constant lr, "
+                     + ("the rule held" if c["plateau"] else "**the rule never held (stopped at the step cap)**")
+                     + f"; then {c['steps'] - c['constant_lr_steps']} cooldown steps (lr to 0)\n")
         lines.append("| step | NLL per curve latents | mean |\n|---:|---:|---:|")
-        lines += [f"| {e['step']} | {' / '.join(f'{v:.3f}' for v in e['nll'])} | {sum(e['nll']) / len(e['nll']):.3f} |"
+        lines += [f"| {e['step']}{' (after the cooldown)' if e.get('cooldown') else ''} | "
+                  f"{' / '.join(f'{v:.3f}' for v in e['nll'])} | {sum(e['nll']) / len(e['nll']):.3f} |"
                   for e in c["curve"]]
         lines.append("")
     return "\n".join(lines)
@@ -177,7 +180,8 @@ def _table(cfg: Toy2DConfig, seeds: list[int], out: Path, results: Path) -> None
     search = ("## Hyperparameters picked by the selection latents (seed "
               f"{cfg.selection_seed}, {cfg.n_select} samples)\n\n| training seed | base steps (plateau rule held) | "
               "DDO (alpha, beta, lr) | control lr, equal steps | control lr, equal compute |\n|---:|---|---|---|---|\n"
-              + "".join(f"| {s} | {curves[s]['steps']} ({'yes' if curves[s]['plateau'] else 'no: step cap'}) | "
+              + "".join(f"| {s} | {curves[s]['constant_lr_steps']} "
+                        f"({'yes' if curves[s]['plateau'] else 'no: step cap'}) + {cfg.pretrain_cooldown} cooldown | "
                         f"{ch['ddo']['chosen']['alpha']:g}, {ch['ddo']['chosen']['beta']:g}, "
                         f"{ch['ddo']['chosen']['lr']:g} | {ch['control']['steps']['lr']:g} | "
                         f"{ch['control']['compute']['lr']:g} |\n" for s, ch in choices.items()))
