@@ -190,3 +190,11 @@ def test_micro_run_through_dvc(tmp_path):
     assert "### training seed 2" in table and "Theorem 3.3" in table
     assert "plateau" in (d / "results/toy2d/curve.md").read_text().lower()
     assert "Running stage" not in run("dvc", "repro", "toys/toy2d/dvc.yaml")
+    # one seed at a time gives the same bases, byte for byte, as the pipeline's two at a time
+    other = tmp_path / "one-worker"
+    other.mkdir()
+    shutil.copy(d / "toys/toy2d/params.yaml", other / "params.yaml")
+    run("repro", "toy2d", "pretrain", "--params", str(other / "params.yaml"), "--workers", "1")
+    for s in (0, 1, 2):
+        name = f"out/base/seed{s}.safetensors"
+        assert (other / name).read_bytes() == (d / "toys/toy2d" / name).read_bytes()
