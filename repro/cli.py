@@ -222,6 +222,29 @@ _stage_command("discriminator", "Train the noise-conditioned discriminator of ev
 _stage_command("guided", "Generate the final evaluation's images of every guided model (guidance.evaluate): the same "
                "seeds as `repro sample`, with the variant's correction in each sampler step.")
 _stage_command("fid", "Compute the metric of every model on the evaluation seeds; write results/<preset>/.")
+@main.command("toy2d")
+@click.argument("stage", type=click.Choice(["pretrain", "ddo", "control", "table"]))
+@click.option("--params", "params", type=click.Path(path_type=Path), default=Path("toys/toy2d/params.yaml"),
+              show_default=True, help="the toy's params file (section toy2d); outputs go to out/ beside it")
+@click.option("--out", "results", type=click.Path(path_type=Path), default=None,
+              help="table only: where table.md, curve.md and metrics.json go (default: out/results beside params)")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="training seeds run at a time (processes); the numbers do not depend on it")
+def toy2d_cmd(stage: str, params: Path, results: Path | None, workers: int) -> None:
+    """A stage of the 2-D toy's own pipeline (`dvc repro toys/toy2d/dvc.yaml`): pretrain (the base, to its
+    plateau), ddo (the rounds, (alpha, beta, lr) from a grid), control (the EDM loss, equal steps and equal compute)
+    or table (exact scores over the training seeds)."""
+    _setup_logging()
+    from repro.toys.toy2d_stages import load_params, run_stage
+
+    try:
+        load_params(params)
+    except ConfigError as e:
+        _fail(str(e))
+    with _refusals():
+        run_stage(stage, params, results, workers)
+
+
 @main.command("params")
 @click.option("--preset", default="tiny", show_default=True, help="preset to print")
 def params_cmd(preset: str) -> None:
