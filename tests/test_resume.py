@@ -86,6 +86,8 @@ def test_fakes_are_paired_with_the_real_labels_and_differ_per_round(cfg, data, b
     sub = replace(data, images=data.images[:12], labels=data.labels[:12])
     f1 = ddo_mod.make_fake_bank(net, sub, 10, ddo_mod.fake_seeds(cfg.ddo, 1, 12), cfg.sampler, progress=False)
     f2 = ddo_mod.make_fake_bank(net, sub, 10, ddo_mod.fake_seeds(cfg.ddo, 2, 12), cfg.sampler, progress=False)
+    assert list(f1) == ["images"]  # a diffusion model's bank: images only (an AR model's also holds token maps)
+    f1, f2 = f1["images"], f2["images"]
     assert f1.shape == (12, 1, 8, 8) and f1.dtype == np.uint8
     assert not np.array_equal(f1, f2)
     # fake i is generated with real image i's label: same as sampling those seeds with those labels

@@ -492,7 +492,7 @@ def test_var_presets_dry_run_with_plan_protocol_and_cost(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("override,field,words", [
-    (["ddo.rounds=2"], "ddo.rounds", "AR DDO rounds are not wired"),
+    (["ddo.rounds=2"], "ddo.rounds", "needs the data set (DDO trains on it)"),  # AR DDO rounds need data
     (["pretrain.source=vae_ch160v4096z32"], "pretrain.source", "tokenizer, not a generator"),
     (["ar.top_k=900"], "ar.top_k", "ddo-var-imagenet256-fid50k"),
     (["ar.cfg_mode=linear"], "ar.cfg_mode", "must be one of"),

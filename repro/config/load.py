@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import yaml
 
 from repro.config.errors import ConfigError, validate
-from repro.config.schema import STAGE_PARAMS, VAR_MODELS, Config
+from repro.config.schema import STAGE_PARAMS, Config
 
 # Fields left out of a stage's params (run directory keys, MLflow hashes) while empty, so that adding them changed
 # no run directory of the settings that do not use them.
@@ -190,7 +190,7 @@ def stage_dict(cfg: Config, stage: str) -> dict:
         if out.get(section, {}).get(key, None) == []:
             del out[section][key]
     for section in OMIT_WHEN_DEFAULT:
-        unused = cfg.pretrain.source not in VAR_MODELS
+        unused = not cfg.is_ar
         if section in out and unused and out[section] == to_dict(type(getattr(cfg, section))()):
             del out[section]
     return out

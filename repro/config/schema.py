@@ -140,7 +140,10 @@ class ExtractorConfig:
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class NetworkConfig:
-    precond: Literal["edm", "vp"]
+    precond: Literal["edm", "vp", "var"] = Field(description=(
+        "edm / vp: a DDPM++ U-Net denoiser trained with the EDM loss; var: a VAR next-scale transformer on the "
+        "tokens of a multi-scale VQ tokenizer, both trained here (sizes in the ar section; the U-Net fields below "
+        "are then unused)"))
     model_channels: Int = Field(gt=0)
     channel_mult: Tuple(Int)
     num_blocks: Int = Field(gt=0)
@@ -469,9 +472,53 @@ VAR_TOKENIZERS = tuple(n for n, c in CHECKPOINTS.items() if c.arch == "var-vqvae
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
+class ARTokenizerConfig:
+    """The multi-scale VQ tokenizer a VAR trained here uses (pretrain.network.precond var): repro.nets.vqvae's
+    VQVAE at a small size, trained first by the pretrain stage (reconstruction + VQ commitment, straight-through)."""
+
+    vocab_size: Int = Field(64, ge=2, description="codebook entries, shared by all scales")
+    z_channels: Int = Field(8, gt=0, description="code vector size (the VAR's Cvae)")
+    ch: Int = Field(32, gt=0, description="base width of the encoder and decoder")
+    ch_mult: Tuple(Int) = Field((1, 2), description="one level per entry; the latent map is the image / 2^(levels-1)")
+    patch_nums: Tuple(Int) = Field((1, 2, 3, 4), description=(
+        "token-map sizes, coarse to fine; the last equals the latent map's size"))
+    steps: Int = Field(2000, gt=0, description="tokenizer training steps (Adam)")
+    batch: Int = Field(64, gt=0)
+    lr: Float = Field(1e-3, gt=0, le=MAX_LR)
+    commitment: Float = Field(0.25, ge=0, description="weight of ||f - sg(f_hat)||^2 (VQ-VAE's beta)")
+
+    @rules
+    def _rules(self):
+        if not self.ch_mult:
+            yield "ch_mult", "is empty", "give at least one level, e.g. [1, 2]"
+        if not self.patch_nums or list(self.patch_nums) != sorted(set(self.patch_nums)) or self.patch_nums[0] < 1:
+            yield ("patch_nums", f"must be increasing sizes >= 1, got {list(self.patch_nums)}",
+                   "write e.g. ar.tokenizer.patch_nums: [1, 2, 3, 4]")
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
+class ARModelConfig:
+    """The VAR transformer trained here (pretrain.network.precond var), repro.nets.var.VAR at a small size."""
+
+    depth: Int = Field(4, gt=0, description="transformer blocks")
+    embed_dim: Int = Field(128, gt=0, description="width (a multiple of heads)")
+    heads: Int = Field(4, gt=0)
+    cond_drop_rate: Float = Field(0.1, ge=0, lt=1, description=(
+        "label dropout to the unconditional class (keeps classifier-free guidance possible; AR DDO trains that "
+        "branch by maximum likelihood)"))
+
+    @rules
+    def _rules(self):
+        if self.embed_dim % self.heads:
+            yield "embed_dim", f"{self.embed_dim} is not a multiple of ar.model.heads ({self.heads})", \
+                "set ar.model.embed_dim to a multiple of ar.model.heads"
+
+
+@dataclass(frozen=True, kw_only=True, config=FORBID)
 class ARConfig:
-    """Autoregressive (VAR) models: the next-scale sampler (repro.sampling.var); the tokenizer is the registry
-    entry's. Unused (and left at its defaults) when pretrain.source is a diffusion model."""
+    """Autoregressive (VAR) models: the next-scale sampler (repro.sampling.var), and the sizes of a tokenizer and
+    VAR trained here (pretrain.network.precond var); a released VAR's tokenizer is its registry entry's. Unused (and
+    left at its defaults) when the base is a diffusion model."""
 
     cfg: Float = Field(1.0, ge=0, description="classifier-free guidance scale, read in the convention cfg_mode")
     cfg_mode: Literal["upstream", "guidance-free-at-1"] = Field("upstream", description=(
@@ -479,6 +526,9 @@ class ARConfig:
         "t = (cfg - 1) * k / (K - 1) (cfg 1.0 = the conditional model); logits = (1 + t) cond - t uncond"))
     top_k: Int = Field(0, ge=0, description="keep the k most likely tokens (0 = off; DDO's protocol: off)")
     top_p: Float = Field(0.0, ge=0, lt=1, description="nucleus sampling mass (0 = off; DDO's protocol: off)")
+    tokenizer: ARTokenizerConfig = Field(ARTokenizerConfig(), description=(
+        "the tokenizer trained here (pretrain.network.precond var)"))
+    model: ARModelConfig = Field(ARModelConfig(), description="the VAR trained here (pretrain.network.precond var)")
 
     @property
     def guided(self) -> bool:
@@ -621,7 +671,7 @@ def resources_for(lc: LauncherConfig, stage: str) -> Resources:
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "data": ("data",),
     "extractor": ("extractor",),
-    "pretrain": ("pretrain", "sampler"),
+    "pretrain": ("pretrain", "sampler", "ar"),
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
     "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "ar"),
     "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
@@ -655,6 +705,12 @@ class Config:
     kernel: KernelConfig = Field(KernelConfig(), description="closed-form IPM kernel guidance")
     dcd: DCDConfig = Field(DCDConfig(), description="Discriminator Contrastive Divergence: its critic and Langevin steps")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="where stages run")
+
+    @property
+    def is_ar(self) -> bool:
+        """Whether the base is an autoregressive (VAR) model: a released one, or one trained here."""
+        return self.pretrain.source in VAR_MODELS or (self.pretrain.source == "train"
+                                                      and self.pretrain.network.precond == "var")
 
     @rules
     def _rules(self):
@@ -731,16 +787,19 @@ class Config:
 
 def _ar_rules(cfg: "Config"):
     """A tokenizer is no model; what the pipeline does not drive for AR models yet is refused by name."""
-    ar_model = cfg.pretrain.source in VAR_MODELS
+    ar_model = cfg.is_ar
     if cfg.pretrain.source in VAR_TOKENIZERS:
         yield ("pretrain.source", f"{cfg.pretrain.source} is VAR's tokenizer, not a generator",
                f"name a VAR model ({', '.join(VAR_MODELS)}); its registry entry names the tokenizer")
     if cfg.ar != ARConfig() and not ar_model:
         yield ("ar", f"is set, but pretrain.source {cfg.pretrain.source} is not a VAR model",
                "leave the ar section at its defaults (or name a VAR pretrain.source)")
-    if ar_model and cfg.ddo.rounds > 0:
-        yield ("ddo.rounds", f"is {cfg.ddo.rounds}, but AR DDO rounds are not wired into the pipeline yet (the loss is "
-               "repro.methods.ddo.loss.ar_ddo_loss)", "set ddo.rounds: 0 (evaluate the model)")
+    if cfg.pretrain.source == "train" and cfg.pretrain.network.precond == "var":
+        t, res = cfg.ar.tokenizer, RESOLUTION.get(cfg.data.dataset)
+        if res and res >> (len(t.ch_mult) - 1) != t.patch_nums[-1]:
+            yield ("ar.tokenizer.patch_nums", f"ends with {t.patch_nums[-1]}, but the tokenizer's latent map on "
+                   f"{cfg.data.dataset} ({res}x{res}, {len(t.ch_mult)} levels) is {res >> (len(t.ch_mult) - 1)}x"
+                   f"{res >> (len(t.ch_mult) - 1)}", f"end ar.tokenizer.patch_nums with {res >> (len(t.ch_mult) - 1)}")
     if ar_model and cfg.guidance.evaluate:
         yield ("guidance.evaluate", "discriminator guidance of a VAR model is not built", "set guidance.evaluate: []")
 

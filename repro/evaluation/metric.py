@@ -69,10 +69,16 @@ class Metric:
 
         part = (distributed.rank(), distributed.world_size())
         device = next(net.parameters()).device if isinstance(net, torch.nn.Module) else "cpu"
+        return self.score_images(imgs for _, imgs, _ in generate_images(
+            net, seeds, img_shape=img_shape, label_dim=label_dim, sampler=sampler, device=device, part=part))
+
+    def score_images(self, batches: Iterable[torch.Tensor]) -> float:
+        """The distance to the reference of this rank's uint8 image batches, gathered over the ranks in one
+        process's batch order (batches dealt round-robin: ``chunks[rank::world]``); every rank must call it."""
+        from repro.cluster import distributed
+
         with torch.no_grad():
-            local = [fidelity.extract_features(self.extractor, imgs, self.feature).cpu().numpy()
-                     for _, imgs, _ in generate_images(net, seeds, img_shape=img_shape, label_dim=label_dim,
-                                                       sampler=sampler, device=device, part=part)]
+            local = [fidelity.extract_features(self.extractor, imgs, self.feature).cpu().numpy() for imgs in batches]
         stats = fidelity.FeatureStats(meta={"extractor": self.extractor.get_name(), "feature": self.feature})
         for features in distributed.gather_chunks(local):
             stats.update(features)

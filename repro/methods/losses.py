@@ -36,3 +36,14 @@ def edm_loss(denoise: Denoiser, y: torch.Tensor, labels: torch.Tensor | None, si
     return (edm_weight(sigma, sigma_data) * (D - y) ** 2).flatten(1).mean(1)
 
 
+
+
+# Tian et al. 2024 (VAR), Eq. 6: the next-scale model's likelihood; its training loss is the mean cross-entropy per
+# token, with label dropout to the unconditional class (which keeps classifier-free guidance possible).
+def ar_mle_loss(net, quantizer, tokens: torch.Tensor, labels: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """Mean next-scale cross-entropy per token of token maps [N, L]; the ``uncond`` rows are scored under the
+    unconditional class (``net.num_classes``). ``net`` may be DDP-wrapped."""
+    from repro.nets.var import token_logp
+
+    null = torch.full_like(labels, getattr(net, "module", net).num_classes)
+    return -token_logp(net, quantizer, tokens, torch.where(uncond, null, labels)).mean()

@@ -23,8 +23,9 @@ import torch
 
 from repro.cluster import distributed, preempt
 from repro.config import PretrainConfig
+from repro.config.schema import ARConfig, ARTokenizerConfig
 from repro.datasets.images import Dataset
-from repro.methods.losses import draw_sigma_noise, edm_loss
+from repro.methods.losses import ar_mle_loss, draw_sigma_noise, edm_loss
 from repro.methods.training import ema_beta, ema_update, load_state, rampup_lr, save_state, step_generator
 from repro.nets.checkpoint import save_model
 from repro.nets.factory import build_network
@@ -33,10 +34,16 @@ from repro.sampling.generate import from_uint8, one_hot
 log = logging.getLogger(__name__)
 
 
-def arch_from_config(cfg: PretrainConfig, data: Dataset) -> dict:
-    """The JSON architecture of the network for a data set (what build_network and checkpoints carry)."""
+def arch_from_config(cfg: PretrainConfig, data: Dataset, ar: ARConfig | None = None) -> dict:
+    """The JSON architecture of the network for a data set (what build_network and checkpoints carry); a VAR
+    (network.precond var): the transformer's, with ``ar``'s sizes (its tokenizer is added when it is saved)."""
     c, h, _ = data.shape
     net = cfg.network
+    if net.precond == "var":
+        ar, t = ar or ARConfig(), (ar or ARConfig()).tokenizer
+        return {"precond": "var", "depth": ar.model.depth, "embed_dim": ar.model.embed_dim,
+                "num_heads": ar.model.heads, "num_classes": data.num_classes, "vocab_size": t.vocab_size,
+                "Cvae": t.z_channels, "patch_nums": list(t.patch_nums), "cond_drop_rate": ar.model.cond_drop_rate}
     return {
         "precond": net.precond,
         "img_resolution": h,
@@ -57,16 +64,76 @@ def batch_of(data: Dataset, idx: torch.Tensor, label_dim: int) -> tuple[torch.Te
     return x, y
 
 
-def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, tracker, progress: bool = True) -> dict:
+def tokenizer_arch(t: ARTokenizerConfig, data: Dataset) -> dict:
+    return {"precond": "var-vqvae", "vocab_size": t.vocab_size, "z_channels": t.z_channels, "ch": t.ch,
+            "ch_mult": list(t.ch_mult), "patch_nums": list(t.patch_nums), "in_channels": data.shape[0]}
+
+
+# VQ-VAE (van den Oord et al. 2017), Eq. 3, with VAR's multi-scale residual quantizer (Tian et al. 2024, Alg. 1):
+# ||x - D(f + sg(f_hat - f))||^2 + ||sg(f) - f_hat||^2 + commitment ||f - sg(f_hat)||^2 (straight-through).
+def train_tokenizer(t: ARTokenizerConfig, data: Dataset, run_dir: Path, seed: int, tracker,
+                    progress: bool = True) -> torch.nn.Module:
+    """The tokenizer of a VAR trained here: trained once into ``run_dir/tokenizer.safetensors`` (then reused).
+
+    Every process trains it whole (same draws, same weights on CPU), before the transformer; it is small."""
+    from tqdm.auto import tqdm
+
+    from repro.nets.checkpoint import load_model
+
+    path = run_dir / "tokenizer.safetensors"
+    arch = tokenizer_arch(t, data)
+    if path.is_file():
+        return load_model(path)[0].requires_grad_(False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tok = build_network(arch).train()
+    opt = torch.optim.Adam(tok.parameters(), lr=t.lr)
+    q = tok.quantize
+    t0 = time.time()
+    for step in tqdm(range(t.steps), desc="tokenizer", unit="step", disable=not progress or not distributed.is_main()):
+        g = step_generator(seed, -1, step)  # not the transformer's (seed, step) draws
+        x = from_uint8(data.images[torch.randint(len(data.images), [t.batch], generator=g).numpy()])
+        f = tok.quant_conv(tok.encoder(x))
+        f_hat = q.to_fhat(q.tokenize(f))  # tokens without gradient; the codes and phi convs get it here
+        vq = ((f_hat - f.detach()) ** 2).mean() + t.commitment * ((f - f_hat.detach()) ** 2).mean()
+        rec = ((tok.decoder(tok.post_quant_conv(f + (f_hat - f).detach())) - x) ** 2).mean()
+        loss = rec + vq
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            tracker.log_metrics({"tokenizer_rec": rec.item(), "tokenizer_vq": vq.item()}, step=step + 1)
+    tok.eval().requires_grad_(False)
+    if distributed.is_main():
+        save_model(path, tok, arch, {"steps": t.steps, "final_rec": rec.item()})
+    log.info("tokenizer: %d steps in %.0fs, reconstruction mse %.4f (images in [-1, 1])", t.steps,
+             time.time() - t0, rec.item())
+    distributed.barrier()
+    return tok
+
+
+def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, tracker, progress: bool = True,
+             ar: ARConfig | None = None) -> dict:
     """Train the base model with the EDM loss; write its EMA weights to ``out``. Returns a summary.
+
+    A VAR (network.precond var, sizes from ``ar``): first its tokenizer (:func:`train_tokenizer`), then the
+    transformer with VAR's loss (next-scale cross-entropy, label dropout) on the data's token maps, through the same
+    loop (optimizer, warm-up, EMA, checkpoints, resume); the saved model carries its tokenizer.
 
     Raises :class:`repro.cluster.preempt.Preempted` after saving the state if a stop was requested (run again to resume).
     """
     from tqdm.auto import tqdm
 
-    arch = arch_from_config(cfg, data)
+    arch = arch_from_config(cfg, data, ar)
     mine = distributed.batch_slice(cfg.batch, "pretrain.batch")
     device = distributed.device()
+    tokenizer = tokens = None
+    if arch["precond"] == "var":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = train_tokenizer((ar or ARConfig()).tokenizer, data, run_dir, cfg.seed, tracker, progress).to(device)
+        with torch.no_grad():
+            tokens = torch.cat([tokenizer.encode(from_uint8(data.images[i:i + 500]).to(device))
+                                for i in range(0, len(data.images), 500)])
     with torch.random.fork_rng():  # the initial weights depend on the seed only
         torch.manual_seed(cfg.seed)
         net = build_network(arch).train().to(device)
@@ -91,7 +158,7 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
     log.info("pretraining %s (%d params) for %d images, batch %d on %d process(es); checkpoints in %s",
              arch["precond"], n_params, cfg.total_nimg, cfg.batch, distributed.world_size(), run_dir)
     beta = ema_beta(cfg.batch, cfg.ema_halflife_nimg)
-    label_dim = arch["label_dim"]
+    label_dim = arch.get("label_dim", 0)
     bar = tqdm(total=cfg.total_nimg, initial=nimg, desc="pretrain", unit="img",
                disable=not progress or not distributed.is_main())
     t0 = time.time()
@@ -100,11 +167,17 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
         # 1. The draws of this step depend only on (seed, step): the whole batch, whatever this rank's slice.
         g = step_generator(cfg.seed, step)
         idx = torch.randint(len(data.images), [cfg.batch], generator=g)
-        sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
-        x, y = batch_of(data, idx[mine], label_dim)
-        x, y, sigma, eps = (t.to(device) if t is not None else None for t in (x, y, sigma[mine], eps[mine]))
-        # 2. EDM loss (this rank's mean; DDP averages the gradients over the ranks), Adam step with warm-up, EMA.
-        loss = edm_loss(train_net, x, y, sigma, eps, cfg.sigma_data).mean()
+        if tokens is not None:  # VAR: the label-dropout mask of the batch, then cross-entropy of its token maps
+            uncond = (torch.rand(cfg.batch, generator=g) < net.cond_drop_rate)[mine].to(device)
+            i = idx[mine].to(device)
+            y = torch.as_tensor(data.labels[idx[mine].numpy()]).to(device)
+            loss = ar_mle_loss(train_net, tokenizer.quantize, tokens[i], y, uncond)
+        else:
+            sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
+            x, y = batch_of(data, idx[mine], label_dim)
+            x, y, sigma, eps = (t.to(device) if t is not None else None for t in (x, y, sigma[mine], eps[mine]))
+            # 2. EDM loss (this rank's mean; DDP averages the gradients over the ranks), Adam step with warm-up, EMA.
+            loss = edm_loss(train_net, x, y, sigma, eps, cfg.sigma_data).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
@@ -124,6 +197,10 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
     final = ema if cfg.ema_halflife_nimg > 0 else net
     final_loss = distributed.all_mean([np.mean(losses)])[0] if losses else None
     info = {"nimg": nimg, "params": n_params, "final_loss": final_loss}
+    if tokenizer is not None:  # the model file carries its tokenizer: sampling and DDO need nothing else
+        final.tokenizer = tokenizer
+        tok_arch = tokenizer_arch((ar or ARConfig()).tokenizer, data)
+        arch = {**arch, "tokenizer": {k: v for k, v in tok_arch.items() if k != "precond"}}
     if distributed.is_main():  # no timings in the file: same weights, same bytes (DVC caches by hash)
         save_model(out, final, arch, info)
     distributed.barrier()  # the others may read it next

@@ -46,7 +46,7 @@ _LISTS = ("channel_mult", "attn_resolutions", "resample_filter")
 # Token models: their constructor arguments only (they take no img_resolution / img_channels).
 AR_FAMILIES: dict[str, tuple[type, frozenset]] = {
     "var": (var.VAR, frozenset({"depth", "embed_dim", "num_heads", "num_classes", "vocab_size", "Cvae", "patch_nums",
-                                "mlp_ratio", "norm_eps", "cond_drop_rate"})),
+                                "mlp_ratio", "norm_eps", "cond_drop_rate", "tokenizer"})),
     "var-vqvae": (vqvae.VQVAE, frozenset({"vocab_size", "z_channels", "ch", "ch_mult", "patch_nums", "in_channels",
                                           "share_quant_resi"})),
 }
@@ -87,7 +87,11 @@ def build_network(arch: Mapping[str, Any]) -> nn.Module:
         unknown = sorted(set(arch) - allowed)
         if unknown:
             raise ValueError(f"unknown architecture key {unknown[0]!r} for precond={precond!r}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
+        tokenizer = arch.pop("tokenizer", None)
+        net = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
+        if tokenizer is not None:  # a VAR trained here carries its tokenizer (frozen) in the same file
+            net.tokenizer = build_network({"precond": "var-vqvae", **tokenizer}).requires_grad_(False)
+        return net
     cls, allowed = FAMILIES[precond] if precond in FAMILIES else (None, arch_keys(precond))
     for key in arch:
         if key not in allowed:

@@ -19,14 +19,19 @@ def architecture(cfg: Config) -> str:
 
 def is_ar(cfg: Config) -> bool:
     """Whether the base is an autoregressive (VAR) model, sampled scale by scale."""
-    return cfg.pretrain.source != "train" and registry.get(cfg.pretrain.source).family == "var"
+    return cfg.is_ar
+
+
+def scales(cfg: Config) -> int:
+    """A VAR model's scales (sampling steps): the released ones', or those of the tokenizer trained here."""
+    return len(cfg.ar.tokenizer.patch_nums if cfg.pretrain.source == "train" else PATCH_NUMS)
 
 
 def nfe(cfg: Config) -> int:
     """Network evaluations per sample: EDM's Heun sampler, doubled when autoguidance evaluates a guide too; VAR: one
     per scale, doubled when classifier-free guidance runs the unconditional pass (upstream's cfg 1.0 does)."""
     if is_ar(cfg):
-        return len(PATCH_NUMS) * (2 if cfg.ar.guided else 1)
+        return scales(cfg) * (2 if cfg.ar.guided else 1)
     return (2 * cfg.sampler.num_steps - 1) * (2 if cfg.sampler.guidance != 1.0 else 1)
 
 
@@ -37,7 +42,8 @@ def ddo_cost(cfg: Config) -> dict:
     if d.rounds == 0:
         return {"rounds": 0, "image_forwards": 0, "what": "nothing (an evaluation: no rounds)"}
     n_data = DATASET_SIZES[cfg.data.dataset]
-    k = 2 * cfg.sampler.num_steps - 1  # DDO's fakes and selection samples are drawn without guidance
+    # DDO's fakes and selection samples are drawn without guidance (VAR: one pass per scale)
+    k = scales(cfg) if is_ar(cfg) else 2 * cfg.sampler.num_steps - 1
     candidates = max(len(sweep_grid(d)), 1)
     steps = -(-d.nimg_per_round // d.batch)
     evals = -(-d.nimg_per_round // d.eval_every_nimg)

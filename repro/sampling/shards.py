@@ -155,7 +155,8 @@ def run_shard(shard: Shard, sampler: SamplerConfig, batch: int, progress: bool =
     if arch.get("precond") == "var":  # next-scale sampling: ``sampler`` is the config's ar section
         from repro.sampling.var import generate_var_images
 
-        batches = generate_var_images(net, extras["tokenizer"], shard.seeds, ar=sampler, batch=batch, device=device,
+        tokenizer = extras.get("tokenizer") or net.tokenizer  # a released VAR's, or the one a VAR trained here carries
+        batches = generate_var_images(net, tokenizer, shard.seeds, ar=sampler, batch=batch, device=device,
                                       progress=progress, desc=desc)
     else:
         shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
@@ -180,6 +181,7 @@ def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerCo
     ``extras``: ``guide`` / ``decoder`` for generate_images, on ``device``.
     """
     from repro.cluster import distributed
+    from repro.nets.checkpoint import read_model_meta
     from repro.sampling.generate import sample_grid
 
     shards = plan_shards(models, cfg, sampler, out_dir)
@@ -191,8 +193,8 @@ def sample_models(models: dict[str, Path], cfg: SampleConfig, sampler: SamplerCo
     written = {name: [str(s.out) for s in shards if s.model == name] for name in models}
     if distributed.is_main():
         for name, path in models.items():
-            if extras:  # guided or latent: show the evaluation's own first images
-                grid = image_grid(load_npz(written[name][0])["images"][:80], ncol=20)
+            if extras or read_model_meta(Path(path))[0].get("precond") == "var":  # guided, latent or AR:
+                grid = image_grid(load_npz(written[name][0])["images"][:80], ncol=20)  # the evaluation's first images
             else:
                 net, arch = _load_net(Path(path), "cpu")
                 grid = sample_grid(net, arch["label_dim"], (arch["img_channels"], arch["img_resolution"],

@@ -94,7 +94,7 @@ def ar_ddo_loss(net, ref, quantizer, tokens_real: torch.Tensor, y_real: torch.Te
     """
     from repro.nets.var import logp
 
-    null = torch.full_like(y_real, net.num_classes)
+    null = torch.full_like(y_real, getattr(net, "module", net).num_classes)  # (DDP wraps theta)
     labels = torch.cat((torch.where(uncond, null, y_real), torch.where(uncond, null, y_fake)))
     tokens = torch.cat((tokens_real, tokens_fake))
     n = tokens_real.shape[0]

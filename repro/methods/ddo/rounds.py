@@ -46,8 +46,13 @@ import torch
 from repro.cluster import distributed, preempt
 from repro.config import SEED_BLOCK, DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
-from repro.methods.ddo.loss import ddo_diffusion_loss
-from repro.methods.losses import draw_sigma_noise, edm_loss
+from repro.methods.ddo.family import (
+    control_step_loss,
+    ddo_step_loss,
+    freeze_extras,
+    make_fake_bank,
+    selection_score,
+)
 from repro.methods.training import (
     ema_beta,
     ema_update,
@@ -63,7 +68,7 @@ from repro.methods.training import (
 )
 from repro.nets.checkpoint import load_model, save_model
 from repro.nets.layers import disable_dropout
-from repro.sampling.generate import from_uint8, generate_images, image_grid, one_hot
+from repro.sampling.generate import image_grid
 from repro.storage.files import atomic_path, load_npz, read_json, save_npz, write_json
 from repro.storage.layout import RoundDir
 
@@ -109,19 +114,6 @@ def eval_forward(net: torch.nn.Module, *args):
         net.train(mode)
 
 
-def make_fake_bank(ref: torch.nn.Module, data: Dataset, label_dim: int, seeds: np.ndarray, sampler: SamplerConfig,
-                   progress: bool, device="cpu") -> np.ndarray:
-    """Generate one fake per real image, with the real image's label (the 1:1 pairing).
-
-    With several processes each rank generates its share of the batches and every rank gets the whole bank.
-    """
-    labels = data.labels if label_dim else None
-    batches = generate_images(ref, seeds, img_shape=data.shape, label_dim=label_dim, sampler=sampler, labels=labels,
-                              progress=progress and distributed.is_main(), desc="fake bank", device=device,
-                              part=(distributed.rank(), distributed.world_size()))
-    return np.concatenate(distributed.gather_chunks([imgs.numpy() for _, imgs, _ in batches]))
-
-
 def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig,
                 sigma_data: float, metric, run_dir: Path, tracker, progress: bool = True,
                 ref_score: float | None = None) -> RoundResult:
@@ -146,7 +138,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     ref = for_training(ref)  # float32 (the paper disables mixed precision); released EDM2 weights are float16
     disable_dropout(ref)
     ref.requires_grad_(False)
-    label_dim = arch["label_dim"]
+    label_dim = arch.get("label_dim", 0)  # a VAR model: classes are its own (num_classes)
     n = len(data.images)
 
     # 1. The fake bank of this round, from the reference (DDO only); saved as soon as it is complete.
@@ -154,23 +146,23 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     if kind == "ddo":
         bank = rd.fakes
         if bank.is_file():
-            fakes = load_npz(bank)["images"]
+            fakes = dict(load_npz(bank))
         else:
             log.info("ddo round %d: generating %d fakes from the reference into %s", round_, n, bank)
             fakes = make_fake_bank(ref, data, label_dim, fake_seeds(cfg, round_, n), sampler, progress, device)
             if distributed.is_main():
-                save_npz(bank, images=fakes, seeds=fake_seeds(cfg, round_, n))
-        tracker.log_image(image_grid(fakes[:128]), f"fakes_round{round_}.png")
+                save_npz(bank, **fakes, seeds=fake_seeds(cfg, round_, n))
+        tracker.log_image(image_grid(fakes["images"][:128]), f"fakes_round{round_}.png")
         preempt.check(lambda: None, f"in {kind} round {round_} after the fake bank")  # nothing else to save yet
 
     # 2. theta starts from the reference; fresh optimizer; dropout off; fp32.
-    net = copy.deepcopy(ref).train().requires_grad_(True)
+    net = freeze_extras(copy.deepcopy(ref).train().requires_grad_(True))
     disable_dropout(net)
     train_net = distributed.wrap_ddp(net)  # several processes: averaged gradients
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_halflife_nimg > 0 or cfg.ema_std else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     if ref_score is None:
-        ref_score = metric.score(ref, selection_seeds(cfg), label_dim, data.shape, sampler)
+        ref_score = selection_score(metric, ref, selection_seeds(cfg), label_dim, data.shape, sampler)
     # The reference is a candidate of its own round: a round whose checkpoints are all worse keeps it.
     nimg, step, evals = 0, 0, []
     best = {"score": ref_score, "nimg": 0}
@@ -206,29 +198,13 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             #     whole batch, then takes its slice.
             g = step_generator(cfg.seed, kind_id, round_, step)
             idx = torch.randint(n, [cfg.batch], generator=g)
-            if kind == "ddo":
-                sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
-                i = idx[mine].numpy()
-                x_real, x_fake = from_uint8(data.images[i]).to(device), from_uint8(fakes[i]).to(device)
-                y_real = one_hot(torch.as_tensor(data.labels[i]), label_dim)  # fake i is paired with real i: same label
-                y_real = y_real.to(device) if y_real is not None else None
-                with autocast():
-                    loss, stats = ddo_diffusion_loss(train_net, ref, x_real, y_real, x_fake, y_real,
-                                                     sigma[mine].to(device), eps[mine].to(device), alpha=cfg.alpha,
-                                                     beta=cfg.beta, sigma_data=sigma_data,
-                                                     net_fake=partial(eval_forward, train_net))
-            else:
-                idx2 = torch.randint(n, [cfg.batch], generator=g)
-                sigma, eps = draw_sigma_noise((2 * cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
-                mine2 = distributed.batch_slice(2 * cfg.batch, "ddo.batch")
-                i = torch.cat([idx, idx2])[mine2].numpy()
-                x = from_uint8(data.images[i]).to(device)
-                y = one_hot(torch.as_tensor(data.labels[i]), label_dim)
-                y = y.to(device) if y is not None else None
-                with autocast():
-                    loss = edm_loss(train_net, x, y, sigma[mine2].to(device), eps[mine2].to(device),
-                                    sigma_data).mean()
-                stats = {}
+            with autocast():
+                if kind == "ddo":
+                    loss, stats = ddo_step_loss(train_net, ref, data, fakes, idx, mine, g, cfg, sampler, P_std,
+                                                sigma_data, label_dim, device, partial(eval_forward, train_net))
+                else:
+                    loss, stats = control_step_loss(train_net, data, idx, g, cfg, sampler, P_std, sigma_data,
+                                                    label_dim, device), {}
             # 2b. Adam step with warm-up (the loss is this rank's mean; DDP averages the gradients), EMA.
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -246,7 +222,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             # 3. Evaluate a checkpoint on the selection seeds; keep the best; save the state to resume from.
             if nimg % cfg.eval_every_nimg < cfg.batch or nimg >= cfg.nimg_per_round:
                 model = ema if ema is not None else net
-                score = metric.score(model.eval(), selection_seeds(cfg), label_dim, data.shape, sampler)
+                score = selection_score(metric, model.eval(), selection_seeds(cfg), label_dim, data.shape, sampler)
                 net.train()
                 evals.append({"nimg": nimg, "score": score})
                 tracker.log_metrics({"selection_score": score}, step=nimg)

@@ -1,4 +1,5 @@
 """DDO's self-play: rounds one after another, each round's best becoming the next reference; then models/ddo.
+Diffusion and AR models alike (what differs is in repro.methods.ddo.family).
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from pathlib import Path
 from repro.cluster import distributed
 from repro.config import DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
+from repro.methods.ddo.family import is_ar
 from repro.methods.ddo.rounds import KINDS, RoundResult, train_round
 from repro.methods.ddo.sweep import sweep_grid, swept_round
 from repro.nets.checkpoint import load_model
 from repro.sampling.generate import sample_grid
+from repro.sampling.var import var_grid
 from repro.storage.files import write_json
 from repro.storage.layout import RoundDir, round_name
 
@@ -42,7 +45,10 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
                                    "round_seconds": res.seconds})
                 if distributed.is_main():  # a picture for MLflow: rank 0's job
                     best, arch, _ = load_model(res.best_path)
-                    grid = sample_grid(best, arch["label_dim"], data.shape, sampler)
+                    if is_ar(sampler):
+                        grid = var_grid(best, sampler.tokenizer, n=40, ncol=10)
+                    else:
+                        grid = sample_grid(best, arch["label_dim"], data.shape, sampler)
                     child.log_image(grid, f"{kind}_round{r}_samples.png")
             results[kind].append(res)
             ref_path, ref_score = res.best_path, res.best_score

@@ -10,7 +10,8 @@ from pathlib import Path
 from repro.cluster import distributed, preempt
 from repro.config import DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
-from repro.methods.ddo.rounds import RoundResult, fake_seeds, make_fake_bank, selection_seeds, train_round
+from repro.methods.ddo.family import make_fake_bank, selection_score
+from repro.methods.ddo.rounds import RoundResult, fake_seeds, selection_seeds, train_round
 from repro.nets.checkpoint import load_model
 from repro.nets.layers import disable_dropout
 from repro.storage.files import atomic_path, link_or_copy, read_json, save_npz, write_json
@@ -49,13 +50,14 @@ def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sa
     bank, n = RoundDir(round_dir).fakes, len(data.images)
     if not bank.is_file():
         log.info("ddo round %d (sweep): generating %d fakes from the reference into %s", round_, n, bank)
-        fakes = make_fake_bank(ref, data, arch["label_dim"], fake_seeds(cfg, round_, n), sampler, progress, device)
+        fakes = make_fake_bank(ref, data, arch.get("label_dim", 0), fake_seeds(cfg, round_, n), sampler, progress,
+                               device)
         if distributed.is_main():
-            save_npz(bank, images=fakes, seeds=fake_seeds(cfg, round_, n))
+            save_npz(bank, **fakes, seeds=fake_seeds(cfg, round_, n))
         distributed.barrier()
     preempt.check(lambda: None, f"in ddo round {round_} after the fake bank")  # the bank is saved
     if ref_score is None:
-        ref_score = metric.score(ref, selection_seeds(cfg), arch["label_dim"], data.shape, sampler)
+        ref_score = selection_score(metric, ref, selection_seeds(cfg), arch.get("label_dim", 0), data.shape, sampler)
     if distributed.is_main():
         write_json(RoundDir(round_dir).prepared, {"ref_score": ref_score, "reference": str(ref_path)})
     distributed.barrier()

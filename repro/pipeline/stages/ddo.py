@@ -21,7 +21,9 @@ from repro.evaluation.metric import load_metric
 from repro.methods.ddo.rounds import KINDS, train_round
 from repro.methods.ddo.selfplay import run_rounds
 from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep_grid, swept_round, train_candidate
-from repro.nets.checkpoint import read_model_meta
+from repro.methods.ddo.family import ARSampling, tokenizer_of
+from repro.nets import released
+from repro.nets.checkpoint import load_model, read_model_meta
 from repro.pipeline.common import load_data, log_data_input, require, run_dir, stage_context, tracked
 from repro.pipeline.cost import ddo_cost
 from repro.storage.files import atomic_dir, check_recorded, read_json, write_json
@@ -38,12 +40,17 @@ def ddo_run_dir(cfg: Config, paths: Paths) -> Path:
 
 def _inputs(cfg: Config, paths: Paths):
     """The round's data, the selection metric and the sampler of fakes and selection (no autoguidance, as in the
-    paper: DDO's fakes and selection samples come from the models themselves)."""
+    paper: DDO's fakes and selection samples come from the models themselves); a VAR base: its sampling context
+    (repro.methods.ddo.family.ARSampling: the tokenizer; guidance-free, no top-k/top-p)."""
     require(paths.data, paths.base, paths.extractor, paths.reference)
     check_recorded(paths.base)  # the bytes the pretrain stage wrote
-    read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
-    return (load_data(paths), load_metric(cfg.extractor.kind, paths.extractor, paths.reference),
-            dataclasses.replace(cfg.sampler, guidance=1.0))
+    arch, info = read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
+    if arch.get("precond") == "var":  # AR DDO: the tokenizer the base carries (trained here), or its registry one
+        tokenizer = tokenizer_of(load_model(paths.base)[0]) or released.load_tokenizer(paths.root, info["tokenizer"])
+        sampler = ARSampling(tokenizer.float().eval().requires_grad_(False))
+    else:
+        sampler = dataclasses.replace(cfg.sampler, guidance=1.0)
+    return load_data(paths), load_metric(cfg.extractor.kind, paths.extractor, paths.reference), sampler
 
 
 def _check_round(cfg: Config, round_: int) -> None:

@@ -95,8 +95,9 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             elif kind in history:
                 entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
             if kind == "control" and name not in guided:
-                entry["note"] = ("MLE control: the same rounds, steps, optimizer and selection as DDO, "
-                                 "with the EDM loss on real images instead of the DDO loss")
+                entry["note"] = ("MLE control: the same rounds, steps, optimizer and selection as DDO, with the "
+                                 + ("next-scale cross-entropy" if base_arch.get("precond") == "var" else "EDM loss")
+                                 + " on real images instead of the DDO loss")
             entries.append(entry)
             t.log_metrics({f"{metric.name}/{name}": entry["value"]})
             log.info("fid: %s %s = %.4f (%s)", name, metric.name, entry["value"],

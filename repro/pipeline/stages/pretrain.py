@@ -29,7 +29,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             rd = run_dir("pretrain", cfg, paths, {"data": paths.data})
             t.set_tags({"run_dir": rd})
             log_data_input(t, paths)
-            info = pretrain(cfg.pretrain, data, rd, paths.base, t, progress)
+            info = pretrain(cfg.pretrain, data, rd, paths.base, t, progress, ar=cfg.ar)
             t.log_metrics({"seconds": info["seconds_this_run"]})
         else:
             summary = released.fetch_and_convert(cfg.pretrain, paths.root, paths.base, progress)
@@ -41,7 +41,8 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
         if distributed.is_main():
             net, arch, info = load_model(paths.base)
             if arch.get("precond") == "var":  # token maps through the tokenizer: guidance-free, no sampling tricks
-                grid = var_grid(net, released.load_tokenizer(paths.root, info["tokenizer"]), n=32, ncol=8)
+                tok = getattr(net, "tokenizer", None) or released.load_tokenizer(paths.root, info["tokenizer"])
+                grid = var_grid(net, tok, n=32, ncol=8)
             else:
                 shape = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
                 extras = released.sampling_extras(cfg, paths.root, arch, info)  # guided / latent: as the evaluation

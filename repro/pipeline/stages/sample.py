@@ -94,7 +94,9 @@ def describe(cfg: Config, paths: Paths) -> dict:
     out = {"models": list(eval_models(cfg, paths)), "cost": sample_cost(cfg)}
     if is_ar(cfg):
         a = cfg.ar
-        out["sampler"] = {"name": "var-next-scale (repro.sampling.var)", "tokenizer": registry.get(cfg.pretrain.source).tokenizer, "cfg": a.cfg,
+        tokenizer = registry.get(cfg.pretrain.source).tokenizer if cfg.pretrain.source != "train" else \
+            "trained here (in the model file)"
+        out["sampler"] = {"name": "var-next-scale (repro.sampling.var)", "tokenizer": tokenizer, "cfg": a.cfg,
                           "cfg_mode": a.cfg_mode, "guided": a.guided, "top_k": a.top_k, "top_p": a.top_p}
     if cfg.sample.protocol != "custom":
         out["protocol"] = protocols.get(cfg.sample.protocol).to_dict()
