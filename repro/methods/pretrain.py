@@ -24,8 +24,17 @@ import torch
 from repro.cluster import distributed, preempt
 from repro.config import PretrainConfig
 from repro.datasets.images import Dataset
+from repro.datasets.sharded import ShardedDataset
 from repro.methods.losses import draw_sigma_noise, edm_loss
-from repro.methods.training import ema_beta, ema_update, load_state, rampup_lr, save_state, step_generator
+from repro.methods.training import (
+    ema_beta,
+    ema_update,
+    load_state,
+    rampup_lr,
+    save_state,
+    sharded_batch,
+    step_generator,
+)
 from repro.nets.checkpoint import save_model
 from repro.nets.factory import build_network
 from repro.sampling.generate import from_uint8, one_hot
@@ -33,7 +42,7 @@ from repro.sampling.generate import from_uint8, one_hot
 log = logging.getLogger(__name__)
 
 
-def arch_from_config(cfg: PretrainConfig, data: Dataset) -> dict:
+def arch_from_config(cfg: PretrainConfig, data: Dataset | ShardedDataset) -> dict:
     """The JSON architecture of the network for a data set (what build_network and checkpoints carry)."""
     c, h, _ = data.shape
     net = cfg.network
@@ -57,7 +66,7 @@ def batch_of(data: Dataset, idx: torch.Tensor, label_dim: int) -> tuple[torch.Te
     return x, y
 
 
-def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, tracker, progress: bool = True) -> dict:
+def pretrain(cfg: PretrainConfig, data: Dataset | ShardedDataset, run_dir: Path, out: Path, tracker, progress: bool = True) -> dict:
     """Train the base model with the EDM loss; write its EMA weights to ``out``. Returns a summary.
 
     Raises :class:`repro.cluster.preempt.Preempted` after saving the state if a stop was requested (run again to resume).
@@ -95,13 +104,18 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
     bar = tqdm(total=cfg.total_nimg, initial=nimg, desc="pretrain", unit="img",
                disable=not progress or not distributed.is_main())
     t0 = time.time()
+    order = data.order(cfg.seed) if isinstance(data, ShardedDataset) else None
     while nimg < cfg.total_nimg:
         preempt.check(save, f"pretraining at {nimg} images")
         # 1. The draws of this step depend only on (seed, step): the whole batch, whatever this rank's slice.
         g = step_generator(cfg.seed, step)
-        idx = torch.randint(len(data.images), [cfg.batch], generator=g)
+        if order is None:
+            idx = torch.randint(len(data.images), [cfg.batch], generator=g)
         sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
-        x, y = batch_of(data, idx[mine], label_dim)
+        if order is None:
+            x, y = batch_of(data, idx[mine], label_dim)
+        else:  # sharded: this rank reads only its slice of the step's items (repro.datasets.sharded)
+            x, y = sharded_batch(data, order.step(step, cfg.batch, mine), label_dim, g, cfg.batch, mine)
         x, y, sigma, eps = (t.to(device) if t is not None else None for t in (x, y, sigma[mine], eps[mine]))
         # 2. EDM loss (this rank's mean; DDP averages the gradients over the ranks), Adam step with warm-up, EMA.
         loss = edm_loss(train_net, x, y, sigma, eps, cfg.sigma_data).mean()

@@ -46,6 +46,7 @@ import torch
 from repro.cluster import distributed, preempt
 from repro.config import SEED_BLOCK, DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
+from repro.datasets.sharded import FakeShards, ShardedDataset, index_fake_shards, write_fake_shards
 from repro.methods.ddo.loss import ddo_diffusion_loss
 from repro.methods.losses import draw_sigma_noise, edm_loss
 from repro.methods.training import (
@@ -58,6 +59,7 @@ from repro.methods.training import (
     power_ema_gamma,
     rampup_lr,
     save_state,
+    sharded_batch,
     step_generator,
     training_precision,
 )
@@ -122,7 +124,28 @@ def make_fake_bank(ref: torch.nn.Module, data: Dataset, label_dim: int, seeds: n
     return np.concatenate(distributed.gather_chunks([imgs.numpy() for _, imgs, _ in batches]))
 
 
-def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig,
+def make_fake_shards(ref: torch.nn.Module, data: ShardedDataset, label_dim: int, first_seed: int, bank: Path,
+                     sampler: SamplerConfig, progress: bool, device="cpu") -> FakeShards:
+    """The fake bank of sharded data, as shards beside ``bank`` (repro.datasets.sharded): each rank makes its data
+    shards' fakes, one shard in memory at a time; fakes of a latent model stay latents (float32). No collective
+    moves images; rank 0 writes the index once every rank is done."""
+    def generate(seeds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        batches = generate_images(ref, seeds, img_shape=data.shape, label_dim=label_dim, sampler=sampler,
+                                  labels=labels if label_dim else None, progress=progress and distributed.is_main(),
+                                  desc="fake shard", device=device,
+                                  decoder=(lambda x: x.float()) if data.latent else None)
+        return np.concatenate([imgs.numpy() for _, imgs, _ in batches])
+
+    if not bank.is_file():
+        write_fake_shards(bank, data, generate, first_seed, distributed.rank(), distributed.world_size())
+        distributed.barrier()
+        if distributed.is_main():
+            index_fake_shards(bank, data, first_seed)
+        distributed.barrier()
+    return FakeShards(bank, data)
+
+
+def train_round(kind: str, round_: int, ref_path: Path, data: Dataset | ShardedDataset, cfg: DDOConfig, sampler: SamplerConfig,
                 sigma_data: float, metric, run_dir: Path, tracker, progress: bool = True,
                 ref_score: float | None = None) -> RoundResult:
     """Run (or resume, or reuse if finished) one round of ``kind`` ('ddo' or 'control') in ``run_dir``."""
@@ -147,11 +170,18 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     disable_dropout(ref)
     ref.requires_grad_(False)
     label_dim = arch["label_dim"]
-    n = len(data.images)
+    sharded = isinstance(data, ShardedDataset)
+    n = len(data) if sharded else len(data.images)
 
     # 1. The fake bank of this round, from the reference (DDO only); saved as soon as it is complete.
     fakes = None
-    if kind == "ddo":
+    if kind == "ddo" and sharded:  # as shards beside the index rd.fakes, each rank its own
+        fakes = make_fake_shards(ref, data, label_dim, int(fake_seeds(cfg, round_, 1)[0]), rd.fakes, sampler,
+                                 progress, device)
+        if not data.latent:
+            tracker.log_image(image_grid(fakes.first(128)), f"fakes_round{round_}.png")
+        preempt.check(lambda: None, f"in {kind} round {round_} after the fake bank")
+    elif kind == "ddo":
         bank = rd.fakes
         if bank.is_file():
             fakes = load_npz(bank)["images"]
@@ -197,6 +227,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     gamma = power_ema_gamma(cfg.ema_std) if cfg.ema_std else None
     P_std = P_std_of_round(cfg, round_)
     kind_id = KINDS.index(kind)
+    order = data.order((cfg.seed, kind_id, round_)) if sharded else None  # sharded: a seeded order, per rank
     bar = tqdm(total=cfg.nimg_per_round, initial=nimg, desc=f"{kind} round {round_}", unit="img",
                disable=not progress or not distributed.is_main())
     with training_precision(cfg.precision, device) as autocast:  # fp32, TF32 off, unless ddo.precision
@@ -205,8 +236,21 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             # 2a. Draws depend on (seed, kind, round, step) only: resumable and reproducible. Every rank draws the
             #     whole batch, then takes its slice.
             g = step_generator(cfg.seed, kind_id, round_, step)
-            idx = torch.randint(n, [cfg.batch], generator=g)
-            if kind == "ddo":
+            if order is None:
+                idx = torch.randint(n, [cfg.batch], generator=g)
+            if kind == "ddo" and order is not None:
+                sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
+                runs = order.step(step, cfg.batch, mine)  # this rank's items only; fake (j, i) pairs real (j, i)
+                x_real, y_real = sharded_batch(data, runs, label_dim, g, cfg.batch, mine)
+                fake = torch.as_tensor(fakes.take(runs))
+                x_fake = (fake.float() if data.latent else from_uint8(fake)).to(device)
+                x_real, y_real = x_real.to(device), (y_real.to(device) if y_real is not None else None)
+                with autocast():
+                    loss, stats = ddo_diffusion_loss(train_net, ref, x_real, y_real, x_fake, y_real,
+                                                     sigma[mine].to(device), eps[mine].to(device), alpha=cfg.alpha,
+                                                     beta=cfg.beta, sigma_data=sigma_data,
+                                                     net_fake=partial(eval_forward, train_net))
+            elif kind == "ddo":
                 sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
                 i = idx[mine].numpy()
                 x_real, x_fake = from_uint8(data.images[i]).to(device), from_uint8(fakes[i]).to(device)
@@ -218,12 +262,18 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
                                                      beta=cfg.beta, sigma_data=sigma_data,
                                                      net_fake=partial(eval_forward, train_net))
             else:
-                idx2 = torch.randint(n, [cfg.batch], generator=g)
-                sigma, eps = draw_sigma_noise((2 * cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
                 mine2 = distributed.batch_slice(2 * cfg.batch, "ddo.batch")
-                i = torch.cat([idx, idx2])[mine2].numpy()
-                x = from_uint8(data.images[i]).to(device)
-                y = one_hot(torch.as_tensor(data.labels[i]), label_dim)
+                if order is None:
+                    idx2 = torch.randint(n, [cfg.batch], generator=g)
+                sigma, eps = draw_sigma_noise((2 * cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
+                if order is None:
+                    i = torch.cat([idx, idx2])[mine2].numpy()
+                    x = from_uint8(data.images[i]).to(device)
+                    y = one_hot(torch.as_tensor(data.labels[i]), label_dim)
+                else:  # twice the items per step, as the in-memory control
+                    x, y = sharded_batch(data, order.step(step, 2 * cfg.batch, mine2), label_dim, g, 2 * cfg.batch,
+                                         mine2)
+                    x = x.to(device)
                 y = y.to(device) if y is not None else None
                 with autocast():
                     loss = edm_loss(train_net, x, y, sigma[mine2].to(device), eps[mine2].to(device),
