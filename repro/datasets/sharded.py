@@ -151,6 +151,16 @@ class ShardedDataset:
         """(stored items, labels) of the given runs, in order."""
         return self._images.take(runs), self._labels.take(runs)
 
+    def batches(self, batch: int):
+        """Every stored item in shard order, ``batch`` at a time (a batch never spans two shards); pixels only."""
+        if self.latent:
+            raise ValueError(f"{self.source.folder}: latent shards have no pixels to compute statistics of; use the "
+                             "data set's published reference statistics (extractor.reference)")
+        for j in range(len(self.sizes)):
+            shard = self._images(j)
+            for i in range(0, len(shard), batch):
+                yield np.asarray(shard[i:i + batch])
+
     def labels_of(self, shard: int) -> np.ndarray:
         return np.asarray(self._labels(shard))
 
