@@ -137,3 +137,12 @@ def test_ddo_round_on_shards_writes_a_paired_fake_bank_and_resumes_bitwise(tmp_p
     # The MLE control on shards runs too (twice the items per step, no bank).
     ctl = train_round("control", 1, base, *args, WeightMetric(), tmp_path / "c", NullTracker(), progress=False)
     assert len(ctl.evals) == 4 and not (tmp_path / "c/fakes.npz").exists()
+
+
+def test_stages_that_hold_the_real_images_in_memory_refuse_shards_naming_the_field(sharded, data):
+    from repro.config import ConfigError
+    from repro.pipeline.common import in_memory
+
+    assert in_memory(data, "x") is data
+    with pytest.raises(ConfigError, match="data.dataset.*discriminator stage"):
+        in_memory(sharded, "the discriminator stage")

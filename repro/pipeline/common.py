@@ -76,6 +76,17 @@ def load_data(paths: Paths) -> Dataset | ShardedDataset:
     return load_prepared(paths.data, read_json(paths.manifest) if paths.manifest.is_file() else None)
 
 
+def in_memory(data: Dataset | ShardedDataset, what: str) -> Dataset:
+    """``data`` for a stage that holds the real images in memory (discriminators, DCD's critic, kernel banks); sharded
+    data (ImageNet) is refused, naming the field: those stages have no sharded reader."""
+    if isinstance(data, ShardedDataset):
+        from repro.config import ConfigError
+
+        raise ConfigError([("data.dataset", f"{what} holds the real images in memory and cannot read sharded data "
+                            f"({data.source.folder})", "use it on digits or cifar10; on ImageNet run the DDO stages")])
+    return data
+
+
 def log_data_input(tracker, paths: Paths, context: str = "training") -> None:
     """Record the data set (name and sha256 from its manifest) as an input of the stage's MLflow run."""
     if paths.manifest.is_file():
