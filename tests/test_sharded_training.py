@@ -146,3 +146,32 @@ def test_stages_that_hold_the_real_images_in_memory_refuse_shards_naming_the_fie
     assert in_memory(data, "x") is data
     with pytest.raises(ConfigError, match="data.dataset.*discriminator stage"):
         in_memory(sharded, "the discriminator stage")
+
+
+def test_latent_shards_train_on_whitened_draws_and_the_ddo_stage_refuses_them_until_selection_decodes(
+        tmp_path, monkeypatch):
+    from repro.config import ConfigError, load_config
+    from repro.nets.sd_vae import edm2_scale_bias
+    from repro.pipeline.stages import ddo as ddo_stage
+    from repro.storage.layout import Paths
+
+    rng = np.random.default_rng(0)
+    stored = rng.normal(size=(6, 8, 4, 4)).astype(np.float32)
+    stored[:, 4:] = np.abs(stored[:, 4:])  # std channels
+    d = tmp_path / "data"
+    write_array_shards(d / "imagenet512.npz", d / "manifest.json", 6, 4, (8, 4, 4), 2,
+                       lambda a, b: (stored[a:b], np.arange(a, b) % 2), dtype=np.float32, dataset="imagenet512")
+    scale, bias = edm2_scale_bias()
+    lat = ShardedDataset(d / "manifest.json", scale_bias=(scale, bias))
+    assert lat.latent and lat.shape == (4, 4, 4)
+    items, _ = lat.read([(1, np.array([1, 0]))])
+    noise = torch.ones(2, 4, 4, 4)
+    want = (stored[[5, 4], :4] + stored[[5, 4], 4:]) * scale[:, None, None] + bias[:, None, None]
+    assert torch.allclose(lat.to_model(items, noise), torch.as_tensor(want), atol=1e-5)
+
+    cfg = load_config(preset="micro")
+    for name in ("require", "check_recorded", "read_model_meta"):
+        monkeypatch.setattr(ddo_stage, name, lambda *a, **k: None)
+    monkeypatch.setattr(ddo_stage, "load_data", lambda paths: lat)
+    with pytest.raises(ConfigError, match="data.dataset.*does not decode latents"):
+        ddo_stage._inputs(cfg, Paths.of(cfg, tmp_path))
