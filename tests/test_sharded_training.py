@@ -175,3 +175,19 @@ def test_latent_shards_train_on_whitened_draws_and_the_ddo_stage_refuses_them_un
     monkeypatch.setattr(ddo_stage, "load_data", lambda paths: lat)
     with pytest.raises(ConfigError, match="data.dataset.*does not decode latents"):
         ddo_stage._inputs(cfg, Paths.of(cfg, tmp_path))
+
+
+def test_a_swept_round_on_shards_shares_one_sharded_bank_among_its_candidates(tmp_path, cfg, sharded, base,
+                                                                               monkeypatch):
+    from repro.methods.ddo import sweep
+
+    dcfg = replace(cfg.ddo, nimg_per_round=32, eval_every_nimg=32, batch=32, sweep_alpha=(0.5, 1.0))
+    sampler = replace(cfg.sampler, num_steps=2, batch=300)
+    rd = tmp_path / "round"
+    sweep.prepare_round(1, base, sharded, dcfg, sampler, WeightMetric(), rd, progress=False)
+    assert (rd / "fakes.npz").is_file() and len(list((rd / "fakes").iterdir())) == len(sharded.sizes)
+    monkeypatch.setattr(ddo_mod, "write_fake_shards", lambda *a, **k: pytest.fail("the bank was made again"))
+    for alpha in (0.5, 1.0):
+        res = sweep.train_candidate(1, base, sharded, dcfg, sampler, 0.5, WeightMetric(), rd, alpha, dcfg.beta,
+                                    NullTracker(), progress=False)
+        assert res.evals and (res.best_path.parent / "fakes").resolve() == (rd / "fakes").resolve()
