@@ -158,9 +158,8 @@ def load_prepared(npz: Path, manifest: dict | None = None) -> Dataset:
             raise FileNotFoundError(f"{mpath} not found: run the data stage first (`repro data`)")
         manifest = read_json(mpath)
     if isinstance(manifest, dict) and "shards" in manifest:
-        raise ValueError(f"{npz.with_suffix('')}: data set {manifest.get('dataset')} is prepared as shards, which the "
-                         "training stages cannot read yet (sharded readers are issue 14's open part). Fix: use a "
-                         "digits or cifar10 preset for training stages today")
+        raise ValueError(f"{npz.with_suffix('')}: data set {manifest.get('dataset')} is prepared as shards: read it "
+                         "with repro.datasets.sharded.ShardedDataset (repro.pipeline.common.load_data does)")
     if not npz.is_file():
         raise FileNotFoundError(f"{npz} not found: run the data stage first (`repro data`)")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str) or "num_classes" not in manifest:

@@ -16,6 +16,7 @@ import torch
 
 from repro.config import ExtractorConfig
 from repro.datasets.images import Dataset
+from repro.datasets.sharded import ShardedDataset
 from repro.evaluation import fidelity
 from repro.evaluation.metric import Metric, _device
 from repro.storage.files import sha256_file
@@ -101,10 +102,13 @@ def published_reference(path: Path, source: str) -> "fidelity.FeatureStats":
     return fidelity.FeatureStats.from_dict({"mu": ref.mu, "sigma": ref.sigma, "n": ref.n or 0, "meta": meta})
 
 
-def data_statistics(extractor_kind: str, weights: Path, images: np.ndarray, batch: int = 500,
+def data_statistics(extractor_kind: str, weights: Path, images: np.ndarray | ShardedDataset, batch: int = 500,
                     progress: bool = False) -> "fidelity.FeatureStats":
     extractor = fidelity.make_extractor(extractor_kind, str(weights), device=_device())
-    batches = (torch.as_tensor(images[i:i + batch]) for i in range(0, len(images), batch))
+    if isinstance(images, ShardedDataset):  # shard by shard, memory-mapped: never the whole data set in memory
+        batches = (torch.as_tensor(b) for b in images.batches(batch))
+    else:
+        batches = (torch.as_tensor(images[i:i + batch]) for i in range(0, len(images), batch))
     return fidelity.compute_statistics(batches, extractor, fidelity.default_feature(extractor_kind),
                                        progress=progress, total=len(images))
 
@@ -127,13 +131,17 @@ def build_extractor(cfg: ExtractorConfig, data: Dataset | None, weights_out: Pat
             if data is None:
                 raise FileNotFoundError("extractor.reference is empty, so the reference is computed from the data "
                                         "set, which is missing: run the data stage first (`repro data`)")
-            stats = data_statistics(fidelity.INCEPTION_EXTRACTOR, weights_out, data.images, progress=progress)
+            stats = data_statistics(fidelity.INCEPTION_EXTRACTOR, weights_out,
+                                    data if isinstance(data, ShardedDataset) else data.images, progress=progress)
             stats.meta["source"] = "data set"
         stats.save(reference_out)
         log.info("extractor: Inception weights %s (sha256 %s) -> %s; reference statistics (%s) -> %s", src, sha[:12],
                  weights_out, stats.meta.get("source"), reference_out)
         return {"weights_source": str(src), "weights_source_sha256": sha, "reference": stats.meta.get("source", "")}
 
+    if isinstance(data, ShardedDataset):
+        raise ValueError(f"extractor.kind {cfg.kind} trains on the whole data set in memory; {data.source.folder} is "
+                         "sharded (ImageNet). Fix: use extractor.kind inception")
     from repro.evaluation.classifier import save_classifier, train_classifier
 
     model, info = train_classifier(data.images, data.labels, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr,

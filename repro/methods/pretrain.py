@@ -25,8 +25,18 @@ from repro.cluster import distributed, preempt
 from repro.config import PretrainConfig
 from repro.config.schema import ARConfig, ARTokenizerConfig
 from repro.datasets.images import Dataset
+from repro.config.errors import ConfigError
+from repro.datasets.sharded import ShardedDataset
 from repro.methods.losses import ar_mle_loss, draw_sigma_noise, edm_loss
-from repro.methods.training import ema_beta, ema_update, load_state, rampup_lr, save_state, step_generator
+from repro.methods.training import (
+    ema_beta,
+    ema_update,
+    load_state,
+    rampup_lr,
+    save_state,
+    sharded_batch,
+    step_generator,
+)
 from repro.nets.checkpoint import save_model
 from repro.nets.factory import build_network
 from repro.sampling.generate import from_uint8, one_hot
@@ -34,7 +44,7 @@ from repro.sampling.generate import from_uint8, one_hot
 log = logging.getLogger(__name__)
 
 
-def arch_from_config(cfg: PretrainConfig, data: Dataset, ar: ARConfig | None = None) -> dict:
+def arch_from_config(cfg: PretrainConfig, data: Dataset | ShardedDataset, ar: ARConfig | None = None) -> dict:
     """The JSON architecture of the network for a data set (what build_network and checkpoints carry); a VAR
     (network.precond var): the transformer's, with ``ar``'s sizes (its tokenizer is added when it is saved)."""
     c, h, _ = data.shape
@@ -112,7 +122,7 @@ def train_tokenizer(t: ARTokenizerConfig, data: Dataset, run_dir: Path, seed: in
     return tok
 
 
-def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, tracker, progress: bool = True,
+def pretrain(cfg: PretrainConfig, data: Dataset | ShardedDataset, run_dir: Path, out: Path, tracker, progress: bool = True,
              ar: ARConfig | None = None) -> dict:
     """Train the base model with the EDM loss; write its EMA weights to ``out``. Returns a summary.
 
@@ -129,6 +139,10 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
     device = distributed.device()
     tokenizer = tokens = None
     if arch["precond"] == "var":
+        if isinstance(data, ShardedDataset):
+            raise ConfigError([("data.dataset", "this data set is "
+                                "sharded, and a VAR trained here reads its data in memory",
+                                "train a VAR on an in-memory data set (digits, cifar10)")])
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = train_tokenizer((ar or ARConfig()).tokenizer, data, run_dir, cfg.seed, tracker, progress).to(device)
         with torch.no_grad():
@@ -162,19 +176,25 @@ def pretrain(cfg: PretrainConfig, data: Dataset, run_dir: Path, out: Path, track
     bar = tqdm(total=cfg.total_nimg, initial=nimg, desc="pretrain", unit="img",
                disable=not progress or not distributed.is_main())
     t0 = time.time()
+    order = data.order(cfg.seed) if isinstance(data, ShardedDataset) else None
     while nimg < cfg.total_nimg:
         preempt.check(save, f"pretraining at {nimg} images")
         # 1. The draws of this step depend only on (seed, step): the whole batch, whatever this rank's slice.
         g = step_generator(cfg.seed, step)
-        idx = torch.randint(len(data.images), [cfg.batch], generator=g)
         if tokens is not None:  # VAR: the label-dropout mask of the batch, then cross-entropy of its token maps
+            idx = torch.randint(len(data.images), [cfg.batch], generator=g)
             uncond = (torch.rand(cfg.batch, generator=g) < net.cond_drop_rate)[mine].to(device)
             i = idx[mine].to(device)
             y = torch.as_tensor(data.labels[idx[mine].numpy()]).to(device)
             loss = ar_mle_loss(train_net, tokenizer.quantize, tokens[i], y, uncond)
         else:
+            if order is None:
+                idx = torch.randint(len(data.images), [cfg.batch], generator=g)
             sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, cfg.P_std, generator=g)
-            x, y = batch_of(data, idx[mine], label_dim)
+            if order is None:
+                x, y = batch_of(data, idx[mine], label_dim)
+            else:  # sharded: this rank reads only its slice of the step's items (repro.datasets.sharded)
+                x, y = sharded_batch(data, order.step(step, cfg.batch, mine), label_dim, g, cfg.batch, mine)
             x, y, sigma, eps = (t.to(device) if t is not None else None for t in (x, y, sigma[mine], eps[mine]))
             # 2. EDM loss (this rank's mean; DDP averages the gradients over the ranks), Adam step with warm-up, EMA.
             loss = edm_loss(train_net, x, y, sigma, eps, cfg.sigma_data).mean()

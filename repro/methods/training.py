@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from repro.datasets.sharded import ShardedDataset
+from repro.sampling.generate import one_hot
 from repro.storage.files import atomic_path
 
 
@@ -20,6 +22,14 @@ def step_generator(*keys: int) -> torch.Generator:
     """A generator seeded by a tuple of integers (seed, round, step, ...): draws depend on progress only."""
     digest = hashlib.sha256(np.asarray(keys, dtype=np.int64).tobytes()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def sharded_batch(data: ShardedDataset, runs, label_dim: int, g: torch.Generator, batch: int, mine: slice):
+    """The network inputs and one-hot labels of this rank's items ``runs`` of a global batch of ``batch``; a latent
+    data set's draws take this rank's slice of noise drawn with ``g`` for the whole batch (as one process)."""
+    items, labels = data.read(runs)
+    noise = torch.randn((batch, *data.shape), generator=g)[mine] if data.latent else None
+    return data.to_model(items, noise), one_hot(torch.as_tensor(labels), label_dim)
 
 
 def ema_beta(batch: int, halflife_nimg: int) -> float:

@@ -16,6 +16,7 @@ from typing import Iterator
 from repro.cluster import distributed
 from repro.config import Config, config_hash, stage_dict
 from repro.datasets.images import Dataset, load_prepared
+from repro.datasets.sharded import ShardedDataset
 from repro.pipeline.tracking import stage_run
 from repro.storage.files import read_json, sha256_file
 from repro.storage.layout import Paths
@@ -59,9 +60,31 @@ def require(*files: Path) -> None:
             raise FileNotFoundError(f"{f} not found: run the stage that makes it first (`dvc repro` runs them in order)")
 
 
-def load_data(paths: Paths) -> Dataset:
-    """The data stage's output, checked against its manifest."""
+def load_data(paths: Paths) -> Dataset | ShardedDataset:
+    """The data stage's output, checked against its manifest: the array file, or the shards (ImageNet; read per
+    rank as repro.datasets.sharded says, latents whitened with EDM2's statistics)."""
+    manifest = read_json(paths.manifest) if paths.manifest.is_file() else None
+    if isinstance(manifest, dict) and "shards" in manifest:
+        if not paths.data.is_file():
+            raise FileNotFoundError(f"{paths.data} not found: run the data stage first (`repro data`)")
+        scale_bias = None
+        if manifest.get("dtype") == "float32":
+            from repro.nets.sd_vae import edm2_scale_bias
+
+            scale_bias = edm2_scale_bias()
+        return ShardedDataset(paths.manifest, scale_bias=scale_bias)
     return load_prepared(paths.data, read_json(paths.manifest) if paths.manifest.is_file() else None)
+
+
+def in_memory(data: Dataset | ShardedDataset, what: str) -> Dataset:
+    """``data`` for a stage that holds the real images in memory (discriminators, DCD's critic, kernel banks); sharded
+    data (ImageNet) is refused, naming the field: those stages have no sharded reader."""
+    if isinstance(data, ShardedDataset):
+        from repro.config import ConfigError
+
+        raise ConfigError([("data.dataset", f"{what} holds the real images in memory and cannot read sharded data "
+                            f"({data.source.folder})", "use it on digits or cifar10; on ImageNet run the DDO stages")])
+    return data
 
 
 def log_data_input(tracker, paths: Paths, context: str = "training") -> None:

@@ -53,6 +53,9 @@ from repro.methods.ddo.family import (
     make_fake_bank,
     selection_score,
 )
+from repro.datasets.sharded import FakeShards, ShardedDataset, index_fake_shards, write_fake_shards
+from repro.methods.ddo.loss import ddo_diffusion_loss
+from repro.methods.losses import draw_sigma_noise, edm_loss
 from repro.methods.training import (
     ema_beta,
     ema_update,
@@ -63,12 +66,13 @@ from repro.methods.training import (
     power_ema_gamma,
     rampup_lr,
     save_state,
+    sharded_batch,
     step_generator,
     training_precision,
 )
 from repro.nets.checkpoint import load_model, save_model
 from repro.nets.layers import disable_dropout
-from repro.sampling.generate import image_grid
+from repro.sampling.generate import from_uint8, generate_images, image_grid
 from repro.storage.files import atomic_path, load_npz, read_json, save_npz, write_json
 from repro.storage.layout import RoundDir
 
@@ -114,7 +118,28 @@ def eval_forward(net: torch.nn.Module, *args):
         net.train(mode)
 
 
-def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig,
+def make_fake_shards(ref: torch.nn.Module, data: ShardedDataset, label_dim: int, first_seed: int, bank: Path,
+                     sampler: SamplerConfig, progress: bool, device="cpu") -> FakeShards:
+    """The fake bank of sharded data, as shards beside ``bank`` (repro.datasets.sharded): each rank makes its data
+    shards' fakes, one shard in memory at a time; fakes of a latent model stay latents (float32). No collective
+    moves images; rank 0 writes the index once every rank is done."""
+    def generate(seeds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        batches = generate_images(ref, seeds, img_shape=data.shape, label_dim=label_dim, sampler=sampler,
+                                  labels=labels if label_dim else None, progress=progress and distributed.is_main(),
+                                  desc="fake shard", device=device,
+                                  decoder=(lambda x: x.float()) if data.latent else None)
+        return np.concatenate([imgs.numpy() for _, imgs, _ in batches])
+
+    if not bank.is_file():
+        write_fake_shards(bank, data, generate, first_seed, distributed.rank(), distributed.world_size())
+        distributed.barrier()
+        if distributed.is_main():
+            index_fake_shards(bank, data, first_seed)
+        distributed.barrier()
+    return FakeShards(bank, data)
+
+
+def train_round(kind: str, round_: int, ref_path: Path, data: Dataset | ShardedDataset, cfg: DDOConfig, sampler: SamplerConfig,
                 sigma_data: float, metric, run_dir: Path, tracker, progress: bool = True,
                 ref_score: float | None = None) -> RoundResult:
     """Run (or resume, or reuse if finished) one round of ``kind`` ('ddo' or 'control') in ``run_dir``."""
@@ -139,11 +164,18 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     disable_dropout(ref)
     ref.requires_grad_(False)
     label_dim = arch.get("label_dim", 0)  # a VAR model: classes are its own (num_classes)
-    n = len(data.images)
+    sharded = isinstance(data, ShardedDataset)
+    n = len(data) if sharded else len(data.images)
 
     # 1. The fake bank of this round, from the reference (DDO only); saved as soon as it is complete.
     fakes = None
-    if kind == "ddo":
+    if kind == "ddo" and sharded:  # as shards beside the index rd.fakes, each rank its own
+        fakes = make_fake_shards(ref, data, label_dim, int(fake_seeds(cfg, round_, 1)[0]), rd.fakes, sampler,
+                                 progress, device)
+        if not data.latent:
+            tracker.log_image(image_grid(fakes.first(128)), f"fakes_round{round_}.png")
+        preempt.check(lambda: None, f"in {kind} round {round_} after the fake bank")
+    elif kind == "ddo":
         bank = rd.fakes
         if bank.is_file():
             fakes = dict(load_npz(bank))
@@ -189,6 +221,7 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
     gamma = power_ema_gamma(cfg.ema_std) if cfg.ema_std else None
     P_std = P_std_of_round(cfg, round_)
     kind_id = KINDS.index(kind)
+    order = data.order((cfg.seed, kind_id, round_)) if sharded else None  # sharded: a seeded order, per rank
     bar = tqdm(total=cfg.nimg_per_round, initial=nimg, desc=f"{kind} round {round_}", unit="img",
                disable=not progress or not distributed.is_main())
     with training_precision(cfg.precision, device) as autocast:  # fp32, TF32 off, unless ddo.precision
@@ -197,14 +230,37 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset, cfg: DDOC
             # 2a. Draws depend on (seed, kind, round, step) only: resumable and reproducible. Every rank draws the
             #     whole batch, then takes its slice.
             g = step_generator(cfg.seed, kind_id, round_, step)
-            idx = torch.randint(n, [cfg.batch], generator=g)
-            with autocast():
-                if kind == "ddo":
-                    loss, stats = ddo_step_loss(train_net, ref, data, fakes, idx, mine, g, cfg, sampler, P_std,
-                                                sigma_data, label_dim, device, partial(eval_forward, train_net))
-                else:
-                    loss, stats = control_step_loss(train_net, data, idx, g, cfg, sampler, P_std, sigma_data,
-                                                    label_dim, device), {}
+            if order is not None and kind == "ddo":  # sharded (diffusion): this rank reads only its items
+                sigma, eps = draw_sigma_noise((cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
+                runs = order.step(step, cfg.batch, mine)  # this rank's items only; fake (j, i) pairs real (j, i)
+                x_real, y_real = sharded_batch(data, runs, label_dim, g, cfg.batch, mine)
+                fake = torch.as_tensor(fakes.take(runs))
+                x_fake = (fake.float() if data.latent else from_uint8(fake)).to(device)
+                x_real, y_real = x_real.to(device), (y_real.to(device) if y_real is not None else None)
+                with autocast():
+                    loss, stats = ddo_diffusion_loss(train_net, ref, x_real, y_real, x_fake, y_real,
+                                                     sigma[mine].to(device), eps[mine].to(device), alpha=cfg.alpha,
+                                                     beta=cfg.beta, sigma_data=sigma_data,
+                                                     net_fake=partial(eval_forward, train_net))
+            elif order is not None:  # the control on shards: twice the items per step, as in memory
+                mine2 = distributed.batch_slice(2 * cfg.batch, "ddo.batch")
+                sigma, eps = draw_sigma_noise((2 * cfg.batch, *data.shape), cfg.P_mean, P_std, generator=g)
+                x, y = sharded_batch(data, order.step(step, 2 * cfg.batch, mine2), label_dim, g, 2 * cfg.batch, mine2)
+                x = x.to(device)
+                y = y.to(device) if y is not None else None
+                with autocast():
+                    loss = edm_loss(train_net, x, y, sigma[mine2].to(device), eps[mine2].to(device),
+                                    sigma_data).mean()
+                stats = {}
+            else:  # in memory: both families (repro.methods.ddo.family)
+                idx = torch.randint(n, [cfg.batch], generator=g)
+                with autocast():
+                    if kind == "ddo":
+                        loss, stats = ddo_step_loss(train_net, ref, data, fakes, idx, mine, g, cfg, sampler, P_std,
+                                                    sigma_data, label_dim, device, partial(eval_forward, train_net))
+                    else:
+                        loss, stats = control_step_loss(train_net, data, idx, g, cfg, sampler, P_std, sigma_data,
+                                                        label_dim, device), {}
             # 2b. Adam step with warm-up (the loss is this rank's mean; DDP averages the gradients), EMA.
             opt.zero_grad(set_to_none=True)
             loss.backward()

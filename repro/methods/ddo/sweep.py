@@ -10,8 +10,9 @@ from pathlib import Path
 from repro.cluster import distributed, preempt
 from repro.config import DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
+from repro.datasets.sharded import ShardedDataset
 from repro.methods.ddo.family import make_fake_bank, selection_score
-from repro.methods.ddo.rounds import RoundResult, fake_seeds, selection_seeds, train_round
+from repro.methods.ddo.rounds import RoundResult, fake_seeds, make_fake_shards, selection_seeds, train_round
 from repro.nets.checkpoint import load_model
 from repro.nets.layers import disable_dropout
 from repro.storage.files import atomic_path, link_or_copy, read_json, save_npz, write_json
@@ -33,7 +34,7 @@ def prepared(round_dir: Path) -> dict | None:
     return read_json(rd.prepared) if rd.prepared.is_file() and rd.fakes.is_file() else None
 
 
-def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig, metric,
+def prepare_round(round_: int, ref_path: Path, data: Dataset | ShardedDataset, cfg: DDOConfig, sampler: SamplerConfig, metric,
                   round_dir: Path, progress: bool = True, ref_score: float | None = None) -> float:
     """A swept round's shared work: its fake bank (``fakes.npz``) and the reference's selection score
     (``prepare.json``), made once and reused. Returns the reference's score."""
@@ -47,8 +48,12 @@ def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sa
     ref = ref.float()  # DDO trains in fp32 (the paper disables mixed precision); released EDM2 weights are fp16
     disable_dropout(ref)
     ref.requires_grad_(False)
-    bank, n = RoundDir(round_dir).fakes, len(data.images)
-    if not bank.is_file():
+    bank = RoundDir(round_dir).fakes
+    if isinstance(data, ShardedDataset):  # shards beside the index, each rank its own
+        make_fake_shards(ref, data, arch["label_dim"], int(fake_seeds(cfg, round_, 1)[0]), bank, sampler, progress,
+                         device)
+    elif not bank.is_file():
+        n = len(data.images)
         log.info("ddo round %d (sweep): generating %d fakes from the reference into %s", round_, n, bank)
         fakes = make_fake_bank(ref, data, arch.get("label_dim", 0), fake_seeds(cfg, round_, n), sampler, progress,
                                device)
@@ -64,7 +69,7 @@ def prepare_round(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sa
     return ref_score
 
 
-def train_candidate(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerConfig,
+def train_candidate(round_: int, ref_path: Path, data: Dataset | ShardedDataset, cfg: DDOConfig, sampler: SamplerConfig,
                     sigma_data: float, metric, round_dir: Path, alpha: float, beta: float, tracker,
                     progress: bool = True) -> RoundResult:
     """One candidate of a swept round: a DDO round with this (alpha, beta), on the round's fake bank, with the
@@ -76,6 +81,9 @@ def train_candidate(round_: int, ref_path: Path, data: Dataset, cfg: DDOConfig, 
     out = RoundDir(round_dir).candidate(alpha, beta)
     out.dir.mkdir(parents=True, exist_ok=True)
     if not out.fakes.is_file() and not out.done.is_file() and distributed.is_main():
+        shards = RoundDir(round_dir).fakes.with_suffix("")
+        if shards.is_dir() and not out.fakes.with_suffix("").exists():  # a sharded bank: its folder too
+            out.fakes.with_suffix("").symlink_to(shards.resolve(), target_is_directory=True)
         link_or_copy(RoundDir(round_dir).fakes, out.fakes)  # train_round finds it: not made again
     distributed.barrier()
     return train_round("ddo", round_, ref_path, data, dataclasses.replace(cfg, alpha=alpha, beta=beta), sampler,

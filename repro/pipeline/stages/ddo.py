@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from repro.cluster.launcher import Wave
-from repro.config import Config
+from repro.config import Config, ConfigError
 from repro.evaluation.metric import load_metric
 from repro.methods.ddo.rounds import KINDS, train_round
 from repro.methods.ddo.selfplay import run_rounds
@@ -24,7 +24,7 @@ from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep
 from repro.methods.ddo.family import ARSampling, tokenizer_of
 from repro.nets import released
 from repro.nets.checkpoint import load_model, read_model_meta
-from repro.pipeline.common import load_data, log_data_input, require, run_dir, stage_context, tracked
+from repro.pipeline.common import in_memory, load_data, log_data_input, require, run_dir, stage_context, tracked
 from repro.pipeline.cost import ddo_cost
 from repro.storage.files import atomic_dir, check_recorded, read_json, write_json
 from repro.storage.layout import Paths, RoundDir, round_name
@@ -45,12 +45,18 @@ def _inputs(cfg: Config, paths: Paths):
     require(paths.data, paths.base, paths.extractor, paths.reference)
     check_recorded(paths.base)  # the bytes the pretrain stage wrote
     arch, info = read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
+    data = load_data(paths)
+    if getattr(data, "latent", False):  # refused before any work: the selection score would be Inception of latents
+        raise ConfigError([("data.dataset", f"{cfg.data.dataset} is SD-VAE latents, and the DDO rounds' selection "
+                            "metric does not decode latents through the SD-VAE yet (issue 14's open part)",
+                            "run DDO rounds on a pixel data set (imagenet64, cifar10, digits) today")])
     if arch.get("precond") == "var":  # AR DDO: the tokenizer the base carries (trained here), or its registry one
+        in_memory(data, "AR DDO (the sharded reader serves the diffusion rounds only, so far)")
         tokenizer = tokenizer_of(load_model(paths.base)[0]) or released.load_tokenizer(paths.root, info["tokenizer"])
         sampler = ARSampling(tokenizer.float().eval().requires_grad_(False))
     else:
         sampler = dataclasses.replace(cfg.sampler, guidance=1.0)
-    return load_data(paths), load_metric(cfg.extractor.kind, paths.extractor, paths.reference), sampler
+    return data, load_metric(cfg.extractor.kind, paths.extractor, paths.reference), sampler
 
 
 def _check_round(cfg: Config, round_: int) -> None:

@@ -29,7 +29,7 @@ from repro.methods.guidance import (GuidedModel, dg_train_settings, guided_model
                                     train_dcd_critic)
 from repro.nets.checkpoint import load_model, read_model_meta
 from repro.nets.discriminators import save_discriminator, spec_of
-from repro.pipeline.common import load_data, log_data_input, require, stage_context, tracked
+from repro.pipeline.common import in_memory, load_data, log_data_input, require, stage_context, tracked
 from repro.pipeline.cost import guidance_cost
 from repro.pipeline.stages.fakes import bank_shards
 from repro.sampling.shards import model_sha256
@@ -70,7 +70,7 @@ def _train(cfg: Config, paths: Paths, job: _Job, tracker, progress: bool) -> Pat
     if done.is_file():
         log.info("discriminator %s: already trained in %s", job.gm.name, job.run_dir)
         return job.run_dir / read_json(done)["checkpoints"][-1]
-    data = load_data(paths)
+    data = in_memory(load_data(paths), "the discriminator stage")
     label_dim = int(read_model_meta(job.gm.path)[0].get("label_dim") or 0) if cfg.discriminator.conditional else 0
     fake, fake_labels = load_bank(job.fakes) if job.fakes else (None, None)
     denoise = None
@@ -139,7 +139,7 @@ def _dcd_critic(cfg: Config, paths: Paths, gm: GuidedModel, arch: dict, tracker,
     torch.manual_seed(cfg.dcd.seed)
     uncond = dataclasses.replace(cfg, discriminator=dataclasses.replace(cfg.discriminator, conditional=False))
     disc, info = new_discriminator(uncond, arch, paths.root, progress)
-    data = load_data(paths)
+    data = in_memory(load_data(paths), "the discriminator stage")
     fake, _ = load_bank(bank_shards(cfg, paths, gm.model))
     log.info("discriminator %s: training DCD's critic (wgan-gp, %d steps)", gm.name, cfg.dcd.critic_steps)
     with tracker.child(gm.name, params={"critic_steps": cfg.dcd.critic_steps}, tags={"guided_model": gm.name}) as c:

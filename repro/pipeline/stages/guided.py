@@ -27,7 +27,7 @@ from repro.methods.guidance import (GuidedModel, build_correction, dcd_decoder, 
 from repro.nets.checkpoint import load_model, read_model_meta
 from repro.nets.discriminators import load_discriminator
 from repro.nets.released import sampling_extras
-from repro.pipeline.common import load_data, require, stage_context, tracked
+from repro.pipeline.common import in_memory, load_data, require, stage_context, tracked
 from repro.pipeline.cost import guidance_cost
 from repro.pipeline.stages.fakes import bank_shards
 from repro.sampling.generate import image_grid
@@ -76,7 +76,7 @@ def _correction_and_extras(cfg: Config, paths: Paths, gm: GuidedModel, device: s
         if cfg.kernel.where == "denoised":
             net, _, _ = load_model(gm.path, device)
             denoise = net.float().eval().requires_grad_(False)
-        return kernel_correction(cfg.kernel, load_data(paths).images, fake, device, denoise), extras
+        return kernel_correction(cfg.kernel, in_memory(load_data(paths), "kernel guidance").images, fake, device, denoise), extras
     ext = read_json(paths.discriminators_index)["discriminators"][gm.name]
     extractor = paths.checkpoint(ext["extractor_file"]) if ext.get("extractor_file") else None
     disc, _ = load_discriminator(paths.discriminator(gm.name), extractor, ext.get("extractor_sha256"), device)
