@@ -190,8 +190,8 @@ PROBLEMS = [
     (["pretrain.P_mean=.nan"], "pretrain.P_mean: is NaN. Fix: write a number."),
     (["ddo.control=1"], "ddo.control: must be true or false, got 1. Fix: write true or false."),
     (["data.mirror=5"], "data.mirror: must be a string, got 5. Fix: quote it."),
-    (["pretrain.network.precond=ve"], "pretrain.network.precond: must be one of edm, vp, var; got 've'. "
-                                      "Fix: set pretrain.network.precond to one of edm, vp, var."),
+    (["pretrain.network.precond=ve"], "pretrain.network.precond: must be one of edm, vp, edm2, var; got 've'. "
+                                      "Fix: set pretrain.network.precond to one of edm, vp, edm2, var."),
     (["pretrain.network.precond=1"], "pretrain.network.precond: must be a string, got 1. Fix: quote it."),
     (["pretrain.network.channel_mult=2"], "pretrain.network.channel_mult: must be a list of int, got 2. "
                                           "Fix: write it as [a, b, ...]."),

@@ -232,3 +232,41 @@ def test_a_guide_that_does_not_match_is_refused(tmp_path, mirror, small_vae, mon
     (root / "models/guide.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="repro pretrain"):
         pretrained.sampling_extras(cfg, root, arch, info)
+
+
+def test_the_selection_metric_of_a_latent_model_is_the_metric_of_its_decoded_images(inception_weights, tmp_path):
+    """DDO's selection score on latents: the samples go through the decoder before Inception, batch by batch as the
+    sampler makes them; the same images decoded by hand score the same, and another VAE (or none) does not."""
+    from dataclasses import replace
+
+    from repro.evaluation import fidelity
+    from repro.evaluation.extractor import data_statistics
+    from repro.evaluation.metric import load_metric
+    from repro.methods.ddo.family import selection_score
+    from repro.nets.factory import build_network
+    from repro.sampling.generate import to_uint8
+
+    weights, _ = inception_weights
+    rng = np.random.default_rng(0)
+    data_statistics(fidelity.INCEPTION_EXTRACTOR, weights, rng.integers(0, 256, (6, 3, 64, 64), dtype=np.uint8)
+                    ).save(tmp_path / "ref.npz")
+    decoder = latents.LatentDecoder(latents.tiny_autoencoder(seed=0))
+    torch.manual_seed(0)
+    net = build_network(dict(precond="edm2", img_resolution=8, img_channels=4, label_dim=0, model_channels=4,
+                             channel_mult=[1], num_blocks=1, attn_resolutions=[])).eval()
+    sampler = replace(load_config(preset="micro").sampler, num_steps=2, batch=3)
+    seeds, shape = np.arange(5), (4, 8, 8)
+
+    metric = load_metric("inception", weights, tmp_path / "ref.npz", decoder=decoder)
+    got = selection_score(metric, net, seeds, 0, shape, sampler)
+    z = [x for _, x, _ in generate_images(net, seeds, img_shape=shape, label_dim=0, sampler=sampler,
+                                          decoder=lambda x: x.float())]
+    assert [tuple(b.shape) for b in z] == [(3, 4, 8, 8), (2, 4, 8, 8)]
+    images = [decoder(b) for b in z]
+    assert all(b.dtype == torch.uint8 and b.shape[1:] == (3, 64, 64) for b in images)
+    assert got == metric.score_images(images) and np.isfinite(got)
+    other = load_metric("inception", weights, tmp_path / "ref.npz",
+                        decoder=latents.LatentDecoder(latents.tiny_autoencoder(seed=1)))
+    assert abs(selection_score(other, net, seeds, 0, shape, sampler) - got) > 1e-3 * abs(got)
+    undecoded = [to_uint8(b[:, :3]) for b in z]  # what skipping the decoder would score (its first 3 channels)
+    assert abs(metric.score_images(undecoded) - got) > 1e-3 * abs(got)

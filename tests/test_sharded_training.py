@@ -1,6 +1,7 @@
 """Training on sharded data (repro.datasets.sharded): the seeded per-epoch order, per-rank reads, resumable loops,
 and the DDO fake bank as shards paired with the data shards."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def test_stages_that_hold_the_real_images_in_memory_refuse_shards_naming_the_fie
         in_memory(sharded, "the discriminator stage")
 
 
-def test_latent_shards_train_on_whitened_draws_and_the_ddo_stage_refuses_them_until_selection_decodes(
+def test_latent_shards_train_on_whitened_draws_and_the_ddo_stage_decodes_only_with_the_encoding_vae(
         tmp_path, monkeypatch):
     from repro.config import ConfigError, load_config
     from repro.nets.sd_vae import edm2_scale_bias
@@ -169,13 +170,24 @@ def test_latent_shards_train_on_whitened_draws_and_the_ddo_stage_refuses_them_un
     want = (stored[[5, 4], :4] + stored[[5, 4], 4:]) * scale[:, None, None] + bias[:, None, None]
     assert torch.allclose(lat.to_model(items, noise), torch.as_tensor(want), atol=1e-5)
 
+    # The ddo stage: latents need a decoder (pretrain.decoder for a base trained here), and it must be the VAE the
+    # data stage encoded with (the manifest's record), checked before the metric is built.
     cfg = load_config(preset="micro")
     for name in ("require", "check_recorded"):
         monkeypatch.setattr(ddo_stage, name, lambda *a, **k: None)
     monkeypatch.setattr(ddo_stage, "read_model_meta", lambda *a, **k: ({"precond": "edm"}, {}))
     monkeypatch.setattr(ddo_stage, "load_data", lambda paths: lat)
-    with pytest.raises(ConfigError, match="data.dataset.*does not decode latents"):
+    monkeypatch.setattr(ddo_stage, "load_metric", lambda *a, **k: pytest.fail("no metric without the decoder"))
+    with pytest.raises(ConfigError, match="pretrain.decoder: is empty"):
         ddo_stage._inputs(cfg, Paths.of(cfg, tmp_path))
+    cfg = load_config(preset="imagenet512-l", overrides=["pretrain.source=train", "pretrain.decoder=sd-vae-tiny"])
+    paths = Paths.of(cfg, tmp_path)
+    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    paths.manifest.write_text(json.dumps({"latents": {"encoder": "sd-vae-tiny sha256 " + "0" * 64}}))
+    paths.decoder("sd-vae-tiny").parent.mkdir(parents=True)
+    paths.decoder("sd-vae-tiny").write_bytes(b"another VAE")
+    with pytest.raises(ValueError, match="encoded with sd-vae-tiny sha256 0000.*decoder here is sd-vae-tiny sha256"):
+        ddo_stage._inputs(cfg, paths)
 
 
 def test_a_swept_round_on_shards_shares_one_sharded_bank_among_its_candidates(tmp_path, cfg, sharded, base,

@@ -91,6 +91,12 @@ DECODERS: dict[str, Checkpoint] = {c.name: c for c in [
     Checkpoint("sd-vae-ft-mse", f"{SD_VAE}/diffusion_pytorch_model.safetensors", "sd-vae", "safetensors",
                "sd-vae-ft-mse", "decoder of EDM2's ImageNet-512 latents (EDM2 encoders.py StabilityVAEEncoder)",
                "MIT"),
+    # The micro stand-ins' decoder: a random-weight kl-f8 VAE of sd_vae's "kl-f8-tiny" config (8x down, 4 latent
+    # channels, as sd-vae-ft-mse, with 8 channels per block). There is no published file: write one with
+    # repro.nets.sd_vae.save_autoencoder(tiny_autoencoder(seed), path) and serve it through pretrain.mirror (a local
+    # directory is enough; the tests do this). Its sha256 is pinned on first use like every entry's.
+    Checkpoint("sd-vae-tiny", "https://example.invalid/repro-micro/sd-vae-tiny.safetensors", "sd-vae", "safetensors",
+               "kl-f8-tiny", "none: a random-weight stand-in for sd-vae-ft-mse in the micro pipelines", "MIT"),
 ]}
 
 

@@ -26,7 +26,7 @@ from repro.config.schema import STAGE_PARAMS, Config
 
 # Fields left out of a stage's params (run directory keys, MLflow hashes) while empty, so that adding them changed
 # no run directory of the settings that do not use them.
-OMIT_WHEN_EMPTY = ("ddo.sweep_alpha", "ddo.sweep_beta")
+OMIT_WHEN_EMPTY = ("ddo.sweep_alpha", "ddo.sweep_beta", "pretrain.decoder")
 # Sections left out of a stage's params while at their defaults and unused, for the same reason: ar is read for VAR
 # models only.
 OMIT_WHEN_DEFAULT = ("ar",)
@@ -187,8 +187,10 @@ def stage_dict(cfg: Config, stage: str) -> dict:
             out[section] = value
     for name in OMIT_WHEN_EMPTY:
         section, _, key = name.partition(".")
-        if out.get(section, {}).get(key, None) == []:
+        if out.get(section, {}).get(key, None) in ([], ""):
             del out[section][key]
+            if not out[section]:
+                del out[section]
     for section in OMIT_WHEN_DEFAULT:
         unused = not cfg.is_ar
         if section in out and unused and out[section] == to_dict(type(getattr(cfg, section))()):

@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from repro.catalog.papers import paper_rows
 from repro.catalog.protocols import PROTOCOLS
-from repro.catalog.registry import CHECKPOINTS, DG_FILES
+from repro.catalog.registry import CHECKPOINTS, DECODERS, DG_FILES
 from repro.config.errors import ConfigError, validate
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,6 +72,7 @@ MAX_LR = 0.1  # Adam learning rates above this diverge at once (the presets use 
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # results/<preset>/: a plain name, never a path
 # the images of each data set a trained net sees
 RESOLUTION = {"digits": 8, "cifar10": 32, "imagenet64": 64, "imagenet256": 256}
+LATENT_DATASETS = ("imagenet512",)  # stored as SD-VAE latents (repro.datasets.imagenet.LATENT)
 
 
 def rules(check):
@@ -140,8 +141,10 @@ class ExtractorConfig:
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
 class NetworkConfig:
-    precond: Literal["edm", "vp", "var"] = Field(description=(
-        "edm / vp: a DDPM++ U-Net denoiser trained with the EDM loss; var: a VAR next-scale transformer on the "
+    precond: Literal["edm", "vp", "edm2", "var"] = Field(description=(
+        "edm / vp: a DDPM++ U-Net denoiser trained with the EDM loss; edm2: EDM2's magnitude-preserving U-Net "
+        "(repro.nets.edm2, the ImageNet presets' released family; the micro stand-ins of those presets), trained "
+        "with the EDM loss (no learned loss weighting); var: a VAR next-scale transformer on the "
         "tokens of a multi-scale VQ tokenizer, both trained here (sizes in the ar section; the U-Net fields below "
         "are then unused)"))
     model_channels: Int = Field(gt=0)
@@ -166,6 +169,10 @@ class PretrainConfig:
         "'train': train the base model here with the EDM loss; else a released checkpoint (repro/catalog/registry.py), "
         "fetched, verified and converted"))
     mirror: Str = Field("", description="base URL or local directory that replaces the checkpoint URL's location")
+    decoder: Literal[("", *DECODERS)] = Field("", description=(
+        "the latent decoder (registry DECODERS) of a model trained here on latent data (data.dataset imagenet512): "
+        "the data stage encodes with its VAE, the DDO selection and the sample stage decode with it; '' for pixel "
+        "data and for a released source, whose registry entry names its decoder"))
     network: NetworkConfig
     sigma_data: Float = Field(gt=0)
     P_mean: Float
@@ -669,11 +676,11 @@ def resources_for(lc: LauncherConfig, stage: str) -> Resources:
 
 # Which params each stage reads (what dvc.yaml declares; a test checks the two agree).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "data": ("data",),
+    "data": ("data", "pretrain.decoder"),
     "extractor": ("extractor",),
     "pretrain": ("pretrain", "sampler", "ar"),
-    "ddo": ("ddo", "sampler", "pretrain.sigma_data", "extractor.kind"),
-    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "ar"),
+    "ddo": ("ddo", "sampler", "pretrain.sigma_data", "pretrain.decoder", "extractor.kind"),
+    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "pretrain.decoder", "ar"),
     "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
     "discriminator": ("guidance.evaluate", "discriminator", "dcd", "ddo.rounds", "pretrain.mirror"),
     "guided": ("guidance.evaluate", "dg", "dg_improved", "kernel", "dcd", "sample", "sampler", "ddo.rounds"),
@@ -783,6 +790,24 @@ class Config:
                        "move ddo.fake_first_seed above the other seed ranges")
         yield from _guidance_rules(self)
         yield from _ar_rules(self)
+        yield from _decoder_rules(self)
+
+
+def _decoder_rules(cfg: "Config"):
+    """Latent data needs a decoder, named once: by a released source's registry entry, or by pretrain.decoder."""
+    p = cfg.pretrain
+    latent = cfg.data.dataset in LATENT_DATASETS
+    released = CHECKPOINTS[p.source].decoder if p.source != "train" else None
+    if p.decoder and p.source != "train" and p.decoder != released:
+        yield ("pretrain.decoder", f"is {p.decoder}, but pretrain.source {p.source} is released with decoder "
+               f"{released or 'none (pixels)'}", "leave pretrain.decoder empty: the registry entry names the decoder")
+    elif p.decoder and not latent:
+        yield ("pretrain.decoder", f"is {p.decoder}, but data.dataset {cfg.data.dataset} is pixels, not latents",
+               "leave pretrain.decoder empty (or use a latent data set: imagenet512)")
+    elif latent and p.source == "train" and not p.decoder:
+        yield ("pretrain.decoder", f"is empty, but data.dataset {cfg.data.dataset} is SD-VAE latents and the base is "
+               "trained here, so nothing names the VAE that encodes and decodes them",
+               f"set pretrain.decoder (one of: {', '.join(DECODERS)})")
 
 
 def _ar_rules(cfg: "Config"):

@@ -40,8 +40,9 @@ class Metric:
     """Fréchet distance of generated images to reference statistics, in an extractor's feature space."""
 
     def __init__(self, name: str, extractor_kind: str, weights_path: Path, reference_path: Path,
-                 device: str | None = None):
+                 device: str | None = None, decoder=None):
         self.name = name
+        self.decoder = decoder  # a latent model's: samples -> uint8 images before the extractor (score only)
         self.extractor_kind = extractor_kind
         self.weights_path = Path(weights_path)
         self.reference_path = Path(reference_path)
@@ -61,6 +62,9 @@ class Metric:
     def score(self, net, seeds: np.ndarray, label_dim: int, img_shape, sampler: SamplerConfig) -> float:
         """Generate the seeds' images with ``net`` (on its device) and return their distance to the reference.
 
+        A latent model's samples go through ``self.decoder`` (the SD-VAE decoder, repro.nets.sd_vae.LatentDecoder)
+        before the extractor, as in the sample stage: the features are those of the decoded images.
+
         With several processes every rank must call it: each generates and embeds its share of the batches,
         the features come back to every rank in one process's batch order, so the statistics (and the score,
         which rank 0 then sends to all) are bitwise those of one process.
@@ -70,7 +74,8 @@ class Metric:
         part = (distributed.rank(), distributed.world_size())
         device = next(net.parameters()).device if isinstance(net, torch.nn.Module) else "cpu"
         return self.score_images(imgs for _, imgs, _ in generate_images(
-            net, seeds, img_shape=img_shape, label_dim=label_dim, sampler=sampler, device=device, part=part))
+            net, seeds, img_shape=img_shape, label_dim=label_dim, sampler=sampler, device=device, part=part,
+            decoder=self.decoder))
 
     def score_images(self, batches: Iterable[torch.Tensor]) -> float:
         """The distance to the reference of this rank's uint8 image batches, gathered over the ranks in one
@@ -104,11 +109,12 @@ def metric_name(kind: str) -> str:
     return EXTRACTORS[kind][1]
 
 
-def load_metric(kind: str, weights: Path, reference: Path) -> Metric:
+def load_metric(kind: str, weights: Path, reference: Path, decoder=None) -> Metric:
+    """The metric of ``kind``; ``decoder``: a latent model's decoder, applied to its samples before the extractor."""
     for p, what in ((weights, "extractor weights"), (reference, "reference statistics")):
         if not Path(p).is_file():
             raise FileNotFoundError(f"{p} not found ({what}): run the extractor stage first (`repro extractor`)")
-    return Metric(metric_name(kind), EXTRACTORS[kind][0], weights, reference)
+    return Metric(metric_name(kind), EXTRACTORS[kind][0], weights, reference, decoder=decoder)
 
 
 # ----------------------------------------------------------------------------------------------------------

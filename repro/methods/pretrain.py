@@ -31,6 +31,7 @@ from repro.methods.losses import ar_mle_loss, draw_sigma_noise, edm_loss
 from repro.methods.training import (
     ema_beta,
     ema_update,
+    freeze_uncertainty,
     load_state,
     rampup_lr,
     save_state,
@@ -150,7 +151,7 @@ def pretrain(cfg: PretrainConfig, data: Dataset | ShardedDataset, run_dir: Path,
                                 for i in range(0, len(data.images), 500)])
     with torch.random.fork_rng():  # the initial weights depend on the seed only
         torch.manual_seed(cfg.seed)
-        net = build_network(arch).train().to(device)
+        net = freeze_uncertainty(build_network(arch).train().to(device))  # an EDM2 net: its logvar head unused
     train_net = distributed.wrap_ddp(net)  # several processes: rank 0's weights everywhere, averaged gradients
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)

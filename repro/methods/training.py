@@ -95,6 +95,15 @@ def training_precision(mode: str, device: torch.device | str = "cpu") -> Iterato
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def freeze_uncertainty(net: torch.nn.Module) -> torch.nn.Module:
+    """EDM2's learned uncertainty head (``logvar_linear``; repro.nets.edm2.Precond) frozen: the EDM and DDO losses here
+    do not use it (DDO drops it when fine-tuning), and DDP needs a gradient for every trainable parameter."""
+    head = getattr(net, "logvar_linear", None)
+    if isinstance(head, torch.nn.Module):
+        head.requires_grad_(False)
+    return net
+
+
 def for_training(net: torch.nn.Module) -> torch.nn.Module:
     """A network as the training loops compute with it: float32 weights (a released EDM2 snapshot is float16), and
     EDM2's U-Net not switched to float16 on CUDA (its ``use_fp16``); autocast is training_precision's business."""

@@ -63,8 +63,30 @@ def plan(cfg: PretrainConfig, root: Path, out: Path, sampler: SamplerConfig | No
 
 
 def decoder_name(cfg: PretrainConfig) -> str | None:
-    """The decoder a released latent model's samples need (registry), or None (pixels; or a model trained here)."""
+    """The decoder a latent model's samples need (a registry DECODERS name), or None (pixels).
+
+    A released model: the one its registry entry names. A model trained here on latents: ``pretrain.decoder``, the
+    VAE the data stage encoded the data with (the data manifest records its name and sha256; the ddo stage checks
+    that the decoder it loads is that file, :func:`check_encoded_with`). One name drives the encoder of the data
+    stage and the decoder of the pretrain grid, the DDO selection metric and the sample stage, each time loaded from
+    ``checkpoints/<name>.safetensors`` after its sha256 is checked against the lock (:func:`load_decoder`)."""
+    if cfg.decoder:
+        return cfg.decoder
     return None if cfg.source == "train" else registry.get(cfg.source).decoder
+
+
+def check_encoded_with(manifest: dict, root: Path, name: str) -> None:
+    """Refuse to decode latents with another VAE than the one the data stage encoded them with (the manifest's
+    ``latents.encoder``: '<name> sha256 <hex>', as repro.pipeline.stages.data writes it)."""
+    from repro.storage.files import sha256_file
+
+    path = Paths(root).decoder(name)
+    recorded = (manifest.get("latents") or {}).get("encoder", "")
+    want = f"{name} sha256 {sha256_file(path)}" if path.is_file() else f"{name} (missing: {path})"
+    if recorded != want:
+        raise ValueError(f"the data's latents were encoded with {recorded or 'an unrecorded VAE'}, but the decoder "
+                         f"here is {want}; the selection would decode them with another VAE. Fix: rerun the data "
+                         "stage (`repro data`) with this pretrain.decoder / pretrain.source")
 
 
 def check(cfg: PretrainConfig) -> None:

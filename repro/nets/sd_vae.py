@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["EDM2_RAW_MEAN", "EDM2_RAW_STD", "SD_VAE_FT_MSE", "CONFIGS", "edm2_scale_bias", "load_autoencoder",
-           "LatentDecoder", "LatentEncoder"]
+__all__ = ["EDM2_RAW_MEAN", "EDM2_RAW_STD", "SD_VAE_FT_MSE", "KL_F8_TINY", "CONFIGS", "edm2_scale_bias",
+           "load_autoencoder", "tiny_autoencoder", "save_autoencoder", "LatentDecoder", "LatentEncoder"]
 
 # EDM2 StabilityVAEEncoder defaults (the img512 models were trained on latents whitened with these).
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
@@ -49,7 +49,13 @@ SD_VAE_FT_MSE: dict[str, Any] = {
     "sample_size": 256,
 }
 
-CONFIGS: dict[str, dict[str, Any]] = {"sd-vae-ft-mse": SD_VAE_FT_MSE}  # registry arch name -> AutoencoderKL config
+# The micro stand-ins' VAE (registry decoder sd-vae-tiny): the same kl-f8 layout (4 levels: 512 px -> 64x64 latents,
+# 4 latent channels), 8 channels per block and one layer per block, so it encodes and decodes 512x512 on a CPU.
+KL_F8_TINY: dict[str, Any] = {**SD_VAE_FT_MSE, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1,
+                              "norm_num_groups": 4}
+
+CONFIGS: dict[str, dict[str, Any]] = {"sd-vae-ft-mse": SD_VAE_FT_MSE,  # registry arch name -> AutoencoderKL config
+                                      "kl-f8-tiny": KL_F8_TINY}
 
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -96,6 +102,23 @@ def load_autoencoder(path: Path | str, arch: str = "sd-vae-ft-mse", device="cpu"
     vae = vae.to_empty(device="cpu")
     load_state_strict(vae, tensors, str(path))
     return vae.eval().requires_grad_(False).to(device)
+
+
+def tiny_autoencoder(seed: int = 0) -> torch.nn.Module:
+    """A random-weight ``AutoencoderKL`` of :data:`KL_F8_TINY` (the micro stand-ins' VAE), drawn from ``seed``."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**KL_F8_TINY).eval().requires_grad_(False)
+
+
+def save_autoencoder(vae: torch.nn.Module, path: Path | str) -> Path:
+    """``vae``'s weights as a safetensors file in the upstream (diffusers) key layout :func:`load_autoencoder` reads."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(path))
+    return Path(path)
 
 
 class LatentDecoder:

@@ -29,6 +29,7 @@ from repro.config import DDOConfig
 from repro.datasets.images import Dataset
 from repro.methods.ddo.loss import ar_ddo_loss, ddo_diffusion_loss
 from repro.methods.losses import ar_mle_loss, draw_sigma_noise, edm_loss
+from repro.methods.training import freeze_uncertainty
 from repro.sampling.generate import from_uint8, generate_images, one_hot
 
 AR_BATCH = 250  # token maps per sampling batch (fake bank, selection): the images do not depend on it
@@ -60,7 +61,8 @@ def tokenizer_of(net: torch.nn.Module):
 
 
 def freeze_extras(net: torch.nn.Module) -> torch.nn.Module:
-    """theta's parts that DDO does not train: a VAR's own tokenizer."""
+    """theta's parts that DDO does not train: a VAR's own tokenizer; an EDM2 net's uncertainty head."""
+    freeze_uncertainty(net)
     if tokenizer_of(net) is not None:
         net.tokenizer.requires_grad_(False)
     return net

@@ -1,7 +1,7 @@
 """Stage `data`: the data set as one uint8 array file + a manifest with its sha256 (repro.datasets); ImageNet as
 shards data/<dataset>/shard-*.npy + an index + a manifest with each shard's sha256 (repro.datasets.imagenet), the
-ImageNet-512 shards as SD-VAE latents (the encoder of pretrain.source's decoder, fetched and verified as the
-pretrain stage does)."""
+ImageNet-512 shards as SD-VAE latents (the encoder of pretrain.source's decoder, or of pretrain.decoder for a base
+trained here, fetched and verified as the pretrain stage does)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from repro.storage.layout import Paths
 
 
 def _latent_encoder(cfg: Config, paths: Paths, progress: bool):
-    """(encode, encoder_id): the SD-VAE encoder of the decoder pretrain.source's latents need."""
+    """(encode, encoder_id): the SD-VAE encoder of the decoder the latents need (pretrain.source's registry entry,
+    or pretrain.decoder for a base trained here); encoder_id '<name> sha256 <hex>' goes into the manifest."""
     import torch
 
     from repro.catalog import registry
@@ -27,7 +28,8 @@ def _latent_encoder(cfg: Config, paths: Paths, progress: bool):
     if not name:
         raise ConfigError([("pretrain.source", f"{cfg.pretrain.source} names no latent decoder, but data.dataset "
                             f"{cfg.data.dataset} is encoded with its SD-VAE",
-                            "set pretrain.source to a latent EDM2 model (e.g. edm2-img512-l-1879048-0.085)")])
+                            "set pretrain.source to a latent EDM2 model (e.g. edm2-img512-l-1879048-0.085), or for a "
+                            "base trained here set pretrain.decoder (e.g. sd-vae-ft-mse)")])
     path = fetch_decoder(cfg.pretrain, name, paths.root, progress)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = load_autoencoder(path, registry.get_decoder(name).arch, device=device)

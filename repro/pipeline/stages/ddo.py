@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from repro.cluster import distributed
 from repro.cluster.launcher import Wave
 from repro.config import Config, ConfigError
 from repro.evaluation.metric import load_metric
@@ -33,30 +34,50 @@ log = logging.getLogger("repro.pipeline")
 
 
 def ddo_run_dir(cfg: Config, paths: Paths) -> Path:
-    """The ddo stage's run directory (keyed by its params and the sha256 of its inputs)."""
-    return run_dir("ddo", cfg, paths, {"data": paths.data, "base": paths.base, "extractor": paths.extractor,
-                                       "reference": paths.reference})
+    """The ddo stage's run directory (keyed by its params and the sha256 of its inputs; a latent model's: with its
+    decoder's, which the selection metric decodes through)."""
+    inputs = {"data": paths.data, "base": paths.base, "extractor": paths.extractor, "reference": paths.reference}
+    name = released.decoder_name(cfg.pretrain)
+    if name and paths.decoder(name).is_file():
+        inputs["decoder"] = paths.decoder(name)
+    return run_dir("ddo", cfg, paths, inputs)
+
+
+def _selection_decoder(cfg: Config, paths: Paths, info: dict):
+    """The decoder the selection metric runs a latent model's samples through before the feature extractor: the one
+    the sample stage uses (repro.nets.released.load_decoder: ``checkpoints/<name>.safetensors``, its sha256 checked
+    against the lock; a converted checkpoint's EDM2 whitening checked), which must also be the VAE the data stage
+    encoded the real latents with (the data manifest's record)."""
+    name = released.decoder_name(cfg.pretrain)
+    if not name:
+        raise ConfigError([("pretrain.decoder", f"is empty, and data.dataset {cfg.data.dataset} is SD-VAE latents: the "
+                            "DDO selection metric needs their decoder", "set pretrain.decoder (e.g. sd-vae-ft-mse), "
+                            "or a latent pretrain.source")])
+    released.check_encoded_with(read_json(paths.manifest), paths.root, name)
+    return released.load_decoder(paths.root, name, info.get("encoder"), device=distributed.device())
 
 
 def _inputs(cfg: Config, paths: Paths):
     """The round's data, the selection metric and the sampler of fakes and selection (no autoguidance, as in the
     paper: DDO's fakes and selection samples come from the models themselves); a VAR base: its sampling context
-    (repro.methods.ddo.family.ARSampling: the tokenizer; guidance-free, no top-k/top-p)."""
+    (repro.methods.ddo.family.ARSampling: the tokenizer; guidance-free, no top-k/top-p). Latent data (imagenet512):
+    the fakes stay latents, and the selection metric decodes the samples (:func:`_selection_decoder`)."""
     require(paths.data, paths.base, paths.extractor, paths.reference)
     check_recorded(paths.base)  # the bytes the pretrain stage wrote
     arch, info = read_model_meta(paths.base)  # a clear error if the base checkpoint is not ours
     data = load_data(paths)
-    if getattr(data, "latent", False):  # refused before any work: the selection score would be Inception of latents
-        raise ConfigError([("data.dataset", f"{cfg.data.dataset} is SD-VAE latents, and the DDO rounds' selection "
-                            "metric does not decode latents through the SD-VAE yet (issue 14's open part)",
-                            "run DDO rounds on a pixel data set (imagenet64, cifar10, digits) today")])
+    latent = getattr(data, "latent", False)
+    if latent and arch.get("precond") == "var":
+        raise ConfigError([("data.dataset", f"{cfg.data.dataset} is SD-VAE latents, and a VAR base samples token "
+                            "maps of pixels", "use a pixel data set with a VAR pretrain.source")])
+    decoder = _selection_decoder(cfg, paths, info) if latent else None
     if arch.get("precond") == "var":  # AR DDO: the tokenizer the base carries (trained here), or its registry one
         in_memory(data, "AR DDO (the sharded reader serves the diffusion rounds only, so far)")
         tokenizer = tokenizer_of(load_model(paths.base)[0]) or released.load_tokenizer(paths.root, info["tokenizer"])
         sampler = ARSampling(tokenizer.float().eval().requires_grad_(False))
     else:
         sampler = dataclasses.replace(cfg.sampler, guidance=1.0)
-    return data, load_metric(cfg.extractor.kind, paths.extractor, paths.reference), sampler
+    return data, load_metric(cfg.extractor.kind, paths.extractor, paths.reference, decoder=decoder), sampler
 
 
 def _check_round(cfg: Config, round_: int) -> None:
