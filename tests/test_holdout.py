@@ -159,19 +159,22 @@ def test_table_shows_the_held_out_value_and_the_copy_rate():
     doc = copy.deepcopy(doc)
     for i, m in enumerate(doc["models"]):
         m["extra"] = {"fd_digits_heldout": {"value": 5.0 + i, "values": [5.0 + i, 5.0 + i]},
-                      "copy_rate": {"value": 0.01 * (i + 1), "values": [0.01 * (i + 1)] * 2}}
+                      "copy_rate": {"value": 0.01 * (i + 1), "values": [0.01 * (i + 1)] * 2},
+                      "kid_train": {"value": 0.002, "values": [0.002, 0.002]},
+                      "kid_heldout": {"value": 0.003, "values": [0.003, 0.003]}}
     doc["protocol"]["heldout"] = {"n_heldout": 359, "n_train": 1438, "fraction": 0.2, "seed": 0, "floor": 1.5,
                                   "copy_check": {"percentile": 5.0}}
     md = render_run(doc)
     header = next(line for line in md.splitlines() if line.startswith("| model"))
     assert "vs held-out (mean)" in header and "Δ held-out vs base" in header and "copies" in header
     base_row = next(line for line in md.splitlines() if line.startswith("| base "))
-    assert "| 5.00 |" in base_row and "| 1.0% |" in base_row
+    assert "| 5.00 |" in base_row and "| 1.0% |" in base_row and "| 2.00 | 3.00 |" in base_row
+    assert "KID×10³ train" in header and "KID×10³ held-out" in header
     assert "held-out part 359 images" in md and "floor 1.50" in md
     last = [line for line in md.splitlines() if line.startswith("| ")][-1]
     assert f"| {5.0 + len(doc['models']) - 1:.2f} |" in last
     csv = render_run(doc, "csv")
-    assert "value_heldout" in csv.splitlines()[0] and "copy_rate" in csv.splitlines()[0]
+    assert all(k in csv.splitlines()[0] for k in ("value_heldout", "kid_train", "kid_heldout", "copy_rate"))
 
 
 @pytest.mark.parametrize("value,words", [(-0.1, "must be >= 0"), (1.0, "must be < 1"), (0.0001, "holds out 0")])

@@ -81,7 +81,14 @@ def _run_description(metrics: dict) -> tuple[str, list[str]]:
         h = (f"held-out part {held.get('n_heldout')} images (data.holdout {held.get('fraction')}, seed "
              f"{held.get('seed')}; nothing trained or selected on them)")
         if _is_number(held.get("floor")):
-            h += f", floor {_fmt_ours(held['floor'])} (training part vs held-out part)"
+            h += f", floor {_fmt_ours(held['floor'])} (training part vs held-out part"
+            same = held.get("floor_same_size")
+            if isinstance(same, list) and same and all(_is_number(v) for v in same):
+                h += (f"; random training subsets of the held-out size vs the rest: {_fmt_ours(min(same))}–"
+                      f"{_fmt_ours(max(same))}")
+            h += ")"
+        if _is_number(held.get("kid_floor")):
+            h += f"; KID ×10³ in the same features, training part vs held-out part: {1e3 * held['kid_floor']:.2f}"
         bits.append(h)
         cc = held.get("copy_check")
         if isinstance(cc, dict) and _is_number(cc.get("percentile")):
@@ -132,8 +139,9 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     A run with guided models (entries with ``guided: {model: ...}``) has a Δ vs unguided column: each guided
     model against the model it guides, measured on the same seeds.
     With a held-out split (entries with ``extra.<metric>_heldout`` and ``extra.copy_rate``, written by the fid stage
-    when data.holdout > 0), three more columns: the value against the held-out part, its Δ vs base, and the copy
-    rate (repro.evaluation.copycheck); the protocol line then names the split and the floor.
+    when data.holdout > 0), more columns: the value against the held-out part, its Δ vs base, KID ×10³ against the
+    training part and the held-out part (``extra.kid_train``, ``extra.kid_heldout``) and the copy rate
+    (repro.evaluation.copycheck); the protocol line then names the split and the floors.
     A title and a protocol line (n samples, seed ranges, sampler, extractor, reference, full/reduced)
     precede the table.
 
@@ -160,12 +168,14 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     heldout_key = f"{metrics['metric']}_heldout"
     has_held = any(_extra_value(m, heldout_key) is not None for m in models)
     has_copy = any(_extra_value(m, "copy_rate") is not None for m in models)
+    has_kid = any(_extra_value(m, "kid_heldout") is not None for m in models)
 
     if fmt == "csv":
         header = ["preset", "paper", "metric", "model", "round", "reduce", "value"]
         header += [f"repeat_{i + 1}" for i in range(n_rep)]
         header += ["delta_vs_base"] + (["delta_vs_control"] if control else [])
         header += (["delta_vs_unguided"] if guided else []) + (["value_heldout"] if has_held else [])
+        header += (["kid_train", "kid_heldout"] if has_kid else [])
         header += (["copy_rate"] if has_copy else []) + ["cell", "note", "n_samples", "full"]
         recs = []
         for m in models:
@@ -180,7 +190,8 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
             if guided:
                 u = _unguided(m, by_name)
                 rec.append(_num_repr(m["value"] - u["value"]) if u is not None else None)
-            for key, on in ((heldout_key, has_held), ("copy_rate", has_copy)):
+            for key, on in ((heldout_key, has_held), ("kid_train", has_kid), ("kid_heldout", has_kid),
+                            ("copy_rate", has_copy)):
                 if on:
                     v = _extra_value(m, key)
                     rec.append(None if v is None else _num_repr(v))
@@ -197,10 +208,11 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     has_note = any(m.get("note") for m in models)
     header = ["model", "round", f"{metrics['metric']} ({reduce})"] + rep_headers + ["Δ vs base"]
     header += (["Δ vs control"] if control else []) + (["Δ vs unguided"] if guided else [])
-    header += ([f"vs held-out ({reduce})", "Δ held-out vs base"] if has_held else []) + (["copies"] if has_copy else [])
+    header += ([f"vs held-out ({reduce})", "Δ held-out vs base"] if has_held else [])
+    header += (["KID×10³ train", "KID×10³ held-out"] if has_kid else []) + (["copies"] if has_copy else [])
     header += (["paper row"] if has_cell else []) + (["note"] if has_note else [])
     align = ["l", "r", "r"] + ["r"] * n_rep + ["r"] + (["r"] if control else []) + (["r"] if guided else [])
-    align += (["r", "r"] if has_held else []) + (["r"] if has_copy else [])
+    align += (["r", "r"] if has_held else []) + (["r", "r"] if has_kid else []) + (["r"] if has_copy else [])
     align += (["l"] if has_cell else []) + (["l"] if has_note else [])
     grid = _Grid(title=title, header=header, align=align, preamble=lines)
     for m in models:
@@ -218,6 +230,10 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
             v, b = _extra_value(m, heldout_key), _extra_value(base, heldout_key)
             cells.append(DASH if v is None else _fmt_ours(v))
             cells.append(DASH if m is base or v is None or b is None else _rel_delta(v - b, b))
+        if has_kid:
+            for key in ("kid_train", "kid_heldout"):
+                v = _extra_value(m, key)
+                cells.append(DASH if v is None else f"{1e3 * v:.2f}")
         if has_copy:
             v = _extra_value(m, "copy_rate")
             cells.append(DASH if v is None else f"{100.0 * v:.1f}%")
