@@ -115,7 +115,7 @@ class DataConfig:
 
     @rules
     def _rules(self):
-        if self.holdout > 0:
+        if self.holdout > 0 and self.dataset != "none":  # 'none' reads no data: nothing to split
             n = DATA_SIZE.get(self.dataset)
             if n is None:
                 yield ("holdout", f"{self.holdout:g}: a held-out split of data.dataset {self.dataset} is not built "

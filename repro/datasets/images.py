@@ -157,7 +157,7 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
         ds = load_embedded(cfg.dataset)
         source = {"source": f"scikit-learn {sklearn.__version__} sklearn.datasets.load_digits (embedded, no download)"}
     split = {}
-    if cfg.holdout > 0:  # the split travels in the data file (its sha256 covers it) and in the manifest
+    if cfg.holdout > 0 and len(ds.images):  # the split travels in the data file (its sha256 covers it) and in the manifest
         train, heldout = split_indices(len(ds.images), cfg.holdout, cfg.holdout_seed)
         split = {"split": {"holdout": cfg.holdout, "seed": cfg.holdout_seed, "rule": "numpy default_rng(seed)."
                            "permutation(n): the first round(holdout * n) are held out; indices sorted",
