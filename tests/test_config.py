@@ -79,6 +79,9 @@ BAD = [
     ("pretrain.network.channel_mult", 2, "pretrain.network.channel_mult", "must be a list"),
     ("pretrain.network.dropout", 1.5, "pretrain.network.dropout", "must be < 1"),
     ("data.dataset", "mnist", "data.dataset", "must be one of"),
+    ("data.holdout", -0.1, "data.holdout", "must be >= 0"),
+    ("data.holdout", 1.0, "data.holdout", "must be < 1"),
+    ("data.holdout", 0.0001, "data.holdout", "holds out 0"),  # a fraction of the 1,797 digits that holds none out
     ("sampler.sigma_max", 0.001, "sampler.sigma_max", "sigma_min"),
     ("sample.first_seed", 50000, "sample.first_seed", "overlap"),
     ("ddo.eval_every_nimg", 10**9, "ddo.eval_every_nimg", "nimg_per_round"),
@@ -209,9 +212,9 @@ PROBLEMS = [
     (["sampler.num_steps=1"], "sampler.num_steps: must be >= 2, got 1. Fix: set sampler.num_steps >= 2."),
     (["pretrain.network.dropout=1"], "pretrain.network.dropout: must be < 1, got 1.0. Fix: set pretrain.network.dropout < 1."),
     (["data.colour=1"], "data.colour: unknown key. Fix: remove it, or use one of: dataset, source, shard_size, "
-                        "workers, mirror."),
+                        "workers, mirror, holdout, holdout_seed."),
     (lambda raw: raw["data"].__setitem__(5, 1), "data.5: unknown key. Fix: remove it, or use one of: dataset, source, "
-                                                "shard_size, workers, mirror."),
+                                                "shard_size, workers, mirror, holdout, holdout_seed."),
     (_drop("pretrain", "lr"), "pretrain.lr: is missing. Fix: add 'lr:' under 'pretrain' "
                               "(see `repro params --preset tiny` for a complete file)."),
     (_drop("ddo"), "ddo: is missing. Fix: add 'ddo:' under 'the top level' (see `repro params --preset tiny` for a complete file)."),
@@ -269,7 +272,7 @@ def test_values_are_taken_as_today_yaml_1_1_floats_whole_floats_lists():
 def test_sections_are_frozen_dataclasses_checked_on_replace_and_picklable():
     cfg = load_config(preset="tiny")
     assert dataclasses.is_dataclass(cfg) and [f.name for f in dataclasses.fields(cfg.data)] == [
-        "dataset", "source", "shard_size", "workers", "mirror"]
+        "dataset", "source", "shard_size", "workers", "mirror", "holdout", "holdout_seed"]
     assert dataclasses.replace(cfg.ddo, beta=0.3).beta == 0.3 and cfg.ddo.beta == 0.2
     with pytest.raises(ValueError, match="greater than 0"):  # pydantic's ValidationError (a ValueError)
         dataclasses.replace(cfg.ddo, beta=-1.0)

@@ -66,7 +66,7 @@ def test_micro_imagenet64_runs_through_dvc_with_ddo_rounds_on_shards(tmp_path, i
     d = tmp_path / "proj"
     env = _project(d)
     params = preset_dict("micro")
-    params["data"].update(dataset="imagenet64", source=str(source), shard_size=10)
+    params["data"].update(dataset="imagenet64", source=str(source), shard_size=10, holdout=0)  # no split of shards
     params["extractor"].update(kind="inception", weights=str(weights), reference="")
     params["pretrain"].update(total_nimg=32, checkpoint_every_nimg=32, batch=8)
     params["pretrain"]["network"].update(model_channels=4, channel_mult=[1, 1, 1, 1], attn_resolutions=[])

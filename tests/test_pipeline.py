@@ -50,6 +50,7 @@ def test_dvc_repro_runs_every_stage_and_writes_the_outputs(project):
         assert f"Running stage '{stage}'" in out
     manifest = json.loads((d / "data/manifest.json").read_text())
     assert manifest["n"] == 1797 and len(manifest["sha256"]) == 64
+    assert manifest["split"]["n_heldout"] == 359 and manifest["split"]["n_train"] == 1438  # micro = tiny's split
     metrics = read_result(d / "results/micro")
     names = [m["name"] for m in metrics["models"]]
     assert names == ["base", "ddo-round1", "ddo-round2", "control-round2"]
@@ -59,8 +60,18 @@ def test_dvc_repro_runs_every_stage_and_writes_the_outputs(project):
     assert p["n_samples"] == 96 and p["seed_ranges"] == [[0, 96], [96, 192]] and p["extractor"] == "digits-classifier"
     assert len(p["extractor_sha256"]) == 64 and len(p["reference_sha256"]) == 64
     assert (d / "results/micro/rounds.tsv").read_text().startswith("round\tddo\tcontrol\n0\t")
+    # the held-out part: its own distance and the copy rate per model, the split and the floor in the protocol
+    for m in metrics["models"]:
+        assert m["extra"]["fd_digits_heldout"]["value"] > 0 and len(m["extra"]["fd_digits_heldout"]["values"]) == 2
+        assert 0 <= m["extra"]["copy_rate"]["value"] <= 1
+        assert set(m["extra"]) >= {"kid_train", "kid_heldout"}
+    held = p["heldout"]
+    assert held["n_heldout"] == 359 and held["floor"] > 0 and held["copy_check"]["percentile"] == 5.0
+    assert len(held["floor_same_size"]) == 5 and "kid_floor" in held
+    assert "the training part, 1438 images" in p["reference"]
     table = (d / "results/micro/table.md").read_text()
     assert "ddo-round2" in table and "FD-digits" in table and "; sampled on cpu;" in table
+    assert "vs held-out (mean)" in table and "KID×10³ held-out" in table and "| copies |" in table and "held-out part 359 images" in table
     assert "Table 1" in (d / "results/ddo_tables.md").read_text()
     rounds = json.loads((d / "models/ddo/rounds.json").read_text())
     assert len(rounds["history"]["ddo"]) == 2 and len(rounds["history"]["control"]) == 2

@@ -73,6 +73,8 @@ PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # results/<preset>/: a 
 # the images of each data set a trained net sees
 RESOLUTION = {"digits": 8, "cifar10": 32, "imagenet64": 64, "imagenet256": 256}
 LATENT_DATASETS = ("imagenet512",)  # stored as SD-VAE latents (repro.datasets.imagenet.LATENT)
+# the images of the data sets a held-out split is built for (data.holdout)
+DATA_SIZE = {"digits": 1797, "cifar10": 50_000}
 
 
 def rules(check):
@@ -105,6 +107,24 @@ class DataConfig:
     workers: Int = Field(1, ge=1, description="imagenet*: processes that decode and crop images (1 = this one)")
     mirror: Str = Field("", description=(
         "base URL or local directory that replaces the data archive URL's location (cifar10), like pretrain.mirror"))
+    holdout: Float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of the images held out (digits, cifar10): a fixed split (data.holdout_seed) written into the data "
+        "file and its manifest; every training stage (extractor, pretrain, DDO, the MLE control, discriminators) "
+        "reads only the training part, the fid stage also measures against the held-out part and runs the copy "
+        "check. 0 = no split (all images train and evaluate)"))
+    holdout_seed: Int = Field(0, ge=0, description="seed of the held-out split's permutation (numpy default_rng)")
+
+    @rules
+    def _rules(self):
+        if self.holdout > 0 and self.dataset != "none":  # 'none' reads no data: nothing to split
+            n = DATA_SIZE.get(self.dataset)
+            if n is None:
+                yield ("holdout", f"{self.holdout:g}: a held-out split of data.dataset {self.dataset} is not built "
+                       "(digits and cifar10 only)", "set data.holdout: 0")
+            elif not 1 <= round(self.holdout * n) <= n - 1:
+                yield ("holdout", f"{self.holdout:g} of the {n} images of {self.dataset} holds out "
+                       f"{round(self.holdout * n)}, leaving {n - round(self.holdout * n)} to train on",
+                       f"use a fraction that holds out at least 1 and at most {n - 1} images, e.g. 0.2")
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)

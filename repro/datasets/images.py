@@ -40,6 +40,7 @@ class Dataset:
     images: np.ndarray  # uint8 [N, C, H, W]
     labels: np.ndarray  # int64 [N]
     num_classes: int
+    indices: np.ndarray | None = None  # int64 [N]: each image's index in the data stage's file (None: all, in order)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -109,6 +110,30 @@ def _fetch_cifar10(cfg: DataConfig, root: Path, progress: bool) -> tuple[Path, s
     return path, sha256_file(path)
 
 
+PARTS = ("train", "heldout", "all")
+
+
+def split_indices(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed held-out split of ``n`` images: (train, heldout) sorted int64 indices, disjoint, covering 0..n-1.
+
+    ``round(holdout * n)`` images are held out: the first ones of numpy ``default_rng(seed).permutation(n)``; the same
+    (n, holdout, seed) always gives the same split. ``holdout`` 0: every image trains, none is held out.
+    """
+    k = int(round(holdout * n))
+    if not 0 <= k < n or (holdout > 0 and k == 0):
+        raise ValueError(f"data.holdout {holdout:g} of {n} images holds out {k}: use a fraction in (0, 1) that holds "
+                         "out at least one image and leaves at least one to train on")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[k:]).astype(np.int64), np.sort(perm[:k]).astype(np.int64)
+
+
+def indices_sha256(idx: np.ndarray) -> str:
+    """sha256 of an index array as little-endian int64 bytes (what the manifest records for each part)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(idx, dtype="<i8").tobytes()).hexdigest()
+
+
 def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | None = None,
             progress: bool = True) -> dict:
     """The `data` stage: write the array file and its manifest (sha256, shape, classes, source).
@@ -131,7 +156,17 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
 
         ds = load_embedded(cfg.dataset)
         source = {"source": f"scikit-learn {sklearn.__version__} sklearn.datasets.load_digits (embedded, no download)"}
-    save_npz(out_npz, images=ds.images, labels=ds.labels)
+    split = {}
+    if cfg.holdout > 0 and len(ds.images):  # the split travels in the data file (its sha256 covers it) and in the manifest
+        train, heldout = split_indices(len(ds.images), cfg.holdout, cfg.holdout_seed)
+        split = {"split": {"holdout": cfg.holdout, "seed": cfg.holdout_seed, "rule": "numpy default_rng(seed)."
+                           "permutation(n): the first round(holdout * n) are held out; indices sorted",
+                           "n_train": int(len(train)), "n_heldout": int(len(heldout)),
+                           "train_sha256": indices_sha256(train), "heldout_sha256": indices_sha256(heldout),
+                           "heldout_indices": heldout.tolist()}}
+        save_npz(out_npz, images=ds.images, labels=ds.labels, heldout=heldout)
+    else:
+        save_npz(out_npz, images=ds.images, labels=ds.labels)
     manifest = {
         "dataset": cfg.dataset,
         **source,
@@ -142,6 +177,7 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
         "dtype": "uint8",
         "num_classes": ds.num_classes,
         "class_counts": np.bincount(ds.labels, minlength=ds.num_classes).tolist() if len(ds.labels) else [],
+        **split,
     }
     write_json(out_manifest, manifest)
     log.info("wrote %s (%d images %s, sha256 %s) and %s", out_npz, manifest["n"], ds.shape,
@@ -149,8 +185,15 @@ def prepare(cfg: DataConfig, out_npz: Path, out_manifest: Path, root: Path | Non
     return manifest
 
 
-def load_prepared(npz: Path, manifest: dict | None = None) -> Dataset:
-    """Read the prepared array file, verifying its sha256 against the manifest first."""
+def load_prepared(npz: Path, manifest: dict | None = None, part: str = "train") -> Dataset:
+    """Read the prepared array file, verifying its sha256 against the manifest first.
+
+    ``part``: with a held-out split (data.holdout > 0) the training part ("train", what every training stage reads),
+    the held-out part ("heldout") or every image ("all"); without a split each part is every image, except
+    "heldout", which is an error.
+    """
+    if part not in PARTS:
+        raise ValueError(f"unknown data part {part!r}; use one of {', '.join(PARTS)}")
 
     if manifest is None:
         mpath = npz.with_name("manifest.json")
@@ -170,4 +213,22 @@ def load_prepared(npz: Path, manifest: dict | None = None) -> Dataset:
         raise ValueError(f"{npz}: sha256 {digest[:12]}... does not match the manifest ({manifest['sha256'][:12]}...); "
                          "the file changed after the data stage. Fix: rerun `repro data`")
     arrays = load_npz(npz)
-    return Dataset(images=arrays["images"], labels=arrays["labels"], num_classes=int(manifest["num_classes"]))
+    images, labels, n = arrays["images"], arrays["labels"], len(arrays["images"])
+    if "heldout" not in arrays:
+        if part == "heldout":
+            raise ValueError(f"{npz}: the data has no held-out part (data.holdout is 0); set data.holdout and rerun "
+                             "`repro data`")
+        return Dataset(images=images, labels=labels, num_classes=int(manifest["num_classes"]))
+    heldout = np.asarray(arrays["heldout"], np.int64)
+    split = manifest.get("split") or {}
+    if split.get("heldout_sha256") != indices_sha256(heldout):
+        raise ValueError(f"{npz}: its held-out indices do not match the manifest's split record; rerun `repro data`")
+    if part == "all":
+        idx = np.arange(n, dtype=np.int64)
+    elif part == "heldout":
+        idx = heldout
+    else:
+        mask = np.ones(n, bool)
+        mask[heldout] = False
+        idx = np.flatnonzero(mask).astype(np.int64)
+    return Dataset(images=images[idx], labels=labels[idx], num_classes=int(manifest["num_classes"]), indices=idx)

@@ -60,9 +60,12 @@ def require(*files: Path) -> None:
             raise FileNotFoundError(f"{f} not found: run the stage that makes it first (`dvc repro` runs them in order)")
 
 
-def load_data(paths: Paths) -> Dataset | ShardedDataset:
+def load_data(paths: Paths, part: str = "train") -> Dataset | ShardedDataset:
     """The data stage's output, checked against its manifest: the array file, or the shards (ImageNet; read per
-    rank as repro.datasets.sharded says, latents whitened with EDM2's statistics)."""
+    rank as repro.datasets.sharded says, latents whitened with EDM2's statistics).
+
+    ``part``: the training part (default: what every training stage reads; with data.holdout 0 every image), the
+    held-out part ("heldout") or every image ("all"), as repro.datasets.images.load_prepared says."""
     manifest = read_json(paths.manifest) if paths.manifest.is_file() else None
     if isinstance(manifest, dict) and "shards" in manifest:
         if not paths.data.is_file():
@@ -72,8 +75,10 @@ def load_data(paths: Paths) -> Dataset | ShardedDataset:
             from repro.nets.sd_vae import edm2_scale_bias
 
             scale_bias = edm2_scale_bias()
+        if part == "heldout":
+            raise ValueError(f"{paths.data}: sharded data has no held-out part (data.holdout is 0 for it)")
         return ShardedDataset(paths.manifest, scale_bias=scale_bias)
-    return load_prepared(paths.data, read_json(paths.manifest) if paths.manifest.is_file() else None)
+    return load_prepared(paths.data, read_json(paths.manifest) if paths.manifest.is_file() else None, part=part)
 
 
 def in_memory(data: Dataset | ShardedDataset, what: str) -> Dataset:

@@ -76,6 +76,25 @@ def _run_description(metrics: dict) -> tuple[str, list[str]]:
     if prot.get("reference_sha256"):
         r += f" (sha256 {str(prot['reference_sha256'])[:12]})"
     bits.append(r)
+    held = prot.get("heldout")
+    if isinstance(held, dict):
+        h = (f"held-out part {held.get('n_heldout')} images (data.holdout {held.get('fraction')}, seed "
+             f"{held.get('seed')}; nothing trained or selected on them)")
+        if _is_number(held.get("floor")):
+            h += f", floor {_fmt_ours(held['floor'])} (training part vs held-out part"
+            same = held.get("floor_same_size")
+            if isinstance(same, list) and same and all(_is_number(v) for v in same):
+                h += (f"; random training subsets of the held-out size vs the rest: {_fmt_ours(min(same))}–"
+                      f"{_fmt_ours(max(same))}")
+            h += ")"
+        if _is_number(held.get("kid_floor")):
+            h += f"; KID ×10³ in the same features, training part vs held-out part: {1e3 * held['kid_floor']:.2f}"
+        bits.append(h)
+        cc = held.get("copy_check")
+        if isinstance(cc, dict) and _is_number(cc.get("percentile")):
+            bits.append(f"copies = fraction of samples nearer (pixel L2) to a training image than the "
+                        f"{cc['percentile']:g}th percentile of the held-out images' nearest-training-image distances "
+                        f"(held-out images: ~{cc['percentile']:g}%, training images: 100%)")
     devices = sorted({d for m in metrics.get("models", []) for d in m.get("sample_devices") or []})
     if devices:
         bits.append(f"sampled on {' and '.join(devices)}" + (" (MIXED: a seed's image differs by device)"
@@ -98,6 +117,11 @@ def _run_description(metrics: dict) -> tuple[str, list[str]]:
     return title, lines
 
 
+def _extra_value(m: dict, key: str):
+    e = (m.get("extra") or {}).get(key)
+    return e.get("value") if isinstance(e, dict) and _is_number(e.get("value")) else None
+
+
 def _rel_delta(d: float, base: float) -> str:
     text = _fmt_delta(d)
     if base:
@@ -114,6 +138,10 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     paper row a model fills (only if some entry has a ``cell``) and notes (only if some entry has one).
     A run with guided models (entries with ``guided: {model: ...}``) has a Δ vs unguided column: each guided
     model against the model it guides, measured on the same seeds.
+    With a held-out split (entries with ``extra.<metric>_heldout`` and ``extra.copy_rate``, written by the fid stage
+    when data.holdout > 0), more columns: the value against the held-out part, its Δ vs base, KID ×10³ against the
+    training part and the held-out part (``extra.kid_train``, ``extra.kid_heldout``) and the copy rate
+    (repro.evaluation.copycheck); the protocol line then names the split and the floors.
     A title and a protocol line (n samples, seed ranges, sampler, extractor, reference, full/reduced)
     precede the table.
 
@@ -137,12 +165,18 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     n_rep = max((len(m.get("values") or []) for m in models), default=0)
     ranges = prot.get("seed_ranges") or []
     n = int(prot["n_samples"])
+    heldout_key = f"{metrics['metric']}_heldout"
+    has_held = any(_extra_value(m, heldout_key) is not None for m in models)
+    has_copy = any(_extra_value(m, "copy_rate") is not None for m in models)
+    has_kid = any(_extra_value(m, "kid_heldout") is not None for m in models)
 
     if fmt == "csv":
         header = ["preset", "paper", "metric", "model", "round", "reduce", "value"]
         header += [f"repeat_{i + 1}" for i in range(n_rep)]
         header += ["delta_vs_base"] + (["delta_vs_control"] if control else [])
-        header += (["delta_vs_unguided"] if guided else []) + ["cell", "note", "n_samples", "full"]
+        header += (["delta_vs_unguided"] if guided else []) + (["value_heldout"] if has_held else [])
+        header += (["kid_train", "kid_heldout"] if has_kid else [])
+        header += (["copy_rate"] if has_copy else []) + ["cell", "note", "n_samples", "full"]
         recs = []
         for m in models:
             vals = list(m.get("values") or [])
@@ -156,6 +190,11 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
             if guided:
                 u = _unguided(m, by_name)
                 rec.append(_num_repr(m["value"] - u["value"]) if u is not None else None)
+            for key, on in ((heldout_key, has_held), ("kid_train", has_kid), ("kid_heldout", has_kid),
+                            ("copy_rate", has_copy)):
+                if on:
+                    v = _extra_value(m, key)
+                    rec.append(None if v is None else _num_repr(v))
             rec += [m.get("cell"), m.get("note"), n, "yes" if prot["full"] else "no"]
             recs.append(rec)
         return _csv_text(header, recs) + "\n"
@@ -169,8 +208,11 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     has_note = any(m.get("note") for m in models)
     header = ["model", "round", f"{metrics['metric']} ({reduce})"] + rep_headers + ["Δ vs base"]
     header += (["Δ vs control"] if control else []) + (["Δ vs unguided"] if guided else [])
+    header += ([f"vs held-out ({reduce})", "Δ held-out vs base"] if has_held else [])
+    header += (["KID×10³ train", "KID×10³ held-out"] if has_kid else []) + (["copies"] if has_copy else [])
     header += (["paper row"] if has_cell else []) + (["note"] if has_note else [])
     align = ["l", "r", "r"] + ["r"] * n_rep + ["r"] + (["r"] if control else []) + (["r"] if guided else [])
+    align += (["r", "r"] if has_held else []) + (["r", "r"] if has_kid else []) + (["r"] if has_copy else [])
     align += (["l"] if has_cell else []) + (["l"] if has_note else [])
     grid = _Grid(title=title, header=header, align=align, preamble=lines)
     for m in models:
@@ -184,6 +226,17 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
         if guided:
             u = _unguided(m, by_name)
             cells.append(_rel_delta(m["value"] - u["value"], u["value"]) if u is not None else DASH)
+        if has_held:
+            v, b = _extra_value(m, heldout_key), _extra_value(base, heldout_key)
+            cells.append(DASH if v is None else _fmt_ours(v))
+            cells.append(DASH if m is base or v is None or b is None else _rel_delta(v - b, b))
+        if has_kid:
+            for key in ("kid_train", "kid_heldout"):
+                v = _extra_value(m, key)
+                cells.append(DASH if v is None else f"{1e3 * v:.2f}")
+        if has_copy:
+            v = _extra_value(m, "copy_rate")
+            cells.append(DASH if v is None else f"{100.0 * v:.1f}%")
         if has_cell:
             cells.append(f"`{m['cell']}`" if m.get("cell") else "")
         if has_note:

@@ -2,6 +2,15 @@
 
 The protocol (samples, seed ranges and how they reduce, labels, sampler, extractor and reference) is data
 (repro.catalog.protocols) and is written beside the numbers.
+
+With a held-out split (data.holdout > 0) the main value is against the reference statistics of the *training part*
+(the extractor stage's, which the DDO rounds' selection also uses: nothing in training or selection sees a held-out
+image), and more numbers per model come beside it: the distance to the held-out part's statistics
+(``<metric>_heldout``, same features, same samples), KID (unbiased whatever the set sizes, unlike the Fréchet
+distance, whose bias with 359 reference images is larger than the models' differences) against the training part and
+against the held-out part (``kid_train``, ``kid_heldout``, same subset size), and the copy rate
+(repro.evaluation.copycheck). The protocol records the split and the floors: the training part's own statistics
+against the held-out part's, and random training subsets of the held-out part's size against the rest.
 """
 
 from __future__ import annotations
@@ -9,9 +18,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
+import numpy as np
+
 from repro.catalog import protocols
 from repro.config import Config, to_dict
+from repro.evaluation.copycheck import CopyCheck
 from repro.evaluation.extractor import extra_metrics
+from repro.evaluation.fidelity import frechet_distance, kid
 from repro.evaluation.metric import METRIC_LABELS, evaluate_range, feature_metrics, load_metric, reference_features
 from repro.evaluation.tables.data import write_result
 from repro.nets.checkpoint import read_model_meta, weight_dtypes
@@ -48,10 +61,12 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
     data = load_data(paths) if paths.data.is_file() else None
     extras = extra_metrics(m.extra, cfg.extractor, paths.root, data.images if data else None,
                            sha256_file(paths.data) if data else "", paths.runs, progress) if m.extra else []
-    keep = m.kid or m.prc
+    held = heldout_reference(metric, paths)  # None without a held-out split
+    heldout_key = f"{metric.name}_heldout"
+    keep = m.kid or m.prc or bool(held)
     if keep and data is None:
         raise FileNotFoundError(f"metrics.kid/prc compare with the real images: {paths.data} not found; run `repro data`")
-    ref_feats = reference_features(metric, data.images) if keep else None
+    ref_feats = reference_features(metric, data.images) if (m.kid or m.prc) else None
     suffix = "" if metric.name == "fid" else "_" + metric.name.removeprefix("fd_")
     with tracked("fid", cfg, paths) as t:
         entries = []
@@ -61,11 +76,23 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             for lo, hi in eval_ranges(cfg.sample):
                 # The range's shards streamed through the extractors: one set of statistics each, no PNGs.
                 batches = range_batches(range_shards(shards, name, lo, hi), model_sha=model_sha256(models[name]))
+                if held:  # the copy check counts each batch on its way to the extractors
+                    held["copy"].reset()
+                    batches = held["copy"].watch(batches)
                 stats, feats = evaluate_range([metric, *extras], batches, keep)
                 values.append(metric.distance(stats[0]))
+                if held:
+                    ref = held["stats"]
+                    more.setdefault(heldout_key, []).append(
+                        frechet_distance(stats[0].mu, stats[0].sigma, ref.mu, ref.sigma))
+                    more.setdefault("copy_rate", []).append(held["copy"].rate)
+                    size = min(1000, len(feats), len(held["heldout_feats"]))  # one subset size for both parts
+                    for part in ("train", "heldout"):
+                        more.setdefault(f"kid_{part}", []).append(
+                            kid(feats / held["scale"], held[f"{part}_feats"], subsets=100, subset_size=size)["kid_mean"])
                 for x, st in zip(extras, stats[1:]):
                     more.setdefault(x.name, []).append(x.distance(st))
-                if keep:
+                if m.kid or m.prc:
                     for k, v in feature_metrics(feats, ref_feats, m.kid, m.prc, m.kid_subsets, m.kid_subset_size,
                                                 suffix).items():
                         more.setdefault(k, []).append(v)
@@ -80,7 +107,8 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             if cell:
                 entry["cell"] = cell
             if more:  # other metrics: the protocol's reduction for distances, the mean for KID and precision/recall
-                entry["extra"] = {k: {"value": reduce_values(v, reduce if k == "fid" else "mean"), "values": v}
+                entry["extra"] = {k: {"value": reduce_values(v, reduce if k in ("fid", heldout_key) else "mean"),
+                                      "values": v}
                                   for k, v in more.items()}
                 t.log_metrics({f"{k}/{name}": e["value"] for k, e in entry["extra"].items()})
             if name in guided:  # what it is: its generator, variant, discriminator and sampler settings
@@ -127,7 +155,10 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 **metric.protocol(),
                 "sampler": sampler_record,
                 "reference": (cfg.extractor.reference if cfg.extractor.reference
-                              else f"{paths.data.relative_to(paths.root)} (all real images)"),
+                              else f"{paths.data.relative_to(paths.root)} ("
+                              + (f"the training part, {held['record']['n_train']} images" if held
+                                 else "all real images") + ")"),
+                **({"heldout": held["record"]} if held else {}),
                 **({"selection_seeds": [cfg.ddo.selection_first_seed,
                                         cfg.ddo.selection_first_seed + cfg.ddo.selection_samples]} if history else {}),
                 "full": cfg.sample.protocol != "custom",
@@ -152,6 +183,53 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 rows.append(f"{r}\t{sel[r]:.6f}\t{ctrl.get(r, float('nan')):.6f}")
             _plot_rounds(t, metric.name, history, base_sel)
         write_text(paths.rounds_tsv, "\n".join(rows) + "\n")
+
+
+def heldout_reference(metric, paths: Paths) -> dict | None:
+    """With a held-out split: the held-out part's statistics in ``metric``'s space, the copy check (training part vs
+    held-out part) and the record of both for the protocol; None without a split."""
+    if not paths.data.is_file() or "split" not in (read_json(paths.manifest) if paths.manifest.is_file() else {}):
+        return None
+    import torch
+
+    train, heldout = load_data(paths, "train"), load_data(paths, "heldout")
+    with torch.no_grad():
+        stats = metric.statistics(torch.as_tensor(heldout.images[i:i + 500]) for i in range(0, len(heldout.images), 500))
+    copy = CopyCheck(train.images, heldout.images)
+    split = read_json(paths.manifest)["split"]
+    train_feats, heldout_feats = reference_features(metric, train.images), reference_features(metric, heldout.images)
+    # the Fréchet distance's own noise and bias at the held-out part's size: random training subsets of that size
+    # against the rest of the training part (nothing but sampling separates them)
+    rng, k, same_size = np.random.default_rng(0), len(heldout_feats), []
+    for _ in range(5):
+        perm = rng.permutation(len(train_feats))
+        a, b = train_feats[perm[:k]], train_feats[perm[k:]]
+        same_size.append(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+    size = min(1000, len(heldout_feats))
+    # KID's cubic kernel (x.y / d + 1)^3 assumes features of order 1 (Inception's); these classifier features are
+    # ~3x larger, which makes the kernel's values and KID's noise explode: every set is divided by one constant,
+    # the training part's root-mean-square feature value (the same kernel for all, so still an unbiased MMD^2)
+    scale = float(np.sqrt((train_feats.astype(np.float64) ** 2).mean()))
+    train_feats, heldout_feats = train_feats / scale, heldout_feats / scale
+    record = {"n_train": split["n_train"], "n_heldout": split["n_heldout"], "fraction": split["holdout"],
+              "seed": split["seed"], "heldout_sha256": split["heldout_sha256"], "train_sha256": split["train_sha256"],
+              "metric": f"{metric.name}_heldout: the same samples' features against the held-out part's statistics",
+              "floor": frechet_distance(metric.reference.mu, metric.reference.sigma, stats.mu, stats.sigma),
+              "floor_note": "the training part's own statistics against the held-out part's: what a model that "
+                            "reproduced the training images exactly would score in the held-out column",
+              "floor_same_size": same_size,
+              "floor_same_size_note": f"{metric.name} of 5 random {k}-image subsets of the training part against the "
+                                      "rest of it: the Fréchet distance's bias and noise with a reference this small",
+              "kid_floor": kid(train_feats, heldout_feats, subsets=100, subset_size=size)["kid_mean"],
+              "kid": f"KID (unbiased MMD^2, cubic polynomial kernel, 100 subsets of min(1000, samples, held-out) "
+                     f"= {size} samples) in {metric.name}'s features divided by {scale:.4g} (the training part's "
+                     "root-mean-square feature value) against each part",
+              "kid_feature_scale": scale,
+              "copy_check": copy.protocol()}
+    log.info("fid: held-out part %d images (floor %.4f), copy threshold %.3f", len(heldout.images), record["floor"],
+             copy.threshold)
+    return {"stats": stats, "copy": copy, "record": record, "scale": scale, "train_feats": train_feats,
+            "heldout_feats": heldout_feats}
 
 
 def reduce_values(values: list[float], how: str) -> float:
