@@ -122,7 +122,7 @@ def test_micro_imagenet512_runs_through_dvc_with_latent_ddo_rounds_and_decoding(
     d = tmp_path / "proj"
     env = _project(d)
     params = preset_dict("micro")
-    params["data"].update(dataset="imagenet512", source=str(source), shard_size=4)
+    params["data"].update(dataset="imagenet512", source=str(source), shard_size=4, holdout=0)  # micro holds out digits
     params["extractor"].update(kind="inception", weights=str(weights), reference=str(tmp_path / "img512-ref.npz"))
     params["pretrain"].update(decoder="sd-vae-tiny", mirror=str(served), total_nimg=32, checkpoint_every_nimg=32,
                               batch=8)
