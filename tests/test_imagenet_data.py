@@ -232,6 +232,28 @@ def test_imagenet512_latents_equal_the_vae_of_the_reference_crop(train, tmp_path
             np.testing.assert_allclose(got, torch.cat([d.mean, d.std], 1)[0].numpy(), rtol=1e-3, atol=1e-3)
 
 
+def test_source_crops_behind_latents_are_the_crops_and_a_changed_source_is_refused(train, tmp_path):
+    """The extractor's reference of a latent data set reads data.source again: the same crops, in shard order; a
+    source whose listing changed since the data stage is a ConfigError naming data.source, before any image."""
+    import shutil
+
+    from repro.datasets.imagenet import source_crops
+
+    src = tmp_path / "train"
+    shutil.copytree(train, src)
+    out = tmp_path / "data" / "imagenet512"
+    m = prepare_imagenet(DataConfig(dataset="imagenet512", source=str(src), shard_size=4), _npz(out),
+                         out.parent / "manifest.json", lambda x: np.zeros((len(x), 8, 64, 64), np.float32), "zeros")
+    got = np.concatenate(list(source_crops(m, out / "plan.json", batch=4)))
+    files, _ = _expected(src)
+    assert got.shape == (6, 3, 512, 512) and got.dtype == np.uint8
+    for f, crop in zip(files, got, strict=True):
+        np.testing.assert_array_equal(crop.transpose(1, 2, 0), reference_crop(f, 512), err_msg=str(f))
+    _image(80, 90, "RGB", 99).save(src / "n03" / "n03_extra.JPEG")
+    with pytest.raises(ConfigError, match="data.source: .* no longer lists the 6 images"):
+        next(source_crops(m, out / "plan.json"))
+
+
 def test_cli_prepares_imagenet64_s(train, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(main, ["data", "--preset", "imagenet64-s", "--set", f"data.source={train}",

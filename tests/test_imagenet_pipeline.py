@@ -116,14 +116,14 @@ def test_micro_imagenet512_runs_through_dvc_with_latent_ddo_rounds_and_decoding(
     served = tmp_path / "mirror"  # the decoder's "download location": a local directory (pretrain.mirror)
     served.mkdir()
     vae_file = save_autoencoder(tiny_autoencoder(seed=0), served / "sd-vae-tiny.safetensors")
-    # The reference statistics: Inception features of the real 512 crops (a file, as extractor.reference takes).
+    # The expected reference statistics: Inception features of the real 512 crops, computed here from the JPEGs.
     crops = np.stack([center_crop_adm(Image.open(f), 512).transpose(2, 0, 1) for f in sorted(source.rglob("*.JPEG"))])
-    data_statistics(fidelity.INCEPTION_EXTRACTOR, weights, crops).save(tmp_path / "img512-ref.npz")
+    want = data_statistics(fidelity.INCEPTION_EXTRACTOR, weights, crops)
     d = tmp_path / "proj"
     env = _project(d)
     params = preset_dict("micro")
     params["data"].update(dataset="imagenet512", source=str(source), shard_size=4, holdout=0)  # micro holds out digits
-    params["extractor"].update(kind="inception", weights=str(weights), reference=str(tmp_path / "img512-ref.npz"))
+    params["extractor"].update(kind="inception", weights=str(weights), reference="")  # from data.source's crops
     params["pretrain"].update(decoder="sd-vae-tiny", mirror=str(served), total_nimg=32, checkpoint_every_nimg=32,
                               batch=8)
     params["pretrain"]["network"].update(precond="edm2", model_channels=4, channel_mult=[1, 1, 1, 1],
@@ -143,6 +143,10 @@ def test_micro_imagenet512_runs_through_dvc_with_latent_ddo_rounds_and_decoding(
     m = read_json(d / "data/manifest.json")
     assert m["dtype"] == "float32" and m["shape"] == [8, 64, 64] and m["n"] == 9
     assert m["latents"]["encoder"] == f"sd-vae-tiny sha256 {vae_sha}"
+    # The extractor read the pixel crops behind the latents again (not decoded latents): the statistics of the crops.
+    got = fidelity.FeatureStats.load(d / "models/reference_stats.npz")
+    assert got.n == 9 and np.allclose(got.mu, want.mu, atol=1e-5) and np.allclose(got.sigma, want.sigma, atol=1e-5)
+    assert "pixel crops" in read_json(d / "models/extractor.json")["reference"]
     _, arch, _ = load_model(d / "models/base.safetensors")
     assert arch["precond"] == "edm2" and arch["img_channels"] == 4 and arch["img_resolution"] == 64
     # The DDO rounds on 2 gloo ranks: fakes are latents (float32), as shards, each rank its data shards'.

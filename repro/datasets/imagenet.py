@@ -251,6 +251,38 @@ def checked_source(cfg: DataConfig) -> tuple[Path, Listing]:
     return source, list_source(source)
 
 
+def source_crops(manifest: dict, plan_path: Path, batch: int = 64, workers: int = 1) -> Iterator[np.ndarray]:
+    """The pixel crops behind a latent data set (uint8 [<= batch, 3, R, R], in shard order): ``data.source`` read
+    again through the same listing and crop as the data stage, for reference statistics of the real images (EDM2's
+    reference of ImageNet-512 is of the 512x512 crops, not of decoded latents).
+
+    The source must still be what the data stage read: its listing (every file name and class) must hash to the
+    plan's ``list_sha256`` and give the manifest's count, or this is a ConfigError naming data.source before any
+    image is read. The images' bytes are not hashed again (ImageNet is 140 GB); the listing is."""
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"{plan_path} not found: rerun the data stage (`repro data`)")
+    plan = read_json(plan_path)
+    source = Path(plan["source"])
+    listing = list_source(source)
+    digest = hashlib.sha256()
+    for name, label in zip(listing.names, listing.labels, strict=True):
+        digest.update(f"{name}\t{label}\n".encode())
+    if digest.hexdigest() != plan["list_sha256"] or len(listing.names) != int(manifest["n"]):
+        raise _source_error(f"{source} no longer lists the {manifest['n']} images the data stage encoded (its file "
+                            f"list now has {len(listing.names)} entries and another sha256)",
+                            "restore the source the data stage read, or rerun `repro data` on this one")
+    size = int(plan["resolution"])
+    with _cropper(source, listing.kind, size, workers) as crops:
+        out = []
+        for crop in crops(listing.names):
+            out.append(crop)
+            if len(out) == batch:
+                yield np.stack(out)
+                out = []
+        if out:
+            yield np.stack(out)
+
+
 def prepare_imagenet(cfg: DataConfig, out_npz: Path, out_manifest: Path, encode=None, encoder_id: str = "",
                      task: tuple[int, int] = (0, 1)) -> dict | None:
     """Write the shards of ``cfg.dataset`` into ``out_npz`` without its suffix (data/imagenet64/; resumable), then

@@ -104,8 +104,15 @@ def published_reference(path: Path, source: str) -> "fidelity.FeatureStats":
 
 def data_statistics(extractor_kind: str, weights: Path, images: np.ndarray | ShardedDataset, batch: int = 500,
                     progress: bool = False) -> "fidelity.FeatureStats":
+    """The reference statistics of the real images: an array, the shards (memory-mapped, one at a time), or for
+    latent shards the pixel crops they were encoded from (:func:`repro.datasets.imagenet.source_crops`)."""
     extractor = fidelity.make_extractor(extractor_kind, str(weights), device=_device())
-    if isinstance(images, ShardedDataset):  # shard by shard, memory-mapped: never the whole data set in memory
+    if isinstance(images, ShardedDataset) and images.latent:
+        from repro.datasets.imagenet import source_crops
+
+        m = images.source.manifest
+        batches = (torch.as_tensor(b) for b in source_crops(m, images.source.folder / "plan.json", min(batch, 64)))
+    elif isinstance(images, ShardedDataset):  # shard by shard, memory-mapped: never the whole data set in memory
         batches = (torch.as_tensor(b) for b in images.batches(batch))
     else:
         batches = (torch.as_tensor(images[i:i + batch]) for i in range(0, len(images), batch))
@@ -133,7 +140,9 @@ def build_extractor(cfg: ExtractorConfig, data: Dataset | None, weights_out: Pat
                                         "set, which is missing: run the data stage first (`repro data`)")
             stats = data_statistics(fidelity.INCEPTION_EXTRACTOR, weights_out,
                                     data if isinstance(data, ShardedDataset) else data.images, progress=progress)
-            stats.meta["source"] = "data set"
+            latent = isinstance(data, ShardedDataset) and data.latent
+            stats.meta["source"] = ("data set (the pixel crops of data.source the latents were encoded from)"
+                                    if latent else "data set")
         stats.save(reference_out)
         log.info("extractor: Inception weights %s (sha256 %s) -> %s; reference statistics (%s) -> %s", src, sha[:12],
                  weights_out, stats.meta.get("source"), reference_out)
