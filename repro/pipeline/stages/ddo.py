@@ -132,11 +132,11 @@ def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> 
         return
     kinds = KINDS if cfg.ddo.control else ("ddo",)
     # every replicate and kind checked before any work
-    refs = {(rep, kind): _reference(paths, rd, kind, round, rep) for rep in replicates(cfg.ddo) for kind in kinds}
+    refs = [(rep, kind, _reference(paths, rd, kind, round, rep)) for rep in replicates(cfg.ddo) for kind in kinds]
     with tracked("ddo", cfg, paths, extra_hash={"round": round}) as t:
         t.set_tags({"run_dir": rd, "round": round})
         log_data_input(t, paths)
-        for (rep, kind), (ref_path, ref_score) in refs.items():
+        for rep, kind, (ref_path, ref_score) in refs:
             with t.child(rep.name(kind, round), params={"round": round, "kind": kind, "seed": rep.seed},
                          tags={"round": round, "kind": kind, "seed": rep.seed}) as child:
                 where = rep.round_dir(rd, kind, round).dir
