@@ -16,6 +16,7 @@ from repro.datasets.images import load_embedded
 from repro.evaluation.tables.runs import render_run
 from repro.methods.ddo import rounds as ddo_mod
 from repro.methods.ddo.selfplay import replicates
+from repro.pipeline.cost import ddo_cost, sample_cost
 from repro.pipeline.stages import ddo as ddo_stage
 from repro.pipeline.stages.fid import parse_round_name
 from repro.pipeline.stages.sample import eval_models
@@ -74,6 +75,11 @@ def test_one_seed_keeps_todays_names_and_run_directory(tmp_path):
     assert {r.cfg.selection_first_seed for r in reps} == {cfg.ddo.selection_first_seed}
     assert len({r.cfg.fake_first_seed for r in reps}) == 3
     assert reps[2].run_dir(tmp_path) == tmp_path / "seed2" and reps[1].key("ddo") == "ddo-seed1"
+    micro = load_config(preset="micro")
+    micro2 = replace(micro, ddo=replace(micro.ddo, seeds=2))
+    assert ddo_cost(micro2)["image_forwards"] == 2 * ddo_cost(micro)["image_forwards"]
+    assert ddo_cost(micro2)["training_seeds"] == 2 and "training_seeds" not in ddo_cost(micro)
+    assert sample_cost(micro2)["models"] == sample_cost(micro)["models"] + 2  # the replicate's last DDO and control
     assert parse_round_name("control-round2-seed7") == ("control", 2, 7)
     assert parse_round_name("ddo-round2") == ("ddo", 2, None) and parse_round_name("base") is None
 
@@ -153,6 +159,9 @@ def test_the_table_summarises_the_replicates_last_rounds():
     bad = dict(metrics, models=metrics["models"][:3] + [_entry("ddo-round2-seed1", 2, 1.5, 7.2, 1, "nosuch")])
     with pytest.raises(ValueError, match="replicate_of"):
         render_run(bad)
+    neg = dict(metrics, models=metrics["models"][:2] + [dict(metrics["models"][3], seed=-1)])
+    with pytest.raises(ValueError, match="seed"):
+        render_run(neg)
     # without replicates no summary
     plain = dict(metrics, models=[{k: v for k, v in m.items() if k != "seed"} for m in metrics["models"][:3]])
     assert "training seeds" not in render_run(plain)

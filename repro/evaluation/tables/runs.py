@@ -190,6 +190,10 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     (repro.evaluation.copycheck); the protocol line then names the split and the floors.
     A title and a protocol line (n samples, seed ranges, sampler, extractor, reference, full/reduced)
     precede the table.
+    Training-seed replicates (ddo.seeds > 1: entries with ``seed``, ``replicate_of``): one row each, a DDO row's
+    Δ vs control against the control of its own seed, and notes under the table (md, latex; not csv) with the
+    mean and min–max over the seeds of the last DDO round, the control's last round and the paired difference
+    DDO − control per seed (:func:`_seed_summary`); no significance test.
 
     Args:
         metrics: one metrics.json document (as returned by :func:`load_results`, or parsed JSON).
