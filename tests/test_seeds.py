@@ -18,7 +18,7 @@ from repro.methods.ddo import rounds as ddo_mod
 from repro.methods.ddo.selfplay import replicates
 from repro.pipeline.cost import ddo_cost, sample_cost
 from repro.pipeline.stages import ddo as ddo_stage
-from repro.pipeline.stages.fid import parse_round_name
+from repro.pipeline.stages.fid import parse_round_name, replicate_fields
 from repro.pipeline.stages.sample import eval_models
 from repro.storage.layout import Paths
 
@@ -80,6 +80,9 @@ def test_one_seed_keeps_todays_names_and_run_directory(tmp_path):
     assert ddo_cost(micro2)["image_forwards"] == 2 * ddo_cost(micro)["image_forwards"]
     assert ddo_cost(micro2)["training_seeds"] == 2 and "training_seeds" not in ddo_cost(micro)
     assert sample_cost(micro2)["models"] == sample_cost(micro)["models"] + 2  # the replicate's last DDO and control
+    assert replicate_fields(two, "ddo-round2") == {"seed": 0}
+    assert replicate_fields(two, "control-round2-seed2") == {"seed": 2, "replicate_of": "control-round2"}
+    assert replicate_fields(two, "base") == {} and replicate_fields(cfg, "ddo-round2") == {}
     assert parse_round_name("control-round2-seed7") == ("control", 2, 7)
     assert parse_round_name("ddo-round2") == ("ddo", 2, None) and parse_round_name("base") is None
 

@@ -103,10 +103,8 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                             paths.samples_work / name)
             entry = {"name": name, "round": r, "value": reduce_values(values, reduce), "values": values,
                      "sample_devices": devices, "weights": weight_dtypes(models[name])}
-            if cfg.ddo.seeds > 1 and kind in ("ddo", "control") and name not in guided:  # replicates: which seed
-                entry["seed"] = cfg.ddo.seed if seed is None else seed
-                if seed is not None:
-                    entry["replicate_of"] = round_name(kind, r)
+            if name not in guided:  # training-seed replicates: which seed
+                entry.update(replicate_fields(cfg, name))
             cell = cells.get(name) or (cells.get("final") if name == final else None)
             if cell:
                 entry["cell"] = cell
@@ -190,6 +188,19 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 rows.append(f"{r}\t{sel[r]:.6f}\t{ctrl.get(r, float('nan')):.6f}")
             _plot_rounds(t, metric.name, history, base_sel)
         write_text(paths.rounds_tsv, "\n".join(rows) + "\n")
+
+
+def replicate_fields(cfg: Config, name: str) -> dict:
+    """A model entry's training seed with training-seed replicates (ddo.seeds > 1), for a DDO or control round:
+    ``seed`` (replicate 0's: ddo.seed), and for replicates k >= 1 ``replicate_of``, replicate 0's entry of the same
+    kind and round. Empty without replicates (entries as before) and for other models (base)."""
+    parsed = parse_round_name(name)
+    if cfg.ddo.seeds <= 1 or parsed is None or parsed[0] not in ("ddo", "control"):
+        return {}
+    kind, r, seed = parsed
+    if seed is None:
+        return {"seed": int(cfg.ddo.seed)}
+    return {"seed": seed, "replicate_of": round_name(kind, r)}
 
 
 def heldout_reference(metric, paths: Paths) -> dict | None:
