@@ -38,6 +38,7 @@ from repro.config.schema import (
                                Resources,
                                SampleConfig,
                                SamplerConfig,
+                               replicate_seed_offset,
                                resources_for,
                                split_guided,
 )
@@ -47,7 +48,7 @@ __all__ = [
     "Config", "DataConfig", "ExtractorConfig", "NetworkConfig", "PretrainConfig", "SamplerConfig", "DDOConfig",
     "SampleConfig", "MetricsConfig", "PaperConfig", "Resources", "LauncherConfig",
     "GuidanceConfig", "DiscriminatorConfig", "DGConfig", "ImprovedDGConfig", "KernelConfig", "DCDConfig", "GUIDANCE_VARIANTS", "split_guided",
-    "STAGE_PARAMS", "SEED_BLOCK", "EXTRA_METRICS", "OMIT_WHEN_EMPTY", "resources_for",
+    "STAGE_PARAMS", "SEED_BLOCK", "EXTRA_METRICS", "OMIT_WHEN_EMPTY", "resources_for", "replicate_seed_offset",
     "preset_names", "preset_text", "preset_dict", "apply_overrides", "config_from_dict", "load_config",
     "to_dict", "stage_dict", "config_hash", "dump_yaml",
 ]

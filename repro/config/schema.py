@@ -258,6 +258,12 @@ class DDOConfig:
     fake_first_seed: Int = Field(ge=0, description="round r's fake bank uses seeds fake_first_seed + r*1e6 + i")
     control: Bool = Field(description="also run an MLE control: the base trained further with the EDM loss, same steps")
     seed: Int = Field(ge=0)
+    seeds: Int = Field(1, ge=1, description=(
+        "training seeds: replicate k < seeds trains every DDO round and the control's rounds from the same base with "
+        "training seed ddo.seed + k (step draws, data order) and its own fake-bank seeds (block k of "
+        "(rounds + 1) * 1e6 seeds above fake_first_seed); selection and evaluation seeds are the same for all. "
+        "Replicate 0 is the run without replicates (same names, directories and numbers); replicate k's models are "
+        "<kind>-round<r>-seed<ddo.seed + k>, and the final evaluation adds each replicate's last rounds"))
     sweep_alpha: Tuple(Number) = Field((), description=(
         "if set (with sweep_beta: a grid), each round trains one candidate per (alpha, beta) in the grid; the "
         "candidate checkpoint with the best selection score becomes the round's best and the next reference; "
@@ -700,17 +706,28 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "extractor": ("extractor",),
     "pretrain": ("pretrain", "sampler", "ar"),
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "pretrain.decoder", "extractor.kind"),
-    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "pretrain.decoder", "ar"),
+    "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "ddo.seed", "ddo.seeds", "pretrain.decoder", "ar"),
     "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
     "discriminator": ("guidance.evaluate", "discriminator", "dcd", "ddo.rounds", "pretrain.mirror"),
     "guided": ("guidance.evaluate", "dg", "dg_improved", "kernel", "dcd", "sample", "sampler", "ddo.rounds"),
-    "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.selection_first_seed",
-            "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper",
+    "fid": ("preset", "sample", "sampler", "extractor.kind", "ddo.rounds", "ddo.control", "ddo.seed", "ddo.seeds",
+            "ddo.selection_first_seed", "ddo.selection_samples", "metrics", "extractor.weights", "extractor.weights_sha256", "paper",
             "guidance.evaluate", "ar"),
     "table": ("preset", "paper.name"),
 }
 
 SEED_BLOCK = 1_000_000  # round r's fake bank: seeds fake_first_seed + r * SEED_BLOCK + i
+
+
+def replicate_seed_offset(d: DDOConfig) -> int:
+    """How far training-seed replicate k's fake-bank seeds are shifted (times k): one block of rounds + 1 rounds, so
+    the replicates' fake seeds follow each other without overlap."""
+    return (d.rounds + 1) * SEED_BLOCK
+
+
+def fake_seed_range(d: DDOConfig) -> tuple[int, int]:
+    """[first, end) of every fake-bank seed the ddo stage may draw: every round of every training-seed replicate."""
+    return d.fake_first_seed, d.fake_first_seed + d.seeds * replicate_seed_offset(d)
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
@@ -803,7 +820,7 @@ class Config:
             yield ("sample.first_seed", f"the {b} [{b0}, {b1}) overlap the {a} [{a0}, {a1}); selection must use other "
                    "seeds than the final evaluation",
                    "move sample.first_seed or ddo.selection_first_seed so the ranges are disjoint")
-        f0, f1 = d.fake_first_seed, d.fake_first_seed + (d.rounds + 1) * SEED_BLOCK
+        f0, f1 = fake_seed_range(d)
         for name, (a0, a1) in ranges.items():
             if a0 < f1 and f0 < a1:
                 yield ("ddo.fake_first_seed", f"the fake-bank seeds [{f0}, {f1}) overlap the {name} [{a0}, {a1})",
@@ -881,8 +898,7 @@ def _guidance_rules(cfg: "Config"):
         for name, (a0, a1) in {"sample seeds": (e.first_seed, e.first_seed + e.repeats * e.n_samples),
                                "ddo selection seeds": (d.selection_first_seed,
                                                        d.selection_first_seed + d.selection_samples),
-                               "ddo fake-bank seeds": (d.fake_first_seed,
-                                                       d.fake_first_seed + (d.rounds + 1) * SEED_BLOCK)}.items():
+                               "ddo fake-bank seeds": fake_seed_range(d)}.items():
             if a0 < f1 and f0 < a1:
                 yield ("guidance.fake_first_seed", f"the guidance fake-bank seeds [{f0}, {f1}) overlap the {name} "
                        f"[{a0}, {a1})", "move guidance.fake_first_seed above the other seed ranges")

@@ -47,9 +47,16 @@ def tracked(stage: str, cfg: Config, paths: Paths, extra_hash: dict | None = Non
                      config_hash=config_hash({**params, **(extra_hash or {})}))
 
 
-def run_dir(stage: str, cfg: Config, paths: Paths, inputs: dict[str, Path]) -> Path:
-    """The stage's run directory, keyed by its params and the sha256 of its inputs: resume only the same work."""
-    key = config_hash({"params": stage_dict(cfg, stage), "inputs": {k: sha256_file(p) for k, p in inputs.items()}})
+def run_dir(stage: str, cfg: Config, paths: Paths, inputs: dict[str, Path], ignore: tuple[str, ...] = ()) -> Path:
+    """The stage's run directory, keyed by its params and the sha256 of its inputs: resume only the same work.
+
+    ``ignore``: dotted params left out of the key, because the work they add lives in sub-directories of its own
+    (ddo.seeds: the training-seed replicates), so changing them reuses what is already done."""
+    params = stage_dict(cfg, stage)
+    for name in ignore:
+        section, _, key = name.partition(".")
+        params.get(section, {}).pop(key, None)
+    key = config_hash({"params": params, "inputs": {k: sha256_file(p) for k, p in inputs.items()}})
     return paths.run_dir(stage, key)
 
 

@@ -37,7 +37,8 @@ def nfe(cfg: Config) -> int:
 
 def ddo_cost(cfg: Config) -> dict:
     """The ddo stage's work: per round a fake bank (one fake per real image), the reference's selection score, and
-    per (alpha, beta) candidate the training steps and the selection evaluations; the MLE control beside it."""
+    per (alpha, beta) candidate the training steps and the selection evaluations; the MLE control beside it; all of
+    it once per training seed (ddo.seeds: each replicate trains every round again)."""
     d = cfg.ddo
     if d.rounds == 0:
         return {"rounds": 0, "image_forwards": 0, "what": "nothing (an evaluation: no rounds)"}
@@ -54,9 +55,10 @@ def ddo_cost(cfg: Config) -> dict:
     selection = evals * d.selection_samples * k
     per_round = fakes + reference_score + candidates * (train + selection)
     control = (steps * 2 * d.batch * FWD_BWD + selection) if d.control else 0
-    total = d.rounds * (per_round + control)
+    total = d.seeds * d.rounds * (per_round + control)
     return {
-        "rounds": d.rounds, "candidates_per_round": candidates, "steps_per_candidate": steps,
+        "rounds": d.rounds, **({"training_seeds": d.seeds} if d.seeds > 1 else {}),
+        "candidates_per_round": candidates, "steps_per_candidate": steps,
         "per_round": {"fake_bank_images": n_data, "fake_bank_forwards": fakes, "training_forwards": train,
                       "selection_evaluations": evals, "selection_forwards": selection,
                       "image_forwards": per_round + control},
@@ -66,9 +68,11 @@ def ddo_cost(cfg: Config) -> dict:
 
 
 def sample_cost(cfg: Config) -> dict:
-    """The sample stage: every model's evaluation seeds through the sampler (guide included)."""
+    """The sample stage: every model's evaluation seeds through the sampler (guide included); training-seed
+    replicates (ddo.seeds) add their last DDO round and the control's."""
     rounds = min(cfg.ddo.rounds, 1) if cfg.sample.models == "base-and-last" else cfg.ddo.rounds
-    models = 1 + rounds + (1 if cfg.ddo.control and cfg.ddo.rounds else 0)
+    last = (1 + (1 if cfg.ddo.control else 0)) if cfg.ddo.rounds else 0  # a replicate's: last DDO round, control's
+    models = 1 + rounds + (1 if cfg.ddo.control and cfg.ddo.rounds else 0) + (cfg.ddo.seeds - 1) * last
     images = models * cfg.sample.repeats * cfg.sample.n_samples
     total = images * nfe(cfg)
     return {"models": models, "images": images, "network_evaluations_per_image": nfe(cfg),

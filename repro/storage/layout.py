@@ -21,7 +21,9 @@ A project directory (the one holding params.yaml) looks like this::
     runs/slurm/<job id>/                   submitit's scripts and logs
 
 Inside a ddo run directory, round r of kind k ('ddo' or 'control') lives in ``<k>-round<r>/`` (:class:`RoundDir`);
-a swept round keeps one sub-directory per (alpha, beta) candidate. Nothing else in the package spells these names:
+a swept round keeps one sub-directory per (alpha, beta) candidate. Training-seed replicates (ddo.seeds > 1) of seed s
+keep theirs in ``seed<s>/`` (:func:`replicate_dir`), and their models are ``<k>-round<r>-seed<s>`` (:func:`round_name`)
+beside replicate 0's, which are named as without replicates. Nothing else in the package spells these names:
 ask :class:`Paths` or :class:`RoundDir`.
 
 Example::
@@ -33,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +47,25 @@ METRICS_FILE = "metrics.json"      # results/<preset>/: the numbers (what `dvc m
 PROTOCOL_FILE = "protocol.json"    # results/<preset>/: what they measure (protocol, models, cells, run)
 
 
-def round_name(kind: str, round_: int) -> str:
-    """The name of round ``round_`` of ``kind``: its run sub-directory, its model file's stem, its MLflow run."""
-    return f"{kind}-round{round_}"
+def round_name(kind: str, round_: int, seed: int | None = None) -> str:
+    """The name of round ``round_`` of ``kind``: its run sub-directory, its model file's stem, its MLflow run.
+
+    ``seed``: a training-seed replicate's (ddo.seeds > 1: replicates 1, 2, ... train with ddo.seed + k), named
+    ``<kind>-round<r>-seed<s>`` with s the seed itself; None for replicate 0, whose names are those of a run
+    without replicates."""
+    return f"{kind}-round{round_}" + ("" if seed is None else f"-seed{seed}")
+
+
+def parse_round_name(name: str) -> tuple[str, int, int | None] | None:
+    """(kind, round, seed) of a name made by :func:`round_name` (seed None for replicate 0), or None (e.g. base)."""
+    m = re.fullmatch(r"(.+)-round(\d+)(?:-seed(\d+))?", name)
+    return (m[1], int(m[2]), None if m[3] is None else int(m[3])) if m else None
+
+
+def replicate_dir(run_dir: Path, seed: int | None) -> Path:
+    """Where a training-seed replicate's rounds live in the ddo stage's run directory: replicate 0 (seed None) in the
+    run directory itself, as without replicates; replicate k in its ``seed<s>`` sub-directory."""
+    return Path(run_dir) if seed is None else Path(run_dir) / f"seed{seed}"
 
 
 def candidate_name(alpha: float, beta: float) -> str:
@@ -98,7 +117,8 @@ class Paths:
     def ddo(self) -> Path: return self.root / "models" / "ddo"
     @property
     def rounds_json(self) -> Path: return self.ddo / "rounds.json"
-    def round_model(self, kind: str, round_: int) -> Path: return self.ddo / f"{round_name(kind, round_)}.safetensors"
+    def round_model(self, kind: str, round_: int, seed: int | None = None) -> Path:
+        return self.ddo / f"{round_name(kind, round_, seed)}.safetensors"
 
     # guidance: fake banks, discriminators, guided samples
     @property

@@ -208,6 +208,19 @@ def _validate_metrics(data: Any, origin: str) -> None:
         devices = model.get("sample_devices", [])
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             fail(f"field 'models[{i}].sample_devices' must be a list of device names, e.g. [\"cuda\"]")
+        # training-seed replicates (ddo.seeds > 1): the training seed of a DDO / control entry, and for replicates
+        # k >= 1 the name of replicate 0's entry of the same kind and round
+        if "seed" in model and not (isinstance(model["seed"], int) and not isinstance(model["seed"], bool)
+                                    and model["seed"] >= 0):
+            fail(f"field 'models[{i}].seed' must be a training seed (an integer >= 0), got {model['seed']!r}")
+        if "replicate_of" in model:
+            names = {m.get("name") for m in models if isinstance(m, dict)}
+            if "seed" not in model:
+                fail(f"field 'models[{i}].replicate_of' needs 'models[{i}].seed' (the replicate's training seed)")
+            if not isinstance(model["replicate_of"], str) or model["replicate_of"] not in names \
+                    or model["replicate_of"] == model["name"]:
+                fail(f"field 'models[{i}].replicate_of' must name another model entry (replicate 0's), got "
+                     f"{model['replicate_of']!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

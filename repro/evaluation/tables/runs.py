@@ -129,6 +129,52 @@ def _rel_delta(d: float, base: float) -> str:
     return text
 
 
+def _spread(values: list[float], fmt) -> str:
+    """Mean and min–max of ``values`` (no standard error: a handful of seeds shows spread, not significance)."""
+    mean = sum(values) / len(values)
+    return f"mean {fmt(mean)} (min–max {fmt(min(values))} – {fmt(max(values))})"
+
+
+def _seed_summary(metrics: dict, models: list[dict]) -> list[str]:
+    """Lines under the table for training-seed replicates (ddo.seeds > 1: entries with ``seed``): per training seed
+    the last DDO round and the control's last round; their mean and min–max over the seeds, and the paired
+    difference DDO − control of each seed. Empty without replicates (fewer than two seeds)."""
+    last: dict[str, dict[int, dict]] = {"ddo": {}, "control": {}}
+    for m in models:
+        if "seed" not in m or m.get("guided"):
+            continue
+        kind = "control" if _is_control(m) else "ddo"
+        prev = last[kind].get(m["seed"])
+        if prev is None or m["round"] > prev["round"]:
+            last[kind][m["seed"]] = m
+    seeds = sorted(last["ddo"])
+    if len(seeds) < 2:
+        return []
+    paired = [s for s in seeds if s in last["control"]]
+    metric = metrics["metric"]
+    columns = [(f"{metric} vs training part", lambda m: m["value"], _fmt_ours),
+               (f"{metric} vs held-out", lambda m: _extra_value(m, f"{metric}_heldout"), _fmt_ours),
+               ("KID×10³ held-out", lambda m: _extra_value(m, "kid_heldout"), lambda v: f"{1e3 * v:.2f}"),
+               ("copies", lambda m: _extra_value(m, "copy_rate"), lambda v: f"{100.0 * v:.1f}%")]
+    rounds = sorted({m["round"] for m in last["ddo"].values()})
+    lines = [f"Over {len(seeds)} training seeds ({', '.join(str(s) for s in seeds)}): only the training seed varied "
+             "(ddo.seed + k: each step's draws, the data order and the fake-bank seeds); the same base model, "
+             "selection seeds and evaluation seeds for every seed. Mean and min–max over the seeds, no "
+             "significance test" + (f"; last DDO round {', '.join(str(r) for r in rounds)}" if rounds else "") + "."]
+    for label, get, fmt in columns:
+        ddo = [get(last["ddo"][s]) for s in seeds]
+        if any(v is None for v in ddo):
+            continue
+        parts = [f"DDO last round {_spread(ddo, fmt)}"]
+        ctl = [get(last["control"][s]) for s in paired]
+        if paired and all(v is not None for v in ctl):
+            parts.append(f"control last round {_spread(ctl, fmt)}")
+            diff = [get(last["ddo"][s]) - get(last["control"][s]) for s in paired]
+            parts.append(f"DDO − control per seed {_spread(diff, fmt)}")
+        lines.append(f"{label} over {len(seeds)} training seeds: " + "; ".join(parts) + ".")
+    return lines
+
+
 def render_run(metrics: dict, fmt: str = "md") -> str:
     """Render the table of one run of ours: one row per model entry, in file order.
 
@@ -144,6 +190,10 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     (repro.evaluation.copycheck); the protocol line then names the split and the floors.
     A title and a protocol line (n samples, seed ranges, sampler, extractor, reference, full/reduced)
     precede the table.
+    Training-seed replicates (ddo.seeds > 1: entries with ``seed``, ``replicate_of``): one row each, a DDO row's
+    Δ vs control against the control of its own seed, and notes under the table (md, latex; not csv) with the
+    mean and min–max over the seeds of the last DDO round, the control's last round and the paired difference
+    DDO − control per seed (:func:`_seed_summary`); no significance test.
 
     Args:
         metrics: one metrics.json document (as returned by :func:`load_results`, or parsed JSON).
@@ -160,6 +210,8 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
     base = _find_base(models)
     controls = [m for m in models if _is_control(m) and m is not base]
     control = controls[0] if controls else None
+    # training-seed replicates: a DDO entry's Δ vs control is against the control of its own training seed
+    seed_control = {m["seed"]: m for m in controls if "seed" in m}
     by_name = {m["name"]: m for m in models}
     guided = any(_unguided(m, by_name) is not None for m in models)
     n_rep = max((len(m.get("values") or []) for m in models), default=0)
@@ -186,7 +238,8 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
             rec.append(None if m is base else _num_repr(m["value"] - base["value"]))
             if control:
                 ddo_row = m is not base and m is not control and not _is_control(m)
-                rec.append(_num_repr(m["value"] - control["value"]) if ddo_row else None)
+                c = seed_control.get(m.get("seed"), control)
+                rec.append(_num_repr(m["value"] - c["value"]) if ddo_row else None)
             if guided:
                 u = _unguided(m, by_name)
                 rec.append(_num_repr(m["value"] - u["value"]) if u is not None else None)
@@ -222,7 +275,8 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
         cells.append(DASH if m is base else _rel_delta(m["value"] - base["value"], base["value"]))
         if control:
             ddo_row = m is not base and m is not control and not _is_control(m)
-            cells.append(_rel_delta(m["value"] - control["value"], control["value"]) if ddo_row else DASH)
+            c = seed_control.get(m.get("seed"), control)
+            cells.append(_rel_delta(m["value"] - c["value"], c["value"]) if ddo_row else DASH)
         if guided:
             u = _unguided(m, by_name)
             cells.append(_rel_delta(m["value"] - u["value"], u["value"]) if u is not None else DASH)
@@ -242,6 +296,7 @@ def render_run(metrics: dict, fmt: str = "md") -> str:
         if has_note:
             cells.append(str(m.get("note") or ""))
         grid.body.append(("row", cells, False))
+    grid.notes += _seed_summary(metrics, models)
     if fmt == "md":
         return _grid_md(grid) + "\n"
     return _grid_latex(grid) + "\n"

@@ -5,6 +5,11 @@ job each, chained with --dependency=afterok) followed by `repro ddo` trains noth
 (ddo.sweep_alpha / sweep_beta) is three waves (:func:`waves`): the round's fake bank and reference score as one job,
 its (alpha, beta) candidates as one job array, the choice here; then the whole stage as one job, which finds every
 swept round finished, trains the MLE control and writes models/ddo.
+
+Training-seed replicates (ddo.seeds > 1, repro.methods.ddo.selfplay.Replicate) go everywhere a round goes: `repro ddo
+--round N` trains round N of every kind and every replicate, and a swept round's waves run for each replicate. The
+run directory does not depend on ddo.seeds (replicate k >= 1 works in its ``seed<s>/`` sub-directory), so raising
+ddo.seeds reuses the replicates already trained.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from repro.cluster.launcher import Wave
 from repro.config import Config, ConfigError
 from repro.evaluation.metric import load_metric
 from repro.methods.ddo.rounds import KINDS, train_round
-from repro.methods.ddo.selfplay import run_rounds
+from repro.methods.ddo.selfplay import Replicate, replicates, run_rounds
 from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep_grid, swept_round, train_candidate
 from repro.methods.ddo.family import ARSampling, tokenizer_of
 from repro.nets import released
@@ -40,7 +45,7 @@ def ddo_run_dir(cfg: Config, paths: Paths) -> Path:
     name = released.decoder_name(cfg.pretrain)
     if name and paths.decoder(name).is_file():
         inputs["decoder"] = paths.decoder(name)
-    return run_dir("ddo", cfg, paths, inputs)
+    return run_dir("ddo", cfg, paths, inputs, ignore=("ddo.seeds",))
 
 
 def _selection_decoder(cfg: Config, paths: Paths, info: dict):
@@ -85,13 +90,19 @@ def _check_round(cfg: Config, round_: int) -> None:
         raise ValueError(f"--round {round_}: the preset has rounds 1..{cfg.ddo.rounds} (ddo.rounds)")
 
 
-def _reference(paths: Paths, rd: Path, kind: str, round_: int) -> tuple[Path, float | None]:
-    """Round ``round_``'s reference: the base model, or the previous round's best (which must be finished)."""
+def _replicate(cfg: Config, index: int) -> Replicate:
+    return replicates(cfg.ddo)[index]
+
+
+def _reference(paths: Paths, rd: Path, kind: str, round_: int, rep: Replicate | None = None) -> tuple[Path, float | None]:
+    """Round ``round_``'s reference (of replicate ``rep``, default replicate 0): the base model, or the previous
+    round's best (which must be finished)."""
     if round_ == 1:
         return paths.base, None
-    prev = RoundDir.of(rd, kind, round_ - 1)
+    prev = RoundDir.of(rd if rep is None else rep.run_dir(rd), kind, round_ - 1)
     if not prev.done.is_file():
-        raise FileNotFoundError(f"{kind} round {round_ - 1} is not finished ({prev.dir}): run `repro ddo --round "
+        what = kind if rep is None or rep.index == 0 else f"{kind} (training seed {rep.seed})"
+        raise FileNotFoundError(f"{what} round {round_ - 1} is not finished ({prev.dir}): run `repro ddo --round "
                                 f"{round_ - 1}` first")
     return prev.best, read_json(prev.done)["best_score"]
 
@@ -112,30 +123,32 @@ def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> 
         with tracked("ddo", cfg, paths) as t:
             t.set_tags({"run_dir": rd})
             log_data_input(t, paths)
-            log.info("ddo: %d rounds%s%s; run directory %s", cfg.ddo.rounds,
+            log.info("ddo: %d rounds%s%s%s; run directory %s", cfg.ddo.rounds,
                      " + MLE control" if cfg.ddo.control else "",
-                     f", {len(sweep_grid(cfg.ddo))} (alpha, beta) candidates each" if sweep_grid(cfg.ddo) else "", rd)
+                     f", {len(sweep_grid(cfg.ddo))} (alpha, beta) candidates each" if sweep_grid(cfg.ddo) else "",
+                     f", {cfg.ddo.seeds} training seeds ({cfg.ddo.seed}..{cfg.ddo.seed + cfg.ddo.seeds - 1})"
+                     if cfg.ddo.seeds > 1 else "", rd)
             run_rounds(paths.base, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric, rd, paths.ddo, t, progress)
         return
     kinds = KINDS if cfg.ddo.control else ("ddo",)
-    refs = {kind: _reference(paths, rd, kind, round) for kind in kinds}  # every kind checked before any work
+    # every replicate and kind checked before any work
+    refs = [(rep, kind, _reference(paths, rd, kind, round, rep)) for rep in replicates(cfg.ddo) for kind in kinds]
     with tracked("ddo", cfg, paths, extra_hash={"round": round}) as t:
         t.set_tags({"run_dir": rd, "round": round})
         log_data_input(t, paths)
-        for kind in kinds:
-            ref_path, ref_score = refs[kind]
-            with t.child(round_name(kind, round), params={"round": round, "kind": kind},
-                         tags={"round": round, "kind": kind}) as child:
-                where = RoundDir.of(rd, kind, round).dir
+        for rep, kind, (ref_path, ref_score) in refs:
+            with t.child(rep.name(kind, round), params={"round": round, "kind": kind, "seed": rep.seed},
+                         tags={"round": round, "kind": kind, "seed": rep.seed}) as child:
+                where = rep.round_dir(rd, kind, round).dir
                 if kind == "ddo" and sweep_grid(cfg.ddo):
-                    res = swept_round(round, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
+                    res = swept_round(round, ref_path, data, rep.cfg, sampler, cfg.pretrain.sigma_data, metric,
                                       where, child, progress, ref_score)
                 else:
-                    res = train_round(kind, round, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
+                    res = train_round(kind, round, ref_path, data, rep.cfg, sampler, cfg.pretrain.sigma_data, metric,
                                       where, child, progress, ref_score=ref_score)
                 child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score})
-            log.info("ddo --round %d: %s best %.4f at %d images -> %s", round, kind, res.best_score, res.best_nimg,
-                     res.best_path)
+            log.info("ddo --round %d: %s best %.4f at %d images -> %s", round, rep.name(kind, round), res.best_score,
+                     res.best_nimg, res.best_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,62 +157,74 @@ def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> 
 
 @dataclass(frozen=True)
 class Prepare:
-    """Job: swept round ``round``'s fake bank and the reference's selection score."""
+    """Job: swept round ``round``'s fake bank and the reference's selection score (of training-seed replicate
+    ``replicate``)."""
 
     cfg: Config
     root: str
     round: int
+    replicate: int = 0
 
     def __call__(self) -> None:
         with stage_context("ddo", self.cfg, self.root) as paths:
             data, metric, sampler = _inputs(self.cfg, paths)
             rd = ddo_run_dir(self.cfg, paths)
-            ref_path, ref_score = _reference(paths, rd, "ddo", self.round)
-            prepare_round(self.round, ref_path, data, self.cfg.ddo, sampler, metric, RoundDir.of(rd, "ddo", self.round).dir,
+            rep = _replicate(self.cfg, self.replicate)
+            ref_path, ref_score = _reference(paths, rd, "ddo", self.round, rep)
+            prepare_round(self.round, ref_path, data, rep.cfg, sampler, metric, rep.round_dir(rd, "ddo", self.round).dir,
                           False, ref_score)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """Job: one (alpha, beta) candidate of swept round ``round``, on the round's fake bank."""
+    """Job: one (alpha, beta) candidate of swept round ``round`` (of training-seed replicate ``replicate``), on the
+    round's fake bank."""
 
     cfg: Config
     root: str
     round: int
     alpha: float
     beta: float
+    replicate: int = 0
 
     def __call__(self) -> None:
         cfg, r = self.cfg, self.round
         with stage_context("ddo", cfg, self.root) as paths:
             data, metric, sampler = _inputs(cfg, paths)
             rd = ddo_run_dir(cfg, paths)
-            ref_path, _ = _reference(paths, rd, "ddo", r)
-            with tracked("ddo", cfg, paths, extra_hash={"round": r, "alpha": self.alpha, "beta": self.beta}) as t:
-                t.set_tags({"run_dir": rd, "round": r, "alpha": self.alpha, "beta": self.beta})
+            rep = _replicate(cfg, self.replicate)
+            ref_path, _ = _reference(paths, rd, "ddo", r, rep)
+            seed = {"seed": rep.seed} if rep.index else {}  # replicate 0: tagged and hashed as without replicates
+            with tracked("ddo", cfg, paths, extra_hash={"round": r, "alpha": self.alpha, "beta": self.beta,
+                                                         **seed}) as t:
+                t.set_tags({"run_dir": rd, "round": r, "alpha": self.alpha, "beta": self.beta, **seed})
                 log_data_input(t, paths)
-                res = train_candidate(r, ref_path, data, cfg.ddo, sampler, cfg.pretrain.sigma_data, metric,
-                                      RoundDir.of(rd, "ddo", r).dir, self.alpha, self.beta, t, False)
+                res = train_candidate(r, ref_path, data, rep.cfg, sampler, cfg.pretrain.sigma_data, metric,
+                                      rep.round_dir(rd, "ddo", r).dir, self.alpha, self.beta, t, False)
                 t.log_metrics({"best_selection_score": res.best_score, "best_nimg": res.best_nimg})
 
 
 @dataclass(frozen=True)
 class Select:
-    """Here, after the candidates: the best candidate becomes swept round ``round``'s best (file copies)."""
+    """Here, after the candidates: the best candidate becomes swept round ``round``'s best (file copies), of
+    training-seed replicate ``replicate``."""
 
     cfg: Config
     root: str
     round: int
+    replicate: int = 0
 
     def __call__(self) -> None:
         paths = Paths.of(self.cfg, self.root)
-        select_round(self.round, RoundDir.of(ddo_run_dir(self.cfg, paths), "ddo", self.round).dir, self.cfg.ddo)
+        rep = _replicate(self.cfg, self.replicate)
+        select_round(self.round, rep.round_dir(ddo_run_dir(self.cfg, paths), "ddo", self.round).dir, rep.cfg)
 
 
 def describe(cfg: Config, paths: Paths) -> dict:
     """The plan and cost of the stage (--dry-run): rounds, candidates, steps, images and network evaluations."""
     d = cfg.ddo
     plan = {"rounds": d.rounds, "kinds": list(KINDS if d.control and d.rounds else ("ddo",) if d.rounds else ()),
+            **({"training_seeds": [rep.seed for rep in replicates(d)]} if d.seeds > 1 and d.rounds else {}),
             "alpha_beta": sweep_grid(d) or ([(d.alpha, d.beta)] if d.rounds else []),
             "selection": {"seeds": [d.selection_first_seed, d.selection_first_seed + d.selection_samples],
                           "metric": cfg.extractor.kind},
@@ -210,7 +235,8 @@ def describe(cfg: Config, paths: Paths) -> dict:
 
 
 def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave], round: int | None = None) -> Iterator[Wave]:  # noqa: A002
-    """The stage as waves of jobs: each swept round as prepare -> candidates -> select, then the whole stage."""
+    """The stage as waves of jobs: each swept round as prepare -> candidates -> select (round by round, each wave
+    covering every training-seed replicate), then the whole stage."""
     if round is not None:
         _check_round(cfg, round)
     grid = sweep_grid(cfg.ddo)
@@ -218,16 +244,22 @@ def waves(cfg: Config, root: Path, whole: Callable[[bool], Wave], round: int | N
         paths = Paths.of(cfg, root)
         require(paths.data, paths.base, paths.extractor, paths.reference)
         rd = ddo_run_dir(cfg, paths)
-        _reference(paths, rd, "ddo", r)  # the previous round must be finished: refuse before submitting anything
-        this = RoundDir.of(rd, "ddo", r)
-        if this.done.is_file():
+        reps = replicates(cfg.ddo)
+        for rep in reps:  # the previous round must be finished: refuse before submitting anything
+            _reference(paths, rd, "ddo", r, rep)
+        todo_reps = [rep for rep in reps if not rep.round_dir(rd, "ddo", r).done.is_file()]
+        if not todo_reps:
             log.info("ddo round %d: already finished", r)
             continue
         name = round_name("ddo", r)
-        if prepared(this.dir) is None:
-            yield Wave(f"{name}-prepare", "ddo", (Prepare(cfg, str(root), r),))
-        todo = [(a, b) for a, b in grid if not this.candidate(a, b).done.is_file()]
+        prepare = [Prepare(cfg, str(root), r, rep.index) for rep in todo_reps
+                   if prepared(rep.round_dir(rd, "ddo", r).dir) is None]
+        if prepare:
+            yield Wave(f"{name}-prepare", "ddo", tuple(prepare))
+        todo = [Candidate(cfg, str(root), r, a, b, rep.index) for rep in todo_reps for a, b in grid
+                if not rep.round_dir(rd, "ddo", r).candidate(a, b).done.is_file()]
         if todo:
-            yield Wave(f"{name}-candidates", "ddo", tuple(Candidate(cfg, str(root), r, a, b) for a, b in todo))
-        yield Wave(f"{name}-select", "ddo", (Select(cfg, str(root), r),), here=True)
+            yield Wave(f"{name}-candidates", "ddo", tuple(todo))
+        yield Wave(f"{name}-select", "ddo", tuple(Select(cfg, str(root), r, rep.index) for rep in todo_reps),
+                   here=True)
     yield whole(False)

@@ -35,7 +35,7 @@ from repro.pipeline.stages.sample import eval_models, shard_sampler
 from repro.pipeline.tracking import git_commit
 from repro.sampling.shards import eval_ranges, model_sha256, plan_shards, range_batches, range_shards, sample_devices
 from repro.storage.files import check_recorded, read_json, sha256_file, write_text
-from repro.storage.layout import Paths
+from repro.storage.layout import Paths, parse_round_name, round_name
 
 log = logging.getLogger("repro.pipeline")
 
@@ -71,7 +71,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
     with tracked("fid", cfg, paths) as t:
         entries = []
         for name in models:
-            kind, _, r = (guided[name]["model"] if name in guided else name).partition("-round")
+            kind, r, seed = parse_round_name(guided[name]["model"] if name in guided else name) or (name, 0, None)
             values, more = [], {}
             for lo, hi in eval_ranges(cfg.sample):
                 # The range's shards streamed through the extractors: one set of statistics each, no PNGs.
@@ -101,8 +101,10 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 log.warning("fid: %s's sample shards were made on %s; a seed's image differs between devices. To "
                             "use one device, delete %s and rerun `repro sample` there", name, " and ".join(devices),
                             paths.samples_work / name)
-            entry = {"name": name, "round": int(r or 0), "value": reduce_values(values, reduce), "values": values,
+            entry = {"name": name, "round": r, "value": reduce_values(values, reduce), "values": values,
                      "sample_devices": devices, "weights": weight_dtypes(models[name])}
+            if name not in guided:  # training-seed replicates: which seed
+                entry.update(replicate_fields(cfg, name))
             cell = cells.get(name) or (cells.get("final") if name == final else None)
             if cell:
                 entry["cell"] = cell
@@ -120,8 +122,8 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 how = (f"w = {g['guidance']['w']:g}" if "w" in g["guidance"]
                        else f"{g['guidance']['steps']} Langevin steps")  # DCD: a refinement after sampling
                 entry["note"] = f"{g['method']} on {g['model']} ({how})"
-            elif kind in history:
-                entry["selection_score"] = history[kind][int(r) - 1]["best_score"]
+            elif kind in history:  # a replicate's history: under <kind>-seed<s> (repro.methods.ddo.selfplay)
+                entry["selection_score"] = history[kind if seed is None else f"{kind}-seed{seed}"][r - 1]["best_score"]
             if kind == "control" and name not in guided:
                 entry["note"] = ("MLE control: the same rounds, steps, optimizer and selection as DDO, with the "
                                  + ("next-scale cross-entropy" if base_arch.get("precond") == "var" else "EDM loss")
@@ -161,6 +163,9 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 **({"heldout": held["record"]} if held else {}),
                 **({"selection_seeds": [cfg.ddo.selection_first_seed,
                                         cfg.ddo.selection_first_seed + cfg.ddo.selection_samples]} if history else {}),
+                # training-seed replicates: each trained from the same base with its own training seed (ddo.seeds)
+                **({"training_seeds": [cfg.ddo.seed + k for k in range(cfg.ddo.seeds)]}
+                   if history and cfg.ddo.seeds > 1 else {}),
                 "full": cfg.sample.protocol != "custom",
             },
             "run": {"command": "repro fid", "git_commit": git_commit(paths.root),
@@ -183,6 +188,19 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 rows.append(f"{r}\t{sel[r]:.6f}\t{ctrl.get(r, float('nan')):.6f}")
             _plot_rounds(t, metric.name, history, base_sel)
         write_text(paths.rounds_tsv, "\n".join(rows) + "\n")
+
+
+def replicate_fields(cfg: Config, name: str) -> dict:
+    """A model entry's training seed with training-seed replicates (ddo.seeds > 1), for a DDO or control round:
+    ``seed`` (replicate 0's: ddo.seed), and for replicates k >= 1 ``replicate_of``, replicate 0's entry of the same
+    kind and round. Empty without replicates (entries as before) and for other models (base)."""
+    parsed = parse_round_name(name)
+    if cfg.ddo.seeds <= 1 or parsed is None or parsed[0] not in ("ddo", "control"):
+        return {}
+    kind, r, seed = parsed
+    if seed is None:
+        return {"seed": int(cfg.ddo.seed)}
+    return {"seed": seed, "replicate_of": round_name(kind, r)}
 
 
 def heldout_reference(metric, paths: Paths) -> dict | None:

@@ -22,18 +22,26 @@ from repro.pipeline.common import require, stage_context, tracked
 from repro.pipeline.cost import is_ar, sample_cost
 from repro.sampling.shards import Shard, plan_shards, run_shard, sample_models, shard_done
 from repro.storage.files import atomic_dir, check_recorded, link_or_copy
-from repro.storage.layout import Paths
+from repro.storage.layout import Paths, round_name
 
 
 def eval_models(cfg: Config, paths: Paths) -> dict[str, Path]:
     """The models the final evaluation compares: base, each DDO round's best (or only the last: sample.models),
-    the control's last round."""
+    the control's last round; with training-seed replicates (ddo.seeds > 1), then each further replicate's last DDO
+    round and its control's last round (``ddo-round<R>-seed<s>``, ``control-round<R>-seed<s>``). A replicate's
+    intermediate rounds are not sampled: each model costs one more full evaluation, and the table's spread over
+    seeds is of the last rounds (their selection scores along the rounds are in rounds.json)."""
     models = {"base": paths.base}
     first = cfg.ddo.rounds if cfg.sample.models == "base-and-last" else 1
     for r in range(max(first, 1), cfg.ddo.rounds + 1):
-        models[f"ddo-round{r}"] = paths.round_model("ddo", r)
+        models[round_name("ddo", r)] = paths.round_model("ddo", r)
     if cfg.ddo.control:
-        models[f"control-round{cfg.ddo.rounds}"] = paths.round_model("control", cfg.ddo.rounds)
+        models[round_name("control", cfg.ddo.rounds)] = paths.round_model("control", cfg.ddo.rounds)
+    if cfg.ddo.rounds:
+        for k in range(1, cfg.ddo.seeds):
+            seed = cfg.ddo.seed + k
+            for kind in ("ddo", "control") if cfg.ddo.control else ("ddo",):
+                models[round_name(kind, cfg.ddo.rounds, seed)] = paths.round_model(kind, cfg.ddo.rounds, seed)
     return models
 
 
