@@ -59,7 +59,8 @@ def test_an_empty_sweep_keys_run_directories_as_before():
     for preset in ("tiny", "micro"):
         cfg = load_config(preset=preset)
         before = stage_dict(cfg, "ddo")
-        old = {k: v for k, v in to_dict(cfg.ddo).items() if k not in ("sweep_alpha", "sweep_beta")}
+        old = {k: v for k, v in to_dict(cfg.ddo).items()
+               if k not in ("sweep_alpha", "sweep_beta", "control_lrs", "control_budget")}  # test_control: the last two
         assert before["ddo"] == old
         swept = stage_dict(replace(cfg, ddo=replace(cfg.ddo, sweep_beta=(0.1, 0.3))), "ddo")
         assert swept["ddo"]["sweep_beta"] == [0.1, 0.3] and config_hash(swept) != config_hash(before)

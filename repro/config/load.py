@@ -26,7 +26,9 @@ from repro.config.schema import STAGE_PARAMS, Config
 
 # Fields left out of a stage's params (run directory keys, MLflow hashes) while empty, so that adding them changed
 # no run directory of the settings that do not use them.
-OMIT_WHEN_EMPTY = ("ddo.sweep_alpha", "ddo.sweep_beta", "pretrain.decoder")
+OMIT_WHEN_EMPTY = ("ddo.sweep_alpha", "ddo.sweep_beta", "ddo.control_lrs", "pretrain.decoder")
+# Fields left out while at this value (their default: today's behaviour), for the same reason.
+OMIT_WHEN_AT = {"ddo.control_budget": "steps"}
 # Sections left out of a stage's params while at their defaults and unused, for the same reason: ar is read for VAR
 # models only.
 OMIT_WHEN_DEFAULT = ("ar",)
@@ -185,9 +187,10 @@ def stage_dict(cfg: Config, stage: str) -> dict:
             out.setdefault(section, {})[key] = value[key]
         else:
             out[section] = value
-    for name in OMIT_WHEN_EMPTY:
+    omit = [(name, ([], "")) for name in OMIT_WHEN_EMPTY] + [(name, (v,)) for name, v in OMIT_WHEN_AT.items()]
+    for name, values in omit:
         section, _, key = name.partition(".")
-        if out.get(section, {}).get(key, None) in ([], ""):
+        if key in out.get(section, {}) and out[section][key] in values:
             del out[section][key]
             if not out[section]:
                 del out[section]

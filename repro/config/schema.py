@@ -256,7 +256,7 @@ class DDOConfig:
     selection_samples: Int = Field(gt=1)
     selection_first_seed: Int = Field(ge=0)
     fake_first_seed: Int = Field(ge=0, description="round r's fake bank uses seeds fake_first_seed + r*1e6 + i")
-    control: Bool = Field(description="also run an MLE control: the base trained further with the EDM loss, same steps")
+    control: Bool = Field(description="also run an MLE control: the base trained further with the EDM loss, same steps (see control_budget)")
     seed: Int = Field(ge=0)
     seeds: Int = Field(1, ge=1, description=(
         "training seeds: replicate k < seeds trains every DDO round and the control's rounds from the same base with "
@@ -282,6 +282,14 @@ class DDOConfig:
         "ema_halflife_nimg"))
     P_std_rounds: RoundMap = Field(default_factory=dict, description=(
         "P_std from a round on, e.g. {17: 3.0} (EDM2-S: 1.6 -> 3.0 from round 17); earlier rounds use ddo.P_std"))
+    control_lrs: Tuple(Number) = Field((), description=(
+        "the MLE control's learning-rate search: each control round trains one candidate per lr from the round's "
+        "reference (same draws), and the candidate with the best selection score (the selection seeds and metric of "
+        "DDO's checkpoint selection) is the round's result and the next reference; empty = ddo.lr only, no search"))
+    control_budget: Literal["steps", "compute"] = Field("steps", description=(
+        "the MLE control's images per round: steps = ddo.nimg_per_round, as DDO's; compute = as many steps as give "
+        "it the compute of a DDO round (the fake bank's sampling + DDO's steps, in network forward-equivalents; "
+        "repro.methods.ddo.control.equal_compute), with as many selection evaluations as DDO"))
 
     @rules
     def _rules(self):
@@ -308,6 +316,17 @@ class DDOConfig:
             if len({f"{v:g}" for v in values}) != len(values):
                 yield (name, f"has repeated values {list(values)} (as written in run directory names, %g)",
                        "list each value once")
+        for i, v in enumerate(self.control_lrs):
+            if not (v > 0 and v <= MAX_LR):  # also NaN
+                yield (f"control_lrs[{i}]", f"must be a learning rate in (0, {MAX_LR:g}], got {v!r}",
+                       "give positive values, e.g. ddo.control_lrs: [5.0e-5, 2.0e-4, 1.0e-3], or [] for ddo.lr only")
+        if len({f"{v:g}" for v in self.control_lrs}) != len(self.control_lrs):
+            yield ("control_lrs", f"has repeated values {list(self.control_lrs)} (as written in run directory names, "
+                   "%g)", "list each value once")
+        if not self.control and (self.control_lrs or self.control_budget != "steps"):
+            yield ("control_lrs" if self.control_lrs else "control_budget", "is set, but ddo.control is false (there "
+                   "is no MLE control to tune or budget)", "set ddo.control: true, or ddo.control_lrs: [] and "
+                   "ddo.control_budget: steps")
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
@@ -862,6 +881,10 @@ def _ar_rules(cfg: "Config"):
             yield ("ar.tokenizer.patch_nums", f"ends with {t.patch_nums[-1]}, but the tokenizer's latent map on "
                    f"{cfg.data.dataset} ({res}x{res}, {len(t.ch_mult)} levels) is {res >> (len(t.ch_mult) - 1)}x"
                    f"{res >> (len(t.ch_mult) - 1)}", f"end ar.tokenizer.patch_nums with {res >> (len(t.ch_mult) - 1)}")
+    if ar_model and cfg.ddo.control_budget == "compute":
+        yield ("ddo.control_budget", "is compute, but the base is a VAR model, whose fake bank (next-scale sampling, "
+               "decoded and re-encoded by the tokenizer) the compute count (repro.methods.ddo.control) does not cover",
+               "set ddo.control_budget: steps (ddo.control_lrs works for VAR models)")
     if ar_model and cfg.guidance.evaluate:
         yield ("guidance.evaluate", "discriminator guidance of a VAR model is not built", "set guidance.evaluate: []")
 

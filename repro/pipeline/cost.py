@@ -6,6 +6,7 @@ from __future__ import annotations
 from repro.catalog import registry
 from repro.catalog.costs import DATASET_SIZES, FWD_BWD, device_hours, discriminator_hours
 from repro.config import Config
+from repro.methods.ddo.control import control_lrs, forward_equivalents
 from repro.methods.ddo.sweep import sweep_grid
 from repro.nets.var import PATCH_NUMS
 from repro.nets.vpsde import tau_from_sigma
@@ -54,11 +55,21 @@ def ddo_cost(cfg: Config) -> dict:
     train = steps * d.batch * (2 * FWD_BWD + 2)
     selection = evals * d.selection_samples * k
     per_round = fakes + reference_score + candidates * (train + selection)
-    control = (steps * 2 * d.batch * FWD_BWD + selection) if d.control else 0
+    control_steps = steps
+    if d.control and d.control_budget == "compute":  # a DDO round's compute (the config refuses it for VAR models)
+        n_train = n_data - int(round(cfg.data.holdout * n_data))  # the bank: one fake per training image
+        control_steps = forward_equivalents(batch=d.batch, nimg_per_round=d.nimg_per_round,
+                                            eval_every_nimg=d.eval_every_nimg, bank_images=n_train, nfe=k,
+                                            selection_samples=d.selection_samples, budget="compute")["control_steps"]
+    # the control: per learning-rate candidate, steps on 2 x batch real images and the selection evaluations
+    control = len(control_lrs(d)) * (control_steps * 2 * d.batch * FWD_BWD + selection) if d.control else 0
     total = d.seeds * d.rounds * (per_round + control)
     return {
         "rounds": d.rounds, **({"training_seeds": d.seeds} if d.seeds > 1 else {}),
         "candidates_per_round": candidates, "steps_per_candidate": steps,
+        **({"control": {"lr_candidates": len(control_lrs(d)), "budget": d.control_budget,
+                        "steps_per_candidate": control_steps}}
+           if d.control and (d.control_lrs or d.control_budget != "steps") else {}),
         "per_round": {"fake_bank_images": n_data, "fake_bank_forwards": fakes, "training_forwards": train,
                       "selection_evaluations": evals, "selection_forwards": selection,
                       "image_forwards": per_round + control},

@@ -73,6 +73,11 @@ def candidate_name(alpha: float, beta: float) -> str:
     return f"a{alpha:g}-b{beta:g}"
 
 
+def lr_candidate_name(lr: float) -> str:
+    """The name of one learning-rate candidate of a tuned MLE control round (its sub-directory, its MLflow run)."""
+    return f"lr{lr:g}"
+
+
 @dataclass(frozen=True)
 class Paths:
     """Where every stage reads and writes, under the project directory ``root``."""
@@ -189,3 +194,7 @@ class RoundDir:
     def candidate(self, alpha: float, beta: float) -> "RoundDir":
         """One (alpha, beta) candidate of a swept round."""
         return RoundDir(self.dir / candidate_name(alpha, beta))
+
+    def lr_candidate(self, lr: float) -> "RoundDir":
+        """One learning-rate candidate of a tuned MLE control round."""
+        return RoundDir(self.dir / lr_candidate_name(lr))

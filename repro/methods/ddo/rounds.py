@@ -10,7 +10,9 @@ Round r (reference = the previous round's best, round 1's = the base model):
 
 The optional MLE control runs the same rounds, optimizer, steps, seeds and selection with one thing changed:
 the EDM loss on real images replaces the DDO loss (the fake half of each pair is replaced by more real
-images, so each step sees as many images). It is the fair baseline: "the base trained further".
+images, so each step sees as many images). It is the fair baseline: "the base trained further". Tuned
+(ddo.control_lrs: a learning-rate search per round) and at DDO's compute rather than its steps
+(ddo.control_budget: compute), it is the strongest such baseline: repro.methods.ddo.control.
 
 Every round resumes where it stopped: its run directory holds the fake bank, the training state at the last
 evaluation (or at the step where a preemption signal stopped it, see repro.cluster.preempt), the best checkpoint, and a
@@ -36,7 +38,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +48,7 @@ import torch
 from repro.cluster import distributed, preempt
 from repro.config import SEED_BLOCK, DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
+from repro.methods.ddo import control
 from repro.methods.ddo.family import (
     control_step_loss,
     ddo_step_loss,
@@ -91,6 +94,7 @@ class RoundResult:
     ref_score: float | None
     evals: list[dict]
     seconds: float
+    info: dict = field(default_factory=dict)  # what rounds.json's history adds (a tuned control round's choice)
 
 
 def P_std_of_round(cfg: DDOConfig, round_: int) -> float:
@@ -142,10 +146,16 @@ def make_fake_shards(ref: torch.nn.Module, data: ShardedDataset, label_dim: int,
 def train_round(kind: str, round_: int, ref_path: Path, data: Dataset | ShardedDataset, cfg: DDOConfig, sampler: SamplerConfig,
                 sigma_data: float, metric, run_dir: Path, tracker, progress: bool = True,
                 ref_score: float | None = None) -> RoundResult:
-    """Run (or resume, or reuse if finished) one round of ``kind`` ('ddo' or 'control') in ``run_dir``."""
+    """Run (or resume, or reuse if finished) one round of ``kind`` ('ddo' or 'control') in ``run_dir``.
+
+    A control round with ddo.control_lrs or ddo.control_budget: compute is a learning-rate search over plain control
+    rounds (repro.methods.ddo.control.control_round)."""
     from tqdm.auto import tqdm
 
     assert kind in KINDS, kind
+    if kind == "control" and control.tuned(cfg):
+        return control.control_round(round_, ref_path, data, cfg, sampler, sigma_data, metric, run_dir, tracker,
+                                     progress, ref_score)
     run_dir.mkdir(parents=True, exist_ok=True)
     rd = RoundDir(run_dir)
     done_path, best_path, state_path = rd.done, rd.best, rd.state

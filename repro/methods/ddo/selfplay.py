@@ -116,7 +116,7 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
             # No wall-clock times in this output (they are in MLflow and each round's done.json): the same rounds
             # must give the same bytes, or DVC would rerun sampling after every rerun of this stage.
             history[key] = [{"round": x.round, "best_score": x.best_score, "best_nimg": x.best_nimg,
-                             "reference_score": x.ref_score, "evals": x.evals}
+                             "reference_score": x.ref_score, "evals": x.evals, **x.info}
                             for _, x in results[key]]
     # Outputs (atomically as one directory, by rank 0): each round's best, and the selection history.
     if distributed.is_main():

@@ -125,9 +125,9 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
             elif kind in history:  # a replicate's history: under <kind>-seed<s> (repro.methods.ddo.selfplay)
                 entry["selection_score"] = history[kind if seed is None else f"{kind}-seed{seed}"][r - 1]["best_score"]
             if kind == "control" and name not in guided:
-                entry["note"] = ("MLE control: the same rounds, steps, optimizer and selection as DDO, with the "
-                                 + ("next-scale cross-entropy" if base_arch.get("precond") == "var" else "EDM loss")
-                                 + " on real images instead of the DDO loss")
+                entry["note"] = control_note(history.get("control" if seed is None else f"control-seed{seed}", []), int(r),
+                                             "next-scale cross-entropy" if base_arch.get("precond") == "var"
+                                             else "EDM loss")
             entries.append(entry)
             t.log_metrics({f"{metric.name}/{name}": entry["value"]})
             log.info("fid: %s %s = %.4f (%s)", name, metric.name, entry["value"],
@@ -201,6 +201,30 @@ def replicate_fields(cfg: Config, name: str) -> dict:
     if seed is None:
         return {"seed": int(cfg.ddo.seed)}
     return {"seed": seed, "replicate_of": round_name(kind, r)}
+
+
+def control_note(history: list[dict], round_: int, loss: str) -> str:
+    """What the MLE control of round ``round_`` was, from rounds.json's control history (never from the config): its
+    learning rates tried and chosen up to that round, and its budget (equal steps, or equal compute with the counts
+    repro.methods.ddo.control recorded). A plain control (no search, equal steps) keeps the text it always had."""
+    rounds = [x for x in history if x["round"] <= round_]
+    if not rounds or "budget" not in rounds[-1]:
+        return (f"MLE control: the same rounds, steps, optimizer and selection as DDO, with the {loss} on real images "
+                "instead of the DDO loss")
+    lrs = [c["lr"] for c in rounds[-1]["candidates"]]
+    chosen = ", ".join(f"r{x['round']} " + ("reference kept" if x.get("lr") is None else f"{x['lr']:g}")
+                       for x in rounds)
+    how = (f"lr tuned over {{{', '.join(f'{v:g}' for v in lrs)}}} per round by the selection seeds (chosen: {chosen})"
+           if len(lrs) > 1 else f"lr {lrs[0]:g}")
+    last = rounds[-1]
+    fe = last.get("forward_equivalents")
+    if last["budget"] == "compute":
+        budget = (f"equal compute ({fe['control']:,} network forward-equivalents per round, DDO's {fe['ddo']:,}: "
+                  f"{last['nimg_per_round']:,} images per round, as many selection evaluations)")
+    else:
+        budget = "equal steps (the same rounds, steps, optimizer and selection as DDO" + (
+            f"; {fe['control']:,} network forward-equivalents per round, DDO's {fe['ddo']:,})" if fe else ")")
+    return f"MLE control: {loss} on real images from the same base, {how}, {budget}"
 
 
 def heldout_reference(metric, paths: Paths) -> dict | None:
