@@ -136,7 +136,7 @@ def test_the_defaults_change_no_key_and_no_run_directory(tmp_path, cfg, data, ba
         "MLE control: the same rounds, steps, optimizer and selection as DDO, with the EDM loss on real images "
         "instead of the DDO loss")  # today's text
     # The search with ddo.lr alone is exactly the plain round (same draws, same selection), in a sub-folder.
-    one = ddo_mod.train_round("control", 1, base, data, replace(dcfg, control_lrs=(dcfg.lr,)), cfg.sampler, 0.5,
+    one = ctl.run_round("control", 1, base, data, replace(dcfg, control_lrs=(dcfg.lr,)), cfg.sampler, 0.5,
                               MoveMetric(base), tmp_path / "one", NullTracker(), progress=False)
     assert one.best_path.read_bytes() == (rd / "best.safetensors").read_bytes()
     assert one.best_score == history["control"][0]["best_score"] and one.evals == history["control"][0]["evals"]

@@ -113,7 +113,7 @@ def test_a_swept_round_trains_every_candidate_on_one_bank_and_keeps_the_best(tmp
 
     # Finished: run again, nothing is trained or generated.
     banks.clear()
-    for mod in (selfplay, sweep_mod):
+    for mod in (ddo_mod, sweep_mod):  # control.run_round reads rounds.train_round at call time
         monkeypatch.setattr(mod, "train_round", lambda *a, **k: pytest.fail("trained again"))
     again = selfplay.run_rounds(base, data, dcfg, cfg.sampler, 0.5, WeightMetric(), run_dir, tmp_path / "out2",
                                NullTracker(), progress=False)

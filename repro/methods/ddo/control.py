@@ -246,3 +246,16 @@ def control_round(round_: int, ref_path: Path, data, cfg: DDOConfig, sampler, si
                         | {f"{k}_forward_equivalents": v for k, v in d.get("forward_equivalents", {}).items()})
     return RoundResult("control", round_, rd.best, d["best_score"], d["best_nimg"], d.get("ref_score"), d["evals"],
                        d["seconds"], info=history_keys(d))
+
+
+def run_round(kind: str, round_: int, ref_path: Path, data, cfg: DDOConfig, sampler, sigma_data: float, metric,
+              run_dir: Path, tracker, progress: bool = True, ref_score: float | None = None):
+    """One round of ``kind`` ('ddo' or 'control'): a tuned control round (:func:`control_round`) when ddo.control_lrs
+    or ddo.control_budget: compute asks for one, else the plain round (repro.methods.ddo.rounds.train_round)."""
+    from repro.methods.ddo.rounds import train_round
+
+    if kind == "control" and tuned(cfg):
+        return control_round(round_, ref_path, data, cfg, sampler, sigma_data, metric, run_dir, tracker, progress,
+                             ref_score)
+    return train_round(kind, round_, ref_path, data, cfg, sampler, sigma_data, metric, run_dir, tracker, progress,
+                       ref_score=ref_score)

@@ -48,7 +48,6 @@ import torch
 from repro.cluster import distributed, preempt
 from repro.config import SEED_BLOCK, DDOConfig, SamplerConfig
 from repro.datasets.images import Dataset
-from repro.methods.ddo import control
 from repro.methods.ddo.family import (
     control_step_loss,
     ddo_step_loss,
@@ -148,14 +147,11 @@ def train_round(kind: str, round_: int, ref_path: Path, data: Dataset | ShardedD
                 ref_score: float | None = None) -> RoundResult:
     """Run (or resume, or reuse if finished) one round of ``kind`` ('ddo' or 'control') in ``run_dir``.
 
-    A control round with ddo.control_lrs or ddo.control_budget: compute is a learning-rate search over plain control
-    rounds (repro.methods.ddo.control.control_round)."""
+    A plain round: a tuned control round (ddo.control_lrs, ddo.control_budget: compute) is a learning-rate search
+    over these; callers go through repro.methods.ddo.control.run_round, which picks."""
     from tqdm.auto import tqdm
 
     assert kind in KINDS, kind
-    if kind == "control" and control.tuned(cfg):
-        return control.control_round(round_, ref_path, data, cfg, sampler, sigma_data, metric, run_dir, tracker,
-                                     progress, ref_score)
     run_dir.mkdir(parents=True, exist_ok=True)
     rd = RoundDir(run_dir)
     done_path, best_path, state_path = rd.done, rd.best, rd.state

@@ -22,7 +22,8 @@ from repro.cluster import distributed
 from repro.config import DDOConfig, SamplerConfig, replicate_seed_offset
 from repro.datasets.images import Dataset
 from repro.methods.ddo.family import is_ar
-from repro.methods.ddo.rounds import KINDS, RoundResult, train_round
+from repro.methods.ddo.control import run_round
+from repro.methods.ddo.rounds import KINDS, RoundResult
 from repro.methods.ddo.sweep import sweep_grid, swept_round
 from repro.nets.checkpoint import load_model
 from repro.sampling.generate import sample_grid
@@ -100,7 +101,7 @@ def run_rounds(base_path: Path, data: Dataset, cfg: DDOConfig, sampler: SamplerC
                         res = swept_round(r, ref_path, data, rep.cfg, sampler, sigma_data, metric, where, child,
                                           progress, ref_score, run_candidates if rep.index == 0 else None)
                     else:
-                        res = train_round(kind, r, ref_path, data, rep.cfg, sampler, sigma_data, metric, where, child,
+                        res = run_round(kind, r, ref_path, data, rep.cfg, sampler, sigma_data, metric, where, child,
                                           progress, ref_score=ref_score)
                     child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score,
                                        "round_seconds": res.seconds})

@@ -24,7 +24,8 @@ from repro.cluster import distributed
 from repro.cluster.launcher import Wave
 from repro.config import Config, ConfigError
 from repro.evaluation.metric import load_metric
-from repro.methods.ddo.rounds import KINDS, train_round
+from repro.methods.ddo.control import run_round
+from repro.methods.ddo.rounds import KINDS
 from repro.methods.ddo.selfplay import Replicate, replicates, run_rounds
 from repro.methods.ddo.sweep import prepare_round, prepared, select_round, sweep_grid, swept_round, train_candidate
 from repro.methods.ddo.family import ARSampling, tokenizer_of
@@ -144,7 +145,7 @@ def run(cfg: Config, paths: Paths, progress: bool, round: int | None = None) -> 
                     res = swept_round(round, ref_path, data, rep.cfg, sampler, cfg.pretrain.sigma_data, metric,
                                       where, child, progress, ref_score)
                 else:
-                    res = train_round(kind, round, ref_path, data, rep.cfg, sampler, cfg.pretrain.sigma_data, metric,
+                    res = run_round(kind, round, ref_path, data, rep.cfg, sampler, cfg.pretrain.sigma_data, metric,
                                       where, child, progress, ref_score=ref_score)
                 child.log_metrics({"best_selection_score": res.best_score, "reference_score": res.ref_score})
             log.info("ddo --round %d: %s best %.4f at %d images -> %s", round, rep.name(kind, round), res.best_score,
