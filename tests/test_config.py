@@ -221,6 +221,11 @@ PROBLEMS = [
     # a section's rule names its field from the section's place on; a stage's resources are named from launcher on
     (["sampler.sigma_max=0.001"], "sampler.sigma_max: must be > sampler.sigma_min (0.002). "
                                   "Fix: raise sampler.sigma_max (EDM uses 80)."),
+    (["pretrain.curve_every_nimg=0", "pretrain.plateau_window=3"],
+     "pretrain.plateau_window: is 3, but the plateau rule needs a curve and curve_every_nimg is 0. "
+     "Fix: set pretrain.curve_every_nimg > 0, or pretrain.plateau_window: 0."),
+    (["pretrain.curve_every_nimg=1000"], "pretrain.curve_every_nimg: is 1000, not a multiple of pretrain.batch 128. "
+                                         "Fix: set pretrain.curve_every_nimg to a multiple of 128."),
     (["launcher.resources.tasks_per_node=2", "launcher.resources.gpus_per_node=4"],
      "launcher.resources.tasks_per_node: is 2 with 4 GPUs per node; each rank drives one GPU. "
      "Fix: set tasks_per_node: 0 (one per GPU) or equal to gpus_per_node."),

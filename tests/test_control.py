@@ -67,7 +67,7 @@ def test_the_compute_count_matches_a_hand_count():
 
     tuned = ddo_cost(load_config(preset="tiny", overrides=["ddo.control_budget=compute",
                                                            "ddo.control_lrs=[5e-5, 2e-4, 1e-3]"]))
-    plain = ddo_cost(load_config(preset="tiny"))
+    plain = ddo_cost(load_config(preset="tiny", overrides=["ddo.control_budget=steps", "ddo.control_lrs=[]"]))
     assert tuned["control"] == {"lr_candidates": 3, "budget": "compute", "steps_per_candidate": 169}
     assert "control" not in plain
     assert tuned["per_round"]["image_forwards"] - plain["per_round"]["image_forwards"] == \
@@ -119,7 +119,8 @@ def test_a_bad_control_budget_exits_2_through_the_cli(tmp_path, monkeypatch):
 def test_the_defaults_change_no_key_and_no_run_directory(tmp_path, cfg, data, base):
     """Defaults: the stage's params (run directory key) have no new field, and rounds.json's history the keys it had;
     the control round is the plain one (no candidate folders)."""
-    for preset in ("tiny", "micro"):
+    assert ctl.tuned(load_config(preset="tiny").ddo)  # the embedded default runs the tuned, equal-compute control
+    for preset in ("micro", "dg-tiny"):
         c = load_config(preset=preset)
         assert (c.ddo.control_lrs, c.ddo.control_budget) == ((), "steps") and not ctl.tuned(c.ddo)
         old = {k: v for k, v in to_dict(c.ddo).items() if k not in ("control_lrs", "control_budget", "sweep_alpha", "sweep_beta")}

@@ -92,6 +92,28 @@ def test_stray_publish_folders_of_dead_processes_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".samples.")) == sorted([live.name, other.name])
 
 
+def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """A SIGKILL in the middle of an atomic write (a training state, a shard) leaves its temporary file; the next
+    write of the same path removes it, and leaves a live writer's and another host's alone."""
+    import socket
+
+    from repro.storage.files import write_text
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stray = tmp_path / f".state.pt.{host}.{dead.pid}.k1ll.pt"
+    live = tmp_path / f".state.pt.{host}.{os.getpid()}.a1b2.pt"
+    other = tmp_path / f".state.pt.otherhost.{dead.pid}.c3d4.pt"
+    unrelated = tmp_path / f".best.pt.{host}.{dead.pid}.e5f6.pt"  # another path's: its own next write removes it
+    for f in (stray, live, other, unrelated):
+        f.write_bytes(b"half")
+    write_text(tmp_path / "state.pt", "x")
+    assert not stray.exists() and live.exists() and other.exists() and unrelated.exists()
+    assert (tmp_path / "state.pt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([unrelated.name, live.name, other.name, "state.pt"])
+
+
 @pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750),
                                                       (0o077, 0o600, 0o700)])
 def test_outputs_honour_the_umask(tmp_path, umask, file_mode, dir_mode):

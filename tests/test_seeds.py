@@ -53,8 +53,8 @@ def test_seeds_zero_is_a_clear_error():
 
 
 def test_one_seed_keeps_todays_names_and_run_directory(tmp_path):
-    cfg = load_config(preset="tiny")
-    assert cfg.ddo.seeds == 1  # the tiny default
+    cfg = load_config(preset="tiny", overrides=["ddo.seeds=1"])
+    assert cfg.ddo.seeds == 1
     (rep,) = replicates(cfg.ddo)
     assert rep.cfg is cfg.ddo and rep.name("ddo", 2) == "ddo-round2" and rep.key("control") == "control"
     assert rep.run_dir(tmp_path) == tmp_path

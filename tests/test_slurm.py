@@ -140,7 +140,7 @@ def test_sbatch_script_runs_a_ddo_round(project):
     job = p.stdout.strip().split(";")[0]
     assert _sacct(job)[job][0] == "COMPLETED"
     log = (d / f"repro-ddo-round-{job}.log").read_text()
-    assert "ddo --round 1: ddo best" in log
+    assert "ddo --round 1: ddo-round1 best" in log and "ddo --round 1: control-round1 best" in log
     runs = _runs(d, env)
     (top,) = [r for r in runs if r["stage"] == "ddo" and r["parent"] is None and r["tags"]["slurm_job_id"] == job]
     assert top["status"] == "FINISHED"

@@ -146,6 +146,20 @@ def test_protocol_line_says_which_devices_sampled_and_flags_a_mix():
     assert "; sampled on cpu and cuda (MIXED: a seed's image differs by device); full run." in T.render_run(m)
 
 
+def test_protocol_line_shows_the_base_curve_and_the_plateau_rule():
+    m = fixture_metrics("tiny")
+    assert "its selection score" not in T.render_run(m)  # no curve recorded (a released base, or curve off): nothing said
+    m["protocol"]["base_curve"] = {"metric": "fd_digits", "seeds": [50000, 51000], "every_nimg": 25600,
+                                   "plateau_window": 4, "plateau_tol": 0.1, "plateau": True, "nimg": 307200, "total_nimg": 819200,
+                                   "points": [[25600, 157.2, 155.6, 160.9], [256000, 3.41, 3.79, 4.59],
+                                              [281600, 3.38, 3.7, 4.5], [307200, 3.37, 3.69, 4.49]]}
+    md = T.render_run(m)
+    assert ("base trained 307,200 images, its selection score (fd_digits, seeds 50000–50999) every 25,600 images: "
+            "157.20 first, 3.41 → 3.38 → 3.37 at the last three points; plateau rule (window 4, tolerance 0.1) held;") in md
+    m["protocol"]["base_curve"].update(plateau=False, nimg=819200, plateau_tol=0)
+    assert "plateau rule (window 4, tolerance the seed noise) did not hold by 819,200 images;" in T.render_run(m)
+
+
 def test_csv_and_latex_render():
     import csv
     import io

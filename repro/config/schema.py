@@ -204,6 +204,25 @@ class PretrainConfig:
     ema_halflife_nimg: Int = Field(ge=0)
     checkpoint_every_nimg: Int = Field(gt=0)
     seed: Int = Field(ge=0)
+    curve_every_nimg: Int = Field(0, ge=0, description=(
+        "every this many images, the EMA network's metric on the DDO selection seeds (and on each half of them: "
+        "the seed noise) is recorded (models/base_curve.json, MLflow); 0 = no curve"))
+    plateau_window: Int = Field(0, ge=0, description=(
+        "stop training at the first curve point where the plateau rule holds (repro.methods.training."
+        "plateau_reached: the mean of the last N points is lower than the mean of the N before by less than "
+        "plateau_tol); total_nimg is then the most it trains. 0 = train total_nimg"))
+    plateau_tol: Float = Field(0.0, ge=0, description=(
+        "the plateau rule's tolerance in metric units: the gain between two windows below which the curve counts "
+        "as flat; 0 = the curve's seed noise (the range between the two halves of the seeds)"))
+
+    @rules
+    def _curve(self):
+        if self.plateau_window and not self.curve_every_nimg:
+            yield ("plateau_window", f"is {self.plateau_window}, but the plateau rule needs a curve and "
+                   "curve_every_nimg is 0", "set pretrain.curve_every_nimg > 0, or pretrain.plateau_window: 0")
+        if self.curve_every_nimg and self.curve_every_nimg % self.batch:
+            yield ("curve_every_nimg", f"is {self.curve_every_nimg}, not a multiple of pretrain.batch "
+                   f"{self.batch}", f"set pretrain.curve_every_nimg to a multiple of {self.batch}")
 
 
 @dataclass(frozen=True, kw_only=True, config=FORBID)
@@ -723,7 +742,7 @@ def resources_for(lc: LauncherConfig, stage: str) -> Resources:
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "data": ("data", "pretrain.decoder"),
     "extractor": ("extractor",),
-    "pretrain": ("pretrain", "sampler", "ar"),
+    "pretrain": ("pretrain", "sampler", "ar", "extractor.kind", "ddo.selection_first_seed", "ddo.selection_samples"),
     "ddo": ("ddo", "sampler", "pretrain.sigma_data", "pretrain.decoder", "extractor.kind"),
     "sample": ("sample", "sampler", "ddo.rounds", "ddo.control", "ddo.seed", "ddo.seeds", "pretrain.decoder", "ar"),
     "fakes": ("guidance", "sampler", "ddo.rounds", "discriminator.head"),
@@ -853,6 +872,9 @@ def _decoder_rules(cfg: "Config"):
     """Latent data needs a decoder, named once: by a released source's registry entry, or by pretrain.decoder."""
     p = cfg.pretrain
     latent = cfg.data.dataset in LATENT_DATASETS
+    if latent and p.curve_every_nimg and p.source == "train":
+        yield ("pretrain.curve_every_nimg", f"is {p.curve_every_nimg}, but {cfg.data.dataset} is latents and the "
+               "curve does not decode its samples", "set pretrain.curve_every_nimg: 0 for latent data")
     released = CHECKPOINTS[p.source].decoder if p.source != "train" else None
     if p.decoder and p.source != "train" and p.decoder != released:
         yield ("pretrain.decoder", f"is {p.decoder}, but pretrain.source {p.source} is released with decoder "
@@ -875,6 +897,9 @@ def _ar_rules(cfg: "Config"):
     if cfg.ar != ARConfig() and not ar_model:
         yield ("ar", f"is set, but pretrain.source {cfg.pretrain.source} is not a VAR model",
                "leave the ar section at its defaults (or name a VAR pretrain.source)")
+    if cfg.pretrain.source == "train" and cfg.pretrain.network.precond == "var" and cfg.pretrain.curve_every_nimg:
+        yield ("pretrain.curve_every_nimg", "a VAR trained here has no pretraining curve yet (the curve samples with "
+               "the EDM sampler)", "set pretrain.curve_every_nimg: 0 (and pretrain.plateau_window: 0)")
     if cfg.pretrain.source == "train" and cfg.pretrain.network.precond == "var":
         t, res = cfg.ar.tokenizer, RESOLUTION.get(cfg.data.dataset)
         if res and res >> (len(t.ch_mult) - 1) != t.patch_nums[-1]:

@@ -69,25 +69,43 @@ class Metric:
         the features come back to every rank in one process's batch order, so the statistics (and the score,
         which rank 0 then sends to all) are bitwise those of one process.
         """
+        return self.score_parts(net, seeds, label_dim, img_shape, sampler, parts=1)[0]
+
+    def score_parts(self, net, seeds: np.ndarray, label_dim: int, img_shape, sampler: SamplerConfig,
+                    parts: int) -> tuple[float, list[float]]:
+        """:meth:`score` of all the seeds, and the distance of each of ``parts`` contiguous, near-equal parts of
+        them (in seed order; their spread is the seed noise of a score on that many samples). One generation."""
         from repro.cluster import distributed
 
         part = (distributed.rank(), distributed.world_size())
         device = next(net.parameters()).device if isinstance(net, torch.nn.Module) else "cpu"
-        return self.score_images(imgs for _, imgs, _ in generate_images(
+        features = self._gathered_features(imgs for _, imgs, _ in generate_images(
             net, seeds, img_shape=img_shape, label_dim=label_dim, sampler=sampler, device=device, part=part,
             decoder=self.decoder))
+        whole = self._distance_of(features)
+        split = [self._distance_of([f]) for f in np.array_split(np.concatenate(features), parts)] if parts > 1 else [whole]
+        return distributed.broadcast_object((whole, split))
 
     def score_images(self, batches: Iterable[torch.Tensor]) -> float:
         """The distance to the reference of this rank's uint8 image batches, gathered over the ranks in one
         process's batch order (batches dealt round-robin: ``chunks[rank::world]``); every rank must call it."""
         from repro.cluster import distributed
 
+        return distributed.broadcast_object(self._distance_of(self._gathered_features(batches)))
+
+    def _gathered_features(self, batches: Iterable[torch.Tensor]) -> list[np.ndarray]:
+        """The features of this rank's image batches and the other ranks', batch by batch in one process's order."""
+        from repro.cluster import distributed
+
         with torch.no_grad():
             local = [fidelity.extract_features(self.extractor, imgs, self.feature).cpu().numpy() for imgs in batches]
+        return distributed.gather_chunks(local)
+
+    def _distance_of(self, chunks: list[np.ndarray]) -> float:
         stats = fidelity.FeatureStats(meta={"extractor": self.extractor.get_name(), "feature": self.feature})
-        for features in distributed.gather_chunks(local):
+        for features in chunks:  # batch by batch, as the statistics were always summed
             stats.update(features)
-        return distributed.broadcast_object(self.distance(stats))
+        return self.distance(stats)
 
     def protocol(self) -> dict:
         out = {"extractor": self.extractor_kind, "extractor_sha256": sha256_file(self.weights_path),

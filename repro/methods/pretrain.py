@@ -17,6 +17,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from repro.config.schema import ARConfig, ARTokenizerConfig
 from repro.datasets.images import Dataset
 from repro.config.errors import ConfigError
 from repro.datasets.sharded import ShardedDataset
+from repro.methods.plateau import plateau_reached
 from repro.methods.losses import ar_mle_loss, draw_sigma_noise, edm_loss
 from repro.methods.training import (
     ema_beta,
@@ -43,6 +45,17 @@ from repro.nets.factory import build_network
 from repro.sampling.generate import from_uint8, one_hot
 
 log = logging.getLogger(__name__)
+
+
+def _curve_point(model: torch.nn.Module, nimg: int, curve_score) -> dict:
+    """One point of the pretraining curve: ``curve_score`` of ``model`` in eval mode (its mode is kept)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        score, parts = curve_score(model)
+    model.train(was)
+    log.info("pretrain: %d images, curve score %.4f (parts %s)", nimg, score, " ".join(f"{v:.4f}" for v in parts))
+    return {"nimg": nimg, "score": float(score), "parts": [float(v) for v in parts]}
 
 
 def arch_from_config(cfg: PretrainConfig, data: Dataset | ShardedDataset, ar: ARConfig | None = None) -> dict:
@@ -124,8 +137,15 @@ def train_tokenizer(t: ARTokenizerConfig, data: Dataset, run_dir: Path, seed: in
 
 
 def pretrain(cfg: PretrainConfig, data: Dataset | ShardedDataset, run_dir: Path, out: Path, tracker, progress: bool = True,
-             ar: ARConfig | None = None) -> dict:
+             ar: ARConfig | None = None, curve_score: Callable[[torch.nn.Module], tuple[float, list[float]]] | None = None
+             ) -> dict:
     """Train the base model with the EDM loss; write its EMA weights to ``out``. Returns a summary.
+
+    The curve (``cfg.curve_every_nimg`` > 0): every that many images, ``curve_score(model)`` of the weights that
+    would be saved (EMA or raw, in eval mode) gives the score and its per-part scores (the seed noise); the points
+    go into the summary's ``curve``, the MLflow metric ``curve_score`` and the resumable state. With
+    ``cfg.plateau_window`` > 0 training stops at the first point where :func:`plateau_reached` holds on the parts
+    (``plateau`` in the summary), else at ``cfg.total_nimg``. Every rank calls ``curve_score`` (it may gather).
 
     A VAR (network.precond var, sizes from ``ar``): first its tokenizer (:func:`train_tokenizer`), then the
     transformer with VAR's loss (next-scale cross-entropy, label dropout) on the data's token maps, through the same
@@ -157,18 +177,22 @@ def pretrain(cfg: PretrainConfig, data: Dataset | ShardedDataset, run_dir: Path,
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     n_params = sum(p.numel() for p in net.parameters())
     state_path = run_dir / "state.pt"
-    nimg, step, losses = 0, 0, []
+    nimg, step, losses, curve = 0, 0, [], []
     if state_path.is_file():
         s = load_state(state_path)
         net.load_state_dict(s["net"]), ema.load_state_dict(s["ema"]), opt.load_state_dict(s["opt"])
         nimg, step, losses = int(s["nimg"]), int(s["step"]), list(s.get("losses", []))
+        curve = list(s.get("curve", []))
         log.info("resuming pretraining from %s at %d images", state_path, nimg)
+    if cfg.curve_every_nimg and curve_score is None:
+        raise ValueError("pretrain.curve_every_nimg > 0 needs a curve_score (the stage passes the selection metric)")
+    plateau = plateau_reached(curve, cfg.plateau_window, "parts", cfg.plateau_tol)
 
     def save() -> None:  # the whole state at this step boundary (every rank calls it, rank 0 writes it)
         recent = distributed.all_mean(losses) if losses else []  # the global batches' losses
         if distributed.is_main():
             save_state(state_path, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), nimg=nimg,
-                       step=step, losses=recent)
+                       step=step, losses=recent, curve=curve)
 
     log.info("pretraining %s (%d params) for %d images, batch %d on %d process(es); checkpoints in %s",
              arch["precond"], n_params, cfg.total_nimg, cfg.batch, distributed.world_size(), run_dir)
@@ -178,7 +202,7 @@ def pretrain(cfg: PretrainConfig, data: Dataset | ShardedDataset, run_dir: Path,
                disable=not progress or not distributed.is_main())
     t0 = time.time()
     order = data.order(cfg.seed) if isinstance(data, ShardedDataset) else None
-    while nimg < cfg.total_nimg:
+    while nimg < cfg.total_nimg and not plateau:
         preempt.check(save, f"pretraining at {nimg} images")
         # 1. The draws of this step depend only on (seed, step): the whole batch, whatever this rank's slice.
         g = step_generator(cfg.seed, step)
@@ -212,12 +236,22 @@ def pretrain(cfg: PretrainConfig, data: Dataset | ShardedDataset, run_dir: Path,
             mean_loss = distributed.all_mean([np.mean(losses)])[0]
             tracker.log_metrics({"loss": mean_loss}, step=nimg)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if nimg % cfg.checkpoint_every_nimg < cfg.batch or nimg >= cfg.total_nimg:
+        if cfg.curve_every_nimg and nimg % cfg.curve_every_nimg == 0:  # before save(): the state holds the point
+            curve.append(_curve_point(ema if cfg.ema_halflife_nimg > 0 else net, nimg, curve_score))
+            tracker.log_metrics({"curve_score": curve[-1]["score"]}, step=nimg)
+            plateau = plateau_reached(curve, cfg.plateau_window, "parts", cfg.plateau_tol)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", curve=f"{curve[-1]['score']:.3f}")
+            if plateau:
+                log.info("pretrain: the plateau rule holds at %d images (window %d): stopping", nimg,
+                         cfg.plateau_window)
+        if nimg % cfg.checkpoint_every_nimg < cfg.batch or nimg >= cfg.total_nimg or plateau:
             save()
     bar.close()
     final = ema if cfg.ema_halflife_nimg > 0 else net
     final_loss = distributed.all_mean([np.mean(losses)])[0] if losses else None
     info = {"nimg": nimg, "params": n_params, "final_loss": final_loss}
+    if cfg.curve_every_nimg:
+        info["plateau"] = plateau
     if tokenizer is not None:  # the model file carries its tokenizer: sampling and DDO need nothing else
         final.tokenizer = tokenizer
         tok_arch = tokenizer_arch((ar or ARConfig()).tokenizer, data)
@@ -226,5 +260,6 @@ def pretrain(cfg: PretrainConfig, data: Dataset | ShardedDataset, run_dir: Path,
         save_model(out, final, arch, info)
     distributed.barrier()  # the others may read it next
     info["seconds_this_run"] = round(time.time() - t0, 1)
+    info["curve"] = curve
     log.info("wrote base model %s (%s weights)", out, "EMA" if cfg.ema_halflife_nimg > 0 else "raw")
     return info

@@ -112,3 +112,4 @@ def for_training(net: torch.nn.Module) -> torch.nn.Module:
         if hasattr(m, "use_fp16"):
             m.use_fp16 = False
     return net
+

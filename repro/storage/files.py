@@ -7,6 +7,7 @@ then renamed, so that a killed stage never leaves a half-written file under its 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -105,10 +106,13 @@ def atomic_path(path: Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, on error delete it.
 
     ``suffix`` keeps the extension libraries insist on (np.savez appends '.npz' otherwise).
+    Temporary files of earlier writes of ``path`` whose process is dead (killed mid-write) are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
+    _remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}.{os.getpid()}.",
+                               suffix=suffix or path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -131,14 +135,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_dirs(path: Path) -> None:
-    """Remove the temporary folders of earlier publishes of ``path`` whose process is dead (killed mid-publish):
-    they are named ``.<name>.<host>.<pid>.<random>`` (a folder of another host, or of a live process, stays)."""
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files or folders of earlier writes of ``path`` whose process is dead (killed mid-write):
+    they are named ``.<name>.<host>.<pid>.<random>`` (one of another host, or of a live process, stays)."""
     host = socket.gethostname()
-    for d in path.parent.glob(f".{path.name}.{host}.*"):
+    for d in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}.*"):
         pid = d.name[len(f".{path.name}.{host}."):].split(".", 1)[0]
-        if d.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -147,7 +154,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     left by a killed earlier publish of ``path`` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_dirs(path)
+    _remove_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{socket.gethostname()}.{os.getpid()}.", dir=path.parent))
     try:
         yield tmp

@@ -117,6 +117,8 @@ class Paths:
     @property
     def base_grid(self) -> Path: return self.root / "models" / "base_grid.png"
     @property
+    def base_curve(self) -> Path: return self.root / "models" / "base_curve.json"  # the pretraining curve
+    @property
     def guide(self) -> Path: return self.root / "models" / "guide.safetensors"
     @property
     def ddo(self) -> Path: return self.root / "models" / "ddo"

@@ -35,6 +35,7 @@ import torch
 
 from repro.methods.ddo.loss import ddo_diffusion_loss, ddo_objective
 from repro.methods.losses import edm_loss
+from repro.methods.plateau import plateau_reached
 from repro.sampling.edm import edm_sampler
 from repro.toys.gmm import GaussianMixture, grid, ring
 
@@ -184,18 +185,6 @@ def _edm_steps(net: torch.nn.Module, data: GaussianMixture, cfg: Toy2DConfig, st
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-
-def plateau_reached(curve: list[dict], window: int) -> bool:
-    """The plateau rule on an NLL curve (evaluations ``{'step', 'nll': [one per curve seed]}``, in order): with M =
-    ``window``, the mean NLL of the last M evaluations is lower than the mean of the M before it by less than the
-    curve's seed noise (the mean over the last M evaluations of the range max - min across the curve seeds)."""
-    if len(curve) < 2 * window:
-        return False
-    mean = [sum(c["nll"]) / len(c["nll"]) for c in curve]
-    last, before = sum(mean[-window:]) / window, sum(mean[-2 * window:-window]) / window
-    noise = sum(max(c["nll"]) - min(c["nll"]) for c in curve[-window:]) / window
-    return before - last < noise
 
 
 def pretrain(data: GaussianMixture, cfg: Toy2DConfig) -> tuple[MLPDenoiser, dict]:

@@ -35,6 +35,20 @@ def _unguided(m: dict, by_name: dict) -> dict | None:
     return by_name.get(g.get("model")) if isinstance(g, dict) else None
 
 
+def _curve_bit(curve: dict) -> str:
+    """The base's pretraining curve in a protocol line: where it ended and whether the plateau rule held."""
+    scores = [_fmt_ours(p[1]) for p in curve["points"]]
+    b = (f"base trained {curve['nimg']:,} images, its selection score ({curve['metric']}, seeds "
+         f"{curve['seeds'][0]}–{curve['seeds'][1] - 1}) every {curve['every_nimg']:,} images: {scores[0]} first, "
+         + " → ".join(scores[-3:]) + " at the last three points")
+    if curve.get("plateau_window"):
+        tol = curve.get("plateau_tol") or 0
+        b += (f"; plateau rule (window {curve['plateau_window']}, "
+              + (f"tolerance {tol:g}" if tol else "tolerance the seed noise") + ") "
+              + ("held" if curve.get("plateau") else f"did not hold by {curve['total_nimg']:,} images"))
+    return b
+
+
 def _run_description(metrics: dict) -> tuple[str, list[str]]:
     """Title and protocol lines of a run table."""
     prot = metrics["protocol"]
@@ -95,6 +109,9 @@ def _run_description(metrics: dict) -> tuple[str, list[str]]:
             bits.append(f"copies = fraction of samples nearer (pixel L2) to a training image than the "
                         f"{cc['percentile']:g}th percentile of the held-out images' nearest-training-image distances "
                         f"(held-out images: ~{cc['percentile']:g}%, training images: 100%)")
+    curve = prot.get("base_curve")
+    if isinstance(curve, dict) and curve.get("points"):
+        bits.append(_curve_bit(curve))
     devices = sorted({d for m in metrics.get("models", []) for d in m.get("sample_devices") or []})
     if devices:
         bits.append(f"sampled on {' and '.join(devices)}" + (" (MIXED: a seed's image differs by device)"

@@ -166,6 +166,7 @@ def run(cfg: Config, paths: Paths, progress: bool) -> None:
                 # training-seed replicates: each trained from the same base with its own training seed (ddo.seeds)
                 **({"training_seeds": [cfg.ddo.seed + k for k in range(cfg.ddo.seeds)]}
                    if history and cfg.ddo.seeds > 1 else {}),
+                **({"base_curve": curve} if (curve := base_curve_record(paths)) else {}),
                 "full": cfg.sample.protocol != "custom",
             },
             "run": {"command": "repro fid", "git_commit": git_commit(paths.root),
@@ -272,6 +273,21 @@ def heldout_reference(metric, paths: Paths) -> dict | None:
              copy.threshold)
     return {"stats": stats, "copy": copy, "record": record, "scale": scale, "train_feats": train_feats,
             "heldout_feats": heldout_feats}
+
+
+def base_curve_record(paths: Paths) -> dict | None:
+    """The pretraining curve (models/base_curve.json, the pretrain stage's) for the protocol, or None where the base
+    was not trained here with a curve: every point as [images, score, part scores...], and the plateau rule."""
+    if not paths.base_curve.is_file():
+        return None
+    rec = read_json(paths.base_curve)
+    if not rec.get("curve"):
+        return None
+    return {"metric": rec["metric"], "seeds": rec["seeds"], "every_nimg": rec["every_nimg"],
+            "plateau_window": rec["plateau_window"], "plateau_tol": rec.get("plateau_tol", 0.0),
+            "plateau": rec["plateau"], "nimg": rec["nimg"],
+            "total_nimg": rec["total_nimg"],
+            "points": [[c["nimg"], round(c["score"], 6), *(round(v, 6) for v in c["parts"])] for c in rec["curve"]]}
 
 
 def reduce_values(values: list[float], how: str) -> float:
