@@ -140,7 +140,8 @@ def test_tiny_pipeline_reports_inception_fid_kid_and_prc(inception_weights, tmp_
     weights, _ = inception_weights
     cfg = load_config(preset="tiny", overrides=[
         "extractor.steps=30", "sampler.num_steps=2", "sample.n_samples=5", "sample.repeats=1", "sample.batch=5",
-        "ddo.rounds=1", "ddo.control=false", "sample.protocol=custom", f"extractor.weights={weights}", "metrics.extra=[inception]",
+        "ddo.rounds=1", "ddo.control=false", "ddo.control_lrs=[]", "ddo.control_budget=steps", "ddo.seeds=1",
+        "sample.protocol=custom", f"extractor.weights={weights}", "metrics.extra=[inception]",
         "metrics.kid=true", "metrics.prc=true", "metrics.kid_subsets=3"])
     root = tmp_path / "proj"
     real = _digits(6)
